@@ -1,0 +1,80 @@
+using System.Runtime.InteropServices;
+
+namespace UblkSharp.Interop;
+
+/// <summary>The few libc entry points the binding needs. All are blittable direct calls.</summary>
+internal static unsafe partial class Libc
+{
+    private const string Lib = "libc";
+
+    // io_uring syscall numbers are shared by x86-64 and arm64 (asm-generic table).
+    public const long SYS_io_uring_setup = 425;
+    public const long SYS_io_uring_enter = 426;
+    public const long SYS_io_uring_register = 427;
+
+    public const int O_RDONLY = 0x0;
+    public const int O_WRONLY = 0x1;
+    public const int O_RDWR = 0x2;
+    public const int O_CREAT = 0x40;
+    public const int O_EXCL = 0x80;
+    public const int O_TRUNC = 0x200;
+    public const int O_DIRECT = 0x4000;
+    public const int O_CLOEXEC = 0x80000;
+
+    public const int PROT_READ = 0x1;
+    public const int PROT_WRITE = 0x2;
+    public const int MAP_SHARED = 0x01;
+    public const int MAP_PRIVATE = 0x02;
+    public const int MAP_ANONYMOUS = 0x20;
+    public const int MAP_POPULATE = 0x8000;
+    public static readonly nint MAP_FAILED = -1;
+
+    public const int EFD_CLOEXEC = 0x80000;
+    public const int EFD_NONBLOCK = 0x800;
+
+    [LibraryImport(Lib, EntryPoint = "syscall", SetLastError = true)]
+    public static partial long syscall(long number, long a1, long a2, long a3, long a4, long a5, long a6);
+
+    [LibraryImport(Lib, EntryPoint = "open", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
+    public static partial int open(string path, int flags, int mode);
+
+    [LibraryImport(Lib, EntryPoint = "close", SetLastError = true)]
+    public static partial int close(int fd);
+
+    [LibraryImport(Lib, EntryPoint = "mmap", SetLastError = true)]
+    public static partial nint mmap(nint addr, nuint length, int prot, int flags, int fd, long offset);
+
+    [LibraryImport(Lib, EntryPoint = "munmap", SetLastError = true)]
+    public static partial int munmap(nint addr, nuint length);
+
+    [LibraryImport(Lib, EntryPoint = "eventfd", SetLastError = true)]
+    public static partial int eventfd(uint initval, int flags);
+
+    [LibraryImport(Lib, EntryPoint = "read", SetLastError = true)]
+    public static partial nint read(int fd, void* buf, nuint count);
+
+    [LibraryImport(Lib, EntryPoint = "write", SetLastError = true)]
+    public static partial nint write(int fd, void* buf, nuint count);
+
+    [LibraryImport(Lib, EntryPoint = "getpid")]
+    public static partial int getpid();
+
+    [LibraryImport(Lib, EntryPoint = "geteuid")]
+    public static partial uint geteuid();
+
+    /// <summary>Opens a file and throws an <see cref="ErrnoException"/> naming the path on failure.</summary>
+    public static int OpenOrThrow(string path, int flags, int mode = 0)
+    {
+        int fd;
+        do
+        {
+            fd = open(path, flags | O_CLOEXEC, mode);
+        }
+        while (fd < 0 && Marshal.GetLastPInvokeError() == Errno.EINTR);
+        if (fd < 0)
+        {
+            throw new ErrnoException(Marshal.GetLastPInvokeError(), $"open {path}");
+        }
+        return fd;
+    }
+}
