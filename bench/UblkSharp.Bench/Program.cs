@@ -1,0 +1,145 @@
+using System.Diagnostics;
+using System.Runtime.InteropServices;
+using UblkSharp.Interop;
+using UblkSharp.Interop.IoUring;
+
+namespace UblkSharp.Bench;
+
+/// <summary>
+/// Host micro-benchmarks of the io_uring binding: NOP batches and 4 KiB random reads from a tmpfs
+/// file at a fixed queue depth. The same loops exist in C over liburing (peers/liburing-bench.c),
+/// so the two can be compared as a ratio in one run.
+/// usage: UblkSharp.Bench binding [--seconds N] [--file PATH]
+/// </summary>
+public static unsafe class Program
+{
+    public static int Main(string[] args)
+    {
+        if (args.Length == 0 || args[0] != "binding")
+        {
+            Console.Error.WriteLine("usage: UblkSharp.Bench binding [--seconds N] [--file PATH]");
+            return 2;
+        }
+        var seconds = 3.0;
+        var path = "/dev/shm/ublksharp-bench.dat";
+        for (var i = 1; i + 1 < args.Length; i += 2)
+        {
+            switch (args[i])
+            {
+                case "--seconds": seconds = double.Parse(args[i + 1], System.Globalization.CultureInfo.InvariantCulture); break;
+                case "--file": path = args[i + 1]; break;
+                default: Console.Error.WriteLine($"unknown option {args[i]}"); return 2;
+            }
+        }
+        const long fileSize = 64L << 20;
+        using (var fs = new FileStream(path, FileMode.OpenOrCreate))
+        {
+            if (fs.Length < fileSize)
+            {
+                var chunk = new byte[1 << 20];
+                Random.Shared.NextBytes(chunk);
+                for (var written = 0L; written < fileSize; written += chunk.Length)
+                {
+                    fs.Write(chunk);
+                }
+            }
+        }
+        var fd = Libc.OpenOrThrow(path, Libc.O_RDONLY);
+        try
+        {
+            Nop(0.3);
+            var nop = Nop(seconds);
+            Read(fd, fileSize, 0.3);
+            var read = Read(fd, fileSize, seconds);
+            Console.WriteLine($"nop_batch32_ops_per_s {nop:F0}");
+            Console.WriteLine($"read4k_qd32_ops_per_s {read:F0}");
+        }
+        finally
+        {
+            _ = Libc.close(fd);
+        }
+        return 0;
+    }
+
+    private static double Nop(double seconds)
+    {
+        const int batch = 32;
+        using var ring = Ring.Create(new RingOptions { Entries = 64, SingleIssuer = true, DeferTaskrun = true });
+        long ops = 0;
+        var sw = Stopwatch.StartNew();
+        var limit = (long)(seconds * Stopwatch.Frequency);
+        while (sw.ElapsedTicks < limit)
+        {
+            for (var k = 0; k < 1000; k++)
+            {
+                for (var i = 0; i < batch; i++)
+                {
+                    ring.GetSqe().PrepareNop((ulong)i);
+                }
+                ring.SubmitAndWait(batch);
+                while (ring.TryGetCompletion(out _))
+                {
+                    ops++;
+                }
+            }
+        }
+        return ops / sw.Elapsed.TotalSeconds;
+    }
+
+    private static double Read(int fd, long fileSize, double seconds)
+    {
+        const int depth = 32, block = 4096;
+        using var ring = Ring.Create(new RingOptions { Entries = depth * 2, SingleIssuer = true, DeferTaskrun = true });
+        var buf = (byte*)NativeMemory.AlignedAlloc(depth * block, 4096);
+        var blocks = (ulong)(fileSize / block);
+        var rng = 0x9e3779b97f4a7c15ul;
+        long ops = 0;
+        try
+        {
+            for (var i = 0; i < depth; i++)
+            {
+                ring.GetSqe().PrepareRead(fd, buf + (i * block), block, NextOffset(ref rng, blocks), (ulong)i);
+            }
+            var sw = Stopwatch.StartNew();
+            var limit = (long)(seconds * Stopwatch.Frequency);
+            while (sw.ElapsedTicks < limit)
+            {
+                ring.SubmitAndWait(1);
+                while (ring.TryGetCompletion(out var cqe))
+                {
+                    if (cqe.res != block)
+                    {
+                        throw new IOException($"read failed: {cqe.res}");
+                    }
+                    ops++;
+                    var slot = (int)cqe.user_data;
+                    ring.GetSqe().PrepareRead(fd, buf + (slot * block), block, NextOffset(ref rng, blocks), cqe.user_data);
+                }
+            }
+            var rate = ops / sw.Elapsed.TotalSeconds;
+            // Drain what is still in flight before the buffers go.
+            for (var left = depth; left > 0;)
+            {
+                ring.SubmitAndWait(1);
+                while (ring.TryGetCompletion(out _))
+                {
+                    left--;
+                }
+            }
+            return rate;
+        }
+        finally
+        {
+            NativeMemory.AlignedFree(buf);
+        }
+    }
+
+    private static ulong NextOffset(ref ulong state, ulong blocks)
+    {
+        // xorshift64: the same generator as the C peer, so both read the same offsets.
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        return state % blocks * 4096;
+    }
+}
