@@ -56,6 +56,30 @@ internal static unsafe partial class Libc
     [LibraryImport(Lib, EntryPoint = "write", SetLastError = true)]
     public static partial nint write(int fd, void* buf, nuint count);
 
+    public const int MADV_DONTNEED = 4;
+
+    [LibraryImport(Lib, EntryPoint = "madvise", SetLastError = true)]
+    public static partial int madvise(nint addr, nuint length, int advice);
+
+    [LibraryImport(Lib, EntryPoint = "sched_setaffinity", SetLastError = true)]
+    public static partial int sched_setaffinity(int pid, nuint cpusetsize, byte* mask);
+
+    [LibraryImport(Lib, EntryPoint = "gettid")]
+    public static partial int gettid();
+
+    /// <summary>Ends the process at once: no finalizers, no exit handlers that could block on a dead device.</summary>
+    [LibraryImport(Lib, EntryPoint = "_exit")]
+    public static partial void _exit(int status);
+
+    [LibraryImport(Lib, EntryPoint = "kill", SetLastError = true)]
+    public static partial int kill(int pid, int signal);
+
+    [LibraryImport(Lib, EntryPoint = "fstat", SetLastError = true)]
+    public static partial int fstat(int fd, byte* statbuf);
+
+    [LibraryImport(Lib, EntryPoint = "ioctl", SetLastError = true)]
+    public static partial int ioctl(int fd, ulong request, void* arg);
+
     [LibraryImport(Lib, EntryPoint = "getpid")]
     public static partial int getpid();
 

@@ -27,6 +27,10 @@ internal sealed unsafe class MappedMemory : IDisposable
         return new MappedMemory(addr, length);
     }
 
+    /// <summary>Private anonymous memory, zero-filled and committed lazily by the kernel.</summary>
+    public static MappedMemory MapAnonymous(nuint length, string what)
+        => Map(-1, 0, length, Libc.PROT_READ | Libc.PROT_WRITE, Libc.MAP_PRIVATE | Libc.MAP_ANONYMOUS, what);
+
     public void Dispose()
     {
         var addr = Interlocked.Exchange(ref _address, 0);

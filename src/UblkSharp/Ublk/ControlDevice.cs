@@ -71,6 +71,112 @@ public sealed unsafe class ControlDevice : IDisposable
         return (UblkFeatures)features;
     }
 
+    /// <summary>Default bound on a control command; START_DEV scans partitions, so it gets longer.</summary>
+    public static TimeSpan DefaultTimeout { get; } = TimeSpan.FromSeconds(30);
+
+    /// <summary>
+    /// ADD_DEV. <paramref name="info"/> carries the request (dev_id uint.MaxValue = any); the result is
+    /// what the kernel negotiated: the id, the clamped queue count, the rounded buffer size and the
+    /// flags it kept (6.12 silently drops flags it does not know).
+    /// </summary>
+    public DevInfo AddDevice(DevInfo info)
+    {
+        var cmd = new CtrlCmd { dev_id = info.dev_id, queue_id = ushort.MaxValue };
+        var res = Execute(UblkCommands.AddDev, cmd, AsBytes(ref info), AsBytes(ref info), DefaultTimeout);
+        Check(res, "UBLK_CMD_ADD_DEV", info.dev_id);
+        return info;
+    }
+
+    /// <summary>GET_DEV_INFO; throws <see cref="ErrnoException"/> with ENODEV for an unknown id.</summary>
+    public DevInfo GetDeviceInfo(uint devId)
+    {
+        DevInfo info = default;
+        var res = Execute(UblkCommands.GetDevInfo, new CtrlCmd { dev_id = devId, queue_id = ushort.MaxValue }, default, AsBytes(ref info), DefaultTimeout);
+        Check(res, "UBLK_CMD_GET_DEV_INFO", devId);
+        return info;
+    }
+
+    /// <summary>
+    /// SET_PARAMS. A failure clears every parameter in the kernel, so the caller must send a complete
+    /// set again; never echo GET_PARAMS back (it carries the read-only DEVT member).
+    /// </summary>
+    public void SetParams(uint devId, UblkParams parameters)
+    {
+        parameters.len = (uint)sizeof(UblkParams);
+        parameters.types &= ~UblkParams.TypeDevt;
+        var res = Execute(UblkCommands.SetParams, new CtrlCmd { dev_id = devId, queue_id = ushort.MaxValue }, AsBytes(ref parameters), default, DefaultTimeout);
+        Check(res, "UBLK_CMD_SET_PARAMS", devId);
+    }
+
+    public UblkParams GetParams(uint devId)
+    {
+        UblkParams p = default;
+        p.len = (uint)sizeof(UblkParams);
+        var res = Execute(UblkCommands.GetParams, new CtrlCmd { dev_id = devId, queue_id = ushort.MaxValue }, AsBytes(ref p), AsBytes(ref p), DefaultTimeout);
+        Check(res, "UBLK_CMD_GET_PARAMS", devId);
+        return p;
+    }
+
+    /// <summary>
+    /// START_DEV: waits until every tag of every queue is fetched, then adds the disk and scans its
+    /// partitions synchronously, so the queue threads must already be serving. Never call it from a queue thread.
+    /// </summary>
+    public void StartDevice(uint devId, int daemonPid, TimeSpan timeout)
+    {
+        var res = Execute(UblkCommands.StartDev, new CtrlCmd { dev_id = devId, queue_id = ushort.MaxValue, data = (ulong)daemonPid }, default, default, timeout);
+        Check(res, "UBLK_CMD_START_DEV", devId);
+    }
+
+    /// <summary>STOP_DEV: removes the disk after draining IO, so the queues must keep serving until it returns.</summary>
+    public void StopDevice(uint devId, TimeSpan timeout)
+    {
+        var res = Execute(UblkCommands.StopDev, new CtrlCmd { dev_id = devId, queue_id = ushort.MaxValue }, default, default, timeout);
+        Check(res, "UBLK_CMD_STOP_DEV", devId);
+    }
+
+    /// <summary>DEL_DEV: waits until the daemon has closed /dev/ublkcN and its mappings.</summary>
+    public void DeleteDevice(uint devId, TimeSpan timeout)
+    {
+        var res = Execute(UblkCommands.DelDev, new CtrlCmd { dev_id = devId, queue_id = ushort.MaxValue }, default, default, timeout);
+        Check(res, "UBLK_CMD_DEL_DEV", devId);
+    }
+
+    /// <summary>The CPUs blk-mq maps to queue <paramref name="queueId"/>.</summary>
+    public int[] GetQueueAffinity(uint devId, int queueId)
+    {
+        Span<byte> mask = stackalloc byte[512]; // 4096 CPUs
+        var res = Execute(UblkCommands.GetQueueAffinity, new CtrlCmd { dev_id = devId, queue_id = ushort.MaxValue, data = (ulong)queueId }, default, mask, DefaultTimeout);
+        Check(res, "UBLK_CMD_GET_QUEUE_AFFINITY", devId);
+        var cpus = new List<int>();
+        for (var i = 0; i < mask.Length * 8; i++)
+        {
+            if ((mask[i / 8] & (1 << (i % 8))) != 0)
+            {
+                cpus.Add(i);
+            }
+        }
+        return [.. cpus];
+    }
+
+    private static Span<byte> AsBytes<T>(ref T value)
+        where T : unmanaged => System.Runtime.InteropServices.MemoryMarshal.AsBytes(new Span<T>(System.Runtime.CompilerServices.Unsafe.AsPointer(ref value), 1));
+
+    private static void Check(int res, string what, uint devId)
+    {
+        if (res < 0)
+        {
+            var hint = -res switch
+            {
+                Errno.ENODEV => $"no ublk device {devId}",
+                Errno.EEXIST => $"ublk device {devId} already exists (or is already started)",
+                Errno.EPERM or Errno.EACCES => "permission denied: ublk devices need root (CAP_SYS_ADMIN)",
+                Errno.EBUSY => "the device is busy",
+                _ => null,
+            };
+            throw new ErrnoException(-res, what, hint);
+        }
+    }
+
     /// <summary>
     /// Sends one control command and waits for its completion. <paramref name="input"/> is copied
     /// into the command's buffer (cmd.addr/len), and <paramref name="output"/> receives it back after

@@ -1,0 +1,51 @@
+using UblkSharp.Ublk;
+
+namespace UblkSharp.Runtime;
+
+/// <summary>How to create a ublk device.</summary>
+public sealed record DeviceOptions
+{
+    /// <summary>The device id to ask for; -1 lets the kernel choose.</summary>
+    public int DeviceId { get; init; } = -1;
+
+    /// <summary>Hardware queues, each served by its own thread (the kernel clamps to the CPU count).</summary>
+    public int Queues { get; init; } = 1;
+
+    /// <summary>Requests in flight per queue.</summary>
+    public int Depth { get; init; } = 128;
+
+    /// <summary>The largest request, and each tag's buffer size.</summary>
+    public int MaxIoBytes { get; init; } = 512 * 1024;
+
+    /// <summary>UBLK_F_* flags to request beyond the defaults; read the device info for what the kernel kept.</summary>
+    public UblkFeatures Flags { get; init; }
+
+    /// <summary>Pin each queue thread to the CPUs blk-mq maps to its queue (GET_QUEUE_AFFINITY).</summary>
+    public bool PinQueues { get; init; } = true;
+
+    /// <summary>Bound on START_DEV, which scans partitions through the queues.</summary>
+    public TimeSpan StartTimeout { get; init; } = TimeSpan.FromSeconds(60);
+
+    /// <summary>Bound on STOP_DEV and DEL_DEV.</summary>
+    public TimeSpan StopTimeout { get; init; } = TimeSpan.FromSeconds(60);
+
+    public void Validate()
+    {
+        if (DeviceId < -1)
+        {
+            throw new ArgumentOutOfRangeException(nameof(DeviceId), $"The device id must be 0 or more (or -1 for any), not {DeviceId}");
+        }
+        if (Queues is < 1 or > UblkCommands.MaxQueues)
+        {
+            throw new ArgumentOutOfRangeException(nameof(Queues), $"Queues must be 1 to {UblkCommands.MaxQueues}, not {Queues}");
+        }
+        if (Depth is < 1 or > UblkCommands.MaxQueueDepth)
+        {
+            throw new ArgumentOutOfRangeException(nameof(Depth), $"The queue depth must be 1 to {UblkCommands.MaxQueueDepth}, not {Depth}");
+        }
+        if (MaxIoBytes < 4096 || MaxIoBytes > 32 << 20 || MaxIoBytes % 4096 != 0)
+        {
+            throw new ArgumentOutOfRangeException(nameof(MaxIoBytes), $"The IO size limit must be a multiple of 4096 from 4 KiB to 32 MiB, not {MaxIoBytes}");
+        }
+    }
+}

@@ -1,0 +1,272 @@
+using UblkSharp.Interop;
+using UblkSharp.Targets;
+using UblkSharp.Ublk;
+
+namespace UblkSharp.Runtime;
+
+/// <summary>
+/// A live ublk device serving a <see cref="BlockTarget"/>: ADD_DEV, SET_PARAMS, one thread per
+/// queue, then START_DEV from this (the control) thread once every queue is fetching, because
+/// START_DEV reads the partition table through the queues. A failure at any step removes the
+/// device again, so a failed create leaves nothing behind.
+/// </summary>
+public sealed class UblkDevice : IDisposable
+{
+    private readonly ControlDevice _control;
+    private readonly BlockTarget _target;
+    private readonly DeviceOptions _options;
+    private readonly UblkQueue[] _queues;
+    private int _charFd;
+    private bool _deleted;
+
+    private UblkDevice(ControlDevice control, BlockTarget target, DeviceOptions options, DevInfo info)
+    {
+        _control = control;
+        _target = target;
+        _options = options;
+        Info = info;
+        _queues = new UblkQueue[info.nr_hw_queues];
+        _charFd = -1;
+    }
+
+    /// <summary>What the kernel negotiated at ADD_DEV (id, queues, flags).</summary>
+    public DevInfo Info { get; }
+
+    public uint Id => Info.dev_id;
+
+    public string BlockPath => $"/dev/ublkb{Id}";
+
+    public string CharPath => $"/dev/ublkc{Id}";
+
+    public BlockTarget Target => _target;
+
+    /// <summary>Requests committed with an error, over all queues.</summary>
+    public long Errors => _queues.Where(q => q is not null).Sum(q => q.Errors);
+
+    /// <summary>Backend steps retried (short or EAGAIN), over all queues.</summary>
+    public long Retries => _queues.Where(q => q is not null).Sum(q => q.Retries);
+
+    /// <summary>
+    /// What a queue thread does when it fails while serving: by default, ends the process at once,
+    /// since a queue that stops serving would hang the device's IO forever, while the kernel fails
+    /// (or, with recovery, holds) the IO of a dead daemon.
+    /// </summary>
+    public static Action<Exception> DefaultFatalHandler { get; } = e =>
+    {
+        Console.Error.WriteLine($"ublksharp: a queue thread failed, ending the daemon so the kernel can fail its IO: {e}");
+        Libc._exit(70);
+    };
+
+    /// <summary>Creates, sets up and starts a device. On return <see cref="BlockPath"/> exists and serves IO.</summary>
+    public static UblkDevice Create(BlockTarget target, DeviceOptions options, Action<Exception>? onFatal = null)
+    {
+        ArgumentNullException.ThrowIfNull(target);
+        ArgumentNullException.ThrowIfNull(options);
+        options.Validate();
+        ValidateTarget(target);
+        var control = ControlDevice.Open();
+        UblkDevice? device = null;
+        try
+        {
+            var request = new DevInfo
+            {
+                nr_hw_queues = (ushort)options.Queues,
+                queue_depth = (ushort)options.Depth,
+                max_io_buf_bytes = (uint)options.MaxIoBytes,
+                dev_id = options.DeviceId < 0 ? uint.MaxValue : (uint)options.DeviceId,
+                flags = (ulong)(options.Flags | UblkFeatures.CmdIoctlEncode),
+            };
+            var info = control.AddDevice(request);
+            device = new UblkDevice(control, target, options, info);
+            device.SetUp(onFatal ?? DefaultFatalHandler);
+            return device;
+        }
+        catch
+        {
+            if (device is not null)
+            {
+                device.Abort();
+            }
+            else
+            {
+                control.Dispose();
+            }
+            throw;
+        }
+    }
+
+    private static void ValidateTarget(BlockTarget target)
+    {
+        var lbs = target.LogicalBlockSize;
+        if (lbs is < 512 or > 4096 || (lbs & (lbs - 1)) != 0)
+        {
+            throw new ArgumentException($"The logical block size must be a power of two from 512 to 4096, not {lbs}");
+        }
+        if (target.Size <= 0 || target.Size % lbs != 0)
+        {
+            throw new ArgumentException($"The device size must be a positive multiple of {lbs} bytes, not {target.Size}");
+        }
+    }
+
+    private void SetUp(Action<Exception> onFatal)
+    {
+        _control.SetParams(Id, BuildParams());
+        _charFd = OpenCharDevice(CharPath);
+        for (var q = 0; q < _queues.Length; q++)
+        {
+            int[]? cpus = null;
+            if (_options.PinQueues)
+            {
+                try
+                {
+                    cpus = _control.GetQueueAffinity(Id, q);
+                }
+                catch (ErrnoException)
+                {
+                    // Pinning is an optimisation; serve unpinned.
+                }
+            }
+            _queues[q] = new UblkQueue(q, Info.queue_depth, (int)Info.max_io_buf_bytes, _charFd, _target, cpus, onFatal);
+            _queues[q].Start(TimeSpan.FromSeconds(30));
+        }
+        _control.StartDevice(Id, Environment.ProcessId, _options.StartTimeout);
+    }
+
+    private UblkParams BuildParams()
+    {
+        var t = _target;
+        var p = new UblkParams { types = UblkParams.TypeBasic };
+        p.basic.logical_bs_shift = (byte)Log2(t.LogicalBlockSize);
+        p.basic.physical_bs_shift = (byte)Log2(Math.Max(t.PhysicalBlockSize, t.LogicalBlockSize));
+        p.basic.io_min_shift = p.basic.logical_bs_shift;
+        p.basic.io_opt_shift = p.basic.physical_bs_shift;
+        p.basic.max_sectors = Info.max_io_buf_bytes >> 9;
+        p.basic.dev_sectors = (ulong)t.Size >> 9;
+        if (t.IsReadOnly)
+        {
+            p.basic.attrs |= ParamBasic.AttrReadOnly;
+        }
+        if (t.IsRotational)
+        {
+            p.basic.attrs |= ParamBasic.AttrRotational;
+        }
+        if (t.HasVolatileCache)
+        {
+            // FLUSH is delivered only with a volatile cache, and FUA only with both attributes.
+            p.basic.attrs |= ParamBasic.AttrVolatileCache | ParamBasic.AttrFua;
+        }
+        if (!t.IsReadOnly && (t.CanDiscard || t.CanWriteZeroes))
+        {
+            p.types |= UblkParams.TypeDiscard;
+            p.discard.discard_granularity = (uint)Math.Max(t.PhysicalBlockSize, t.LogicalBlockSize);
+            p.discard.max_discard_sectors = t.CanDiscard ? 1u << 21 : 0;
+            p.discard.max_write_zeroes_sectors = t.CanWriteZeroes ? 1u << 21 : 0;
+            p.discard.max_discard_segments = 1;
+        }
+        return p;
+    }
+
+    private static int Log2(int v) => 31 - System.Numerics.BitOperations.LeadingZeroCount((uint)v);
+
+    private static int OpenCharDevice(string path)
+    {
+        // udev may hold the new node for a moment (ublksrv retries too), or create it late.
+        var deadline = Environment.TickCount64 + 3000;
+        while (true)
+        {
+            try
+            {
+                return Libc.OpenOrThrow(path, Libc.O_RDWR);
+            }
+            catch (ErrnoException e) when (e.Errno is Errno.EBUSY or Errno.ENOENT && Environment.TickCount64 < deadline)
+            {
+                Thread.Sleep(20);
+            }
+        }
+    }
+
+    /// <summary>Waits until every queue has ended (after a STOP_DEV from anywhere). False on timeout.</summary>
+    public bool WaitForStop(TimeSpan timeout)
+    {
+        var deadline = DateTime.UtcNow + timeout;
+        foreach (var q in _queues)
+        {
+            if (q is not null && !q.Join(Max(deadline - DateTime.UtcNow, TimeSpan.Zero)))
+            {
+                return false;
+            }
+        }
+        return true;
+    }
+
+    private static TimeSpan Max(TimeSpan a, TimeSpan b) => a > b ? a : b;
+
+    /// <summary>
+    /// STOP_DEV (IO in flight drains through the still-running queues), then waits for the queue
+    /// threads to finish, closes the char device and DEL_DEV. Safe to call more than once.
+    /// </summary>
+    public void Dispose()
+    {
+        if (_deleted)
+        {
+            return;
+        }
+        try
+        {
+            _control.StopDevice(Id, _options.StopTimeout);
+        }
+        catch (ErrnoException e) when (e.Errno == Errno.ENODEV)
+        {
+            // Someone else deleted it already.
+        }
+        if (!WaitForStop(_options.StopTimeout))
+        {
+            throw new TimeoutException($"ublk device {Id}: queues did not end within {_options.StopTimeout.TotalSeconds} s of STOP_DEV");
+        }
+        Delete();
+    }
+
+    // A failed create: make the never-started (or half-started) device go away.
+    private void Abort()
+    {
+        try
+        {
+            _control.StopDevice(Id, _options.StopTimeout);
+            WaitForStop(_options.StopTimeout);
+        }
+        catch (Exception e) when (e is ErrnoException or TimeoutException)
+        {
+            Console.Error.WriteLine($"ublksharp: cleaning up device {Id}: {e.Message}");
+        }
+        Delete();
+    }
+
+    private void Delete()
+    {
+        if (_deleted)
+        {
+            return;
+        }
+        _deleted = true;
+        foreach (var q in _queues)
+        {
+            q?.Dispose();
+        }
+        if (_charFd >= 0)
+        {
+            _ = Libc.close(_charFd);
+            _charFd = -1;
+        }
+        try
+        {
+            _control.DeleteDevice(Id, _options.StopTimeout);
+        }
+        catch (ErrnoException e) when (e.Errno == Errno.ENODEV)
+        {
+        }
+        finally
+        {
+            _control.Dispose();
+        }
+    }
+}

@@ -1,0 +1,390 @@
+using System.Runtime.InteropServices;
+using UblkSharp.Interop;
+using UblkSharp.Interop.IoUring;
+using UblkSharp.Targets;
+using UblkSharp.Ublk;
+
+namespace UblkSharp.Runtime;
+
+/// <summary>
+/// One ublk hardware queue: a dedicated OS thread that owns the queue's io_uring (the 6.12 driver
+/// rejects commands from any other thread), its mmapped descriptor array and a buffer per tag.
+/// Backend IO goes on the same ring. Every request is committed exactly once, with its full
+/// length or an error; a short or retried backend step only ever resubmits the remainder.
+/// </summary>
+internal sealed unsafe class UblkQueue : IDisposable
+{
+    // user_data: tag in bits 0-15, kind in bits 16-17.
+    private const ulong KindCommand = 0;
+    private const ulong KindBackend = 1ul << 16;
+    private const ulong KindDelay = 2ul << 16;
+    private const ulong KindIgnore = 3ul << 16;
+    private const ulong KindMask = 3ul << 16;
+    private const int MaxRetries = 1000;
+
+    private readonly int _queueId;
+    private readonly int _depth;
+    private readonly int _maxIo;
+    private readonly int _charFd;
+    private readonly BlockTarget _target;
+    private readonly int _blockSize;
+    private readonly int[]? _cpus;
+    private readonly Action<Exception> _onFatal;
+    private readonly Thread _thread;
+    private readonly ManualResetEventSlim _ready = new();
+    private Exception? _setupError;
+
+    private Ring? _ring;
+    private MappedMemory? _descMap;
+    private MappedMemory? _buffers;
+    private IoDesc* _descs;
+    private TagState[] _tags = [];
+    private KernelTimespec* _delays;
+    private UringBackend? _backend;
+    private FaultInjector? _faults;
+    private int _finishedTags;
+    private int _backendInFlight;
+
+    public UblkQueue(int queueId, int depth, int maxIo, int charFd, BlockTarget target, int[]? cpus, Action<Exception> onFatal)
+    {
+        _queueId = queueId;
+        _depth = depth;
+        _maxIo = maxIo;
+        _charFd = charFd;
+        _target = target;
+        _blockSize = target.LogicalBlockSize;
+        _cpus = cpus;
+        _onFatal = onFatal;
+        _thread = new Thread(Run) { IsBackground = true, Name = $"ublk-q{queueId}" };
+    }
+
+    public int QueueId => _queueId;
+
+    /// <summary>Requests committed with an error.</summary>
+    public long Errors { get; private set; }
+
+    /// <summary>Requests committed.</summary>
+    public long Completed { get; private set; }
+
+    /// <summary>Backend steps retried (short, EAGAIN).</summary>
+    public long Retries { get; private set; }
+
+    /// <summary>Starts the thread; returns once every tag is fetched (or throws what set-up hit).</summary>
+    public void Start(TimeSpan timeout)
+    {
+        _thread.Start();
+        if (!_ready.Wait(timeout))
+        {
+            throw new TimeoutException($"queue {_queueId} did not set up within {timeout.TotalSeconds} s");
+        }
+        if (_setupError is not null)
+        {
+            throw new IOException($"queue {_queueId}: {_setupError.Message}", _setupError);
+        }
+    }
+
+    /// <summary>Waits for the thread to end, which it does once the device is stopped and every tag is aborted.</summary>
+    public bool Join(TimeSpan timeout) => _thread.ThreadState == ThreadState.Unstarted || _thread.Join(timeout);
+
+    private void Run()
+    {
+        var serving = false;
+        try
+        {
+            try
+            {
+                SetUp();
+            }
+            catch (Exception e)
+            {
+                _setupError = e;
+                return;
+            }
+            serving = true;
+            _ready.Set();
+            Serve();
+        }
+        catch (Exception e)
+        {
+            // A queue that stops serving while the process lives hangs the device's IO forever:
+            // hand the failure to the owner, whose default is to end the process.
+            if (serving)
+            {
+                _onFatal(e);
+            }
+        }
+        finally
+        {
+            _ready.Set();
+            TearDown();
+        }
+    }
+
+    private void SetUp()
+    {
+        if (_cpus is { Length: > 0 })
+        {
+            Span<byte> mask = stackalloc byte[512];
+            foreach (var cpu in _cpus)
+            {
+                mask[cpu / 8] |= (byte)(1 << (cpu % 8));
+            }
+            fixed (byte* m = mask)
+            {
+                _ = Libc.sched_setaffinity(0, (nuint)mask.Length, m); // best effort
+            }
+        }
+        // The ring is created on this thread: SINGLE_ISSUER ties it to its creator.
+        _ring = Ring.Create(new RingOptions
+        {
+            Entries = (uint)(_depth * 2),
+            CompletionEntries = (uint)(_depth * 4),
+            SingleIssuer = true,
+            DeferTaskrun = true,
+        });
+        _backend = _target.CreateUringBackend(_queueId);
+        Span<int> files = stackalloc int[1 + (_backend?.Files.Count ?? 0)];
+        files[0] = _charFd;
+        for (var i = 1; i < files.Length; i++)
+        {
+            files[i] = _backend!.Files[i - 1];
+        }
+        _ring.RegisterFiles(files);
+
+        _descMap = MappedMemory.Map(_charFd, UblkCommands.DescriptorOffset(_queueId), (nuint)UblkCommands.DescriptorLength(_depth),
+            Libc.PROT_READ, Libc.MAP_SHARED | Libc.MAP_POPULATE, $"ublk queue {_queueId} descriptors");
+        _descs = (IoDesc*)_descMap.Pointer;
+        _buffers = MappedMemory.MapAnonymous((nuint)((long)_depth * _maxIo), $"ublk queue {_queueId} buffers");
+        _tags = new TagState[_depth];
+        _delays = (KernelTimespec*)NativeMemory.AllocZeroed((nuint)(_depth * sizeof(KernelTimespec)));
+        _faults = (_target as FaultTarget)?.CreateInjector(_queueId);
+
+        for (var tag = 0; tag < _depth; tag++)
+        {
+            _tags[tag].Buffer = _buffers.Pointer + ((long)tag * _maxIo);
+            QueueCommand(UblkCommands.FetchReq, tag, 0);
+        }
+        _ring.Submit();
+    }
+
+    private void Serve()
+    {
+        var ring = _ring!;
+        while (_finishedTags < _depth || _backendInFlight > 0)
+        {
+            ring.SubmitAndWait(1);
+            while (ring.TryGetCompletion(out var cqe))
+            {
+                var tag = (int)(cqe.user_data & 0xffff);
+                switch (cqe.user_data & KindMask)
+                {
+                    case KindCommand:
+                        OnCommand(tag, cqe.res);
+                        break;
+                    case KindBackend:
+                        _backendInFlight--;
+                        if (Progress(ref _tags[tag], tag, cqe.res))
+                        {
+                            StartBackend(tag);
+                        }
+                        break;
+                    case KindDelay:
+                        _backendInFlight--;
+                        StartBackend(tag);
+                        break;
+                    default:
+                        _backendInFlight--;
+                        break;
+                }
+            }
+        }
+    }
+
+    private void OnCommand(int tag, int res)
+    {
+        if (res == UblkCommands.IoResAbort)
+        {
+            // The device is going away; this tag gets no more requests.
+            _finishedTags++;
+            return;
+        }
+        if (res != 0)
+        {
+            throw new ErrnoException(-res, $"ublk IO command (queue {_queueId}, tag {tag})");
+        }
+        ref var t = ref _tags[tag];
+        var desc = _descs[tag];
+        t.Op = desc.Op;
+        t.Flags = desc.Flags;
+        t.Offset = (long)desc.start_sector << 9;
+        t.Length = (long)desc.nr_sectors << 9;
+        t.Done = 0;
+        t.Retries = 0;
+        t.Busy = true;
+        if (t.Op is IoOp.Read or IoOp.Write && t.Length > _maxIo)
+        {
+            Commit(tag, -Errno.EINVAL);
+            return;
+        }
+        if (_faults is not null)
+        {
+            var delay = _faults.DrawDelay();
+            if (delay > TimeSpan.Zero)
+            {
+                _delays[tag] = KernelTimespec.From(delay);
+                _ring!.GetSqe().PrepareTimeout(&_delays[tag], 0, TimeoutFlags.None, KindDelay | (ulong)tag);
+                _backendInFlight++;
+                return;
+            }
+        }
+        StartBackend(tag);
+    }
+
+    /// <summary>Starts (or continues) the backend work for a tag: on the ring, or synchronously here.</summary>
+    private void StartBackend(int tag)
+    {
+        ref var t = ref _tags[tag];
+        if (_backend is not null)
+        {
+            ref var sqe = ref _ring!.GetSqe();
+            try
+            {
+                _backend.Prepare(ref sqe, new BackendRequest(t.Op, t.Flags, t.Offset + t.Done, t.Remaining, t.Buffer + t.Done));
+            }
+            catch (Exception e) when (e is not OutOfMemoryException)
+            {
+                // The SQE is already taken: make it a harmless NOP that fails this one request.
+                sqe = default;
+                sqe.PrepareNop(0);
+                Console.Error.WriteLine($"ublksharp: queue {_queueId}: target failed to prepare {t.Op}: {e.Message}");
+                sqe.user_data = KindIgnore | (ulong)tag;
+                _backendInFlight++;
+                Commit(tag, -Errno.EIO);
+                return;
+            }
+            sqe.user_data = KindBackend | (ulong)tag;
+            _backendInFlight++;
+            return;
+        }
+        // Synchronous targets: loop here rather than recurse, however short the steps are.
+        while (Progress(ref t, tag, ExecuteSync(ref t)))
+        {
+        }
+    }
+
+    private int ExecuteSync(ref TagState t)
+    {
+        try
+        {
+            return t.Op switch
+            {
+                IoOp.Read => _target.Read(new Span<byte>(t.Buffer + t.Done, (int)t.Remaining), t.Offset + t.Done),
+                IoOp.Write when (t.Flags & IoFlags.Fua) != 0 => _target.WriteFua(new ReadOnlySpan<byte>(t.Buffer + t.Done, (int)t.Remaining), t.Offset + t.Done),
+                IoOp.Write => _target.Write(new ReadOnlySpan<byte>(t.Buffer + t.Done, (int)t.Remaining), t.Offset + t.Done),
+                IoOp.Flush => _target.Flush(),
+                IoOp.Discard => _target.Discard(t.Offset, t.Length),
+                IoOp.WriteZeroes => _target.WriteZeroes(t.Offset, t.Length, (t.Flags & IoFlags.NoUnmap) == 0),
+                _ => -Errno.EOPNOTSUPP,
+            };
+        }
+        catch (ErrnoException e)
+        {
+            return -e.Errno;
+        }
+        catch (Exception e) when (e is not OutOfMemoryException)
+        {
+            // A target's bug fails one request, not the device.
+            Console.Error.WriteLine($"ublksharp: queue {_queueId}: target threw on {t.Op} at {t.Offset}: {e.GetType().Name}: {e.Message}");
+            return -Errno.EIO;
+        }
+    }
+
+    /// <summary>
+    /// Accounts one backend step. Returns true when the remainder must be started again; otherwise
+    /// the request has been committed.
+    /// </summary>
+    private bool Progress(ref TagState t, int tag, int res)
+    {
+        var isData = t.Op is IoOp.Read or IoOp.Write;
+        if (_faults is not null)
+        {
+            res = _faults.Apply(res, isData, _blockSize);
+        }
+        if (res is -Errno.EAGAIN or -Errno.EINTR)
+        {
+            Retries++;
+            if (++t.Retries <= MaxRetries)
+            {
+                return true;
+            }
+            res = -Errno.EIO;
+        }
+        if (res < 0)
+        {
+            Commit(tag, res);
+            return false;
+        }
+        if (!isData)
+        {
+            Commit(tag, 0);
+            return false;
+        }
+        if (res == 0)
+        {
+            if (t.Op == IoOp.Read)
+            {
+                // Past the end of a shorter backing file: the rest reads as zeros.
+                new Span<byte>(t.Buffer + t.Done, (int)t.Remaining).Clear();
+                Commit(tag, (int)t.Length);
+            }
+            else
+            {
+                Commit(tag, -Errno.EIO);
+            }
+            return false;
+        }
+        t.Done += Math.Min(res, t.Remaining);
+        if (t.Done < t.Length)
+        {
+            Retries++;
+            t.Retries = 0;
+            return true;
+        }
+        Commit(tag, (int)t.Length);
+        return false;
+    }
+
+    private void Commit(int tag, int result)
+    {
+        ref var t = ref _tags[tag];
+        t.Busy = false;
+        Completed++;
+        if (result < 0)
+        {
+            Errors++;
+        }
+        QueueCommand(UblkCommands.CommitAndFetchReq, tag, result);
+    }
+
+    private void QueueCommand(uint op, int tag, int result)
+    {
+        var cmd = new IoCmd { q_id = (ushort)_queueId, tag = (ushort)tag, result = result, addr = (ulong)_tags[tag].Buffer };
+        ref var sqe = ref _ring!.PrepareUringCmd(0, op, cmd, KindCommand | (ulong)tag);
+        sqe.flags |= SqeFlags.FixedFile;
+    }
+
+    public void Dispose() => _ready.Dispose();
+
+    private void TearDown()
+    {
+        _backend?.Dispose();
+        _ring?.Dispose();
+        _descMap?.Dispose();
+        _buffers?.Dispose();
+        if (_delays != null)
+        {
+            NativeMemory.Free(_delays);
+            _delays = null;
+        }
+    }
+}

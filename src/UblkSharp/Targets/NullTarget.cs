@@ -1,0 +1,23 @@
+namespace UblkSharp.Targets;
+
+/// <summary>Reads return zeros; writes are accepted and dropped. For measuring the runtime itself.</summary>
+public sealed class NullTarget(long size) : BlockTarget
+{
+    public override long Size { get; } = size;
+
+    public override string Kind => "null";
+
+    public override IReadOnlyDictionary<string, string> Recipe => new Dictionary<string, string> { ["size"] = Size.ToString(System.Globalization.CultureInfo.InvariantCulture) };
+
+    public override int Read(Span<byte> buffer, long offset)
+    {
+        // No copy: like ublksrv's null target, the buffer's old content is returned as is.
+        return buffer.Length;
+    }
+
+    public override int Write(ReadOnlySpan<byte> data, long offset) => data.Length;
+
+    public override int Discard(long offset, long length) => 0;
+
+    public override int WriteZeroes(long offset, long length, bool mayUnmap) => 0;
+}
