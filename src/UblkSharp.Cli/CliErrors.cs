@@ -15,31 +15,20 @@ internal static class CliErrors
         {
             return action();
         }
-        catch (UblkUnavailableException e)
+        catch (Exception e) when (IsExpected(e))
         {
-            return Fail(e.Message, Unavailable);
-        }
-        catch (ErrnoException e)
-        {
-            return Fail(e.Message, Failure);
-        }
-        catch (TimeoutException e)
-        {
-            return Fail(e.Message, Failure);
-        }
-        catch (IOException e)
-        {
-            return Fail(e.Message, Failure);
-        }
-        catch (UnauthorizedAccessException e)
-        {
-            return Fail(e.Message, Failure);
+            Console.Error.WriteLine($"ublksharp: {Describe(e)}");
+            return e is UblkUnavailableException ? Unavailable : Failure;
         }
     }
 
-    private static int Fail(string message, int code)
+    public static bool IsExpected(Exception e) => e is UblkUnavailableException or ErrnoException or TimeoutException or IOException
+        or UnauthorizedAccessException or ArgumentException or FormatException or DaemonFailedException;
+
+    public static string Describe(Exception e) => e switch
     {
-        Console.Error.WriteLine($"ublksharp: {message}");
-        return code;
-    }
+        // Option validation messages carry a "(Parameter 'x')" suffix meant for programmers.
+        ArgumentException a when a.ParamName is not null => a.Message.Replace($" (Parameter '{a.ParamName}')", "", StringComparison.Ordinal),
+        _ => e.Message,
+    };
 }

@@ -5,10 +5,17 @@ namespace UblkSharp.Cli;
 
 public static class Program
 {
+    /// <summary>The command line as given, for re-running it as a daemon.</summary>
+    internal static string[] Arguments { get; private set; } = [];
+
     public static int Main(string[] args)
     {
+        Arguments = args;
         var root = new RootCommand("ublksharp: userspace block devices for Linux (ublk), written in C#.")
         {
+            AddCommand.Create(),
+            DelCommand.Create(),
+            ListCommand.Create(),
             FeaturesCommand.Create(),
         };
         // Our own handler gives one clear line per failure instead of a stack trace.

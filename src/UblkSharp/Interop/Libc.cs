@@ -80,6 +80,9 @@ internal static unsafe partial class Libc
     [LibraryImport(Lib, EntryPoint = "ioctl", SetLastError = true)]
     public static partial int ioctl(int fd, ulong request, void* arg);
 
+    [LibraryImport(Lib, EntryPoint = "fallocate", SetLastError = true)]
+    public static partial int fallocate(int fd, int mode, long offset, long length);
+
     [LibraryImport(Lib, EntryPoint = "getpid")]
     public static partial int getpid();
 

@@ -46,6 +46,12 @@ public sealed class UblkDevice : IDisposable
     /// <summary>Backend steps retried (short or EAGAIN), over all queues.</summary>
     public long Retries => _queues.Where(q => q is not null).Sum(q => q.Retries);
 
+    /// <summary>Bytes allocated on queue threads in steady state (see <see cref="UblkQueue.SteadyStateAllocatedBytes"/>); 0 when the hot path is allocation-free.</summary>
+    public long SteadyStateAllocatedBytes => _queues.Where(q => q is not null).Sum(q => q.SteadyStateAllocatedBytes);
+
+    /// <summary>Requests completed, over all queues.</summary>
+    public long Completed => _queues.Where(q => q is not null).Sum(q => q.Completed);
+
     /// <summary>
     /// What a queue thread does when it fails while serving: by default, ends the process at once,
     /// since a queue that stops serving would hang the device's IO forever, while the kernel fails

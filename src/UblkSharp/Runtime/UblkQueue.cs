@@ -69,6 +69,16 @@ internal sealed unsafe class UblkQueue : IDisposable
     /// <summary>Backend steps retried (short, EAGAIN).</summary>
     public long Retries { get; private set; }
 
+    /// <summary>
+    /// Bytes the queue thread allocated after its first <see cref="WarmUpRequests"/> requests (JIT
+    /// and tiering allocate while warming up). The hot path must keep this at 0.
+    /// </summary>
+    public long SteadyStateAllocatedBytes { get; private set; }
+
+    public const int WarmUpRequests = 2000;
+
+    private long _allocationBaseline = -1;
+
     /// <summary>Starts the thread; returns once every tag is fetched (or throws what set-up hit).</summary>
     public void Start(TimeSpan timeout)
     {
@@ -173,6 +183,14 @@ internal sealed unsafe class UblkQueue : IDisposable
         while (_finishedTags < _depth || _backendInFlight > 0)
         {
             ring.SubmitAndWait(1);
+            if (_allocationBaseline >= 0)
+            {
+                SteadyStateAllocatedBytes = GC.GetAllocatedBytesForCurrentThread() - _allocationBaseline;
+            }
+            else if (Completed >= WarmUpRequests)
+            {
+                _allocationBaseline = GC.GetAllocatedBytesForCurrentThread();
+            }
             while (ring.TryGetCompletion(out var cqe))
             {
                 var tag = (int)(cqe.user_data & 0xffff);
@@ -221,6 +239,11 @@ internal sealed unsafe class UblkQueue : IDisposable
         t.Done = 0;
         t.Retries = 0;
         t.Busy = true;
+        if (t.Op is not (IoOp.Read or IoOp.Write or IoOp.Flush or IoOp.Discard or IoOp.WriteZeroes))
+        {
+            Commit(tag, -Errno.EOPNOTSUPP);
+            return;
+        }
         if (t.Op is IoOp.Read or IoOp.Write && t.Length > _maxIo)
         {
             Commit(tag, -Errno.EINVAL);
@@ -310,6 +333,11 @@ internal sealed unsafe class UblkQueue : IDisposable
         {
             res = _faults.Apply(res, isData, _blockSize);
         }
+        if (res == -Errno.EOPNOTSUPP && _backend is not null && t.Op is IoOp.WriteZeroes or IoOp.Discard)
+        {
+            // The backing file system lacks this fallocate mode: the target's own method fills in.
+            res = ExecuteSync(ref t);
+        }
         if (res is -Errno.EAGAIN or -Errno.EINTR)
         {
             Retries++;
@@ -359,9 +387,10 @@ internal sealed unsafe class UblkQueue : IDisposable
         ref var t = ref _tags[tag];
         t.Busy = false;
         Completed++;
-        if (result < 0)
+        if (result < 0 && ++Errors <= 10)
         {
-            Errors++;
+            // The first few failures say what failed; after that only the count grows.
+            Console.Error.WriteLine($"ublksharp: queue {_queueId}: {t.Op} of {t.Length} bytes at {t.Offset} failed: {Errno.Describe(result)}");
         }
         QueueCommand(UblkCommands.CommitAndFetchReq, tag, result);
     }

@@ -1,0 +1,88 @@
+using System.CommandLine;
+using UblkSharp.Interop;
+using UblkSharp.Runtime;
+using UblkSharp.Ublk;
+
+namespace UblkSharp.Cli.Commands;
+
+/// <summary>
+/// `ublksharp del`: STOP_DEV (IO drains through the daemon), wait for the daemon to exit, then
+/// DEL_DEV. A device that is mounted or held open exclusively is refused as busy.
+/// </summary>
+internal static class DelCommand
+{
+    private static readonly TimeSpan DaemonExitTimeout = TimeSpan.FromSeconds(30);
+
+    public static Command Create()
+    {
+        var number = new Option<int?>("--number", "-n") { Description = "The device id" };
+        var all = new Option<bool>("--all", "-a") { Description = "Delete every ublk device" };
+        var command = new Command("del", "Stop and delete ublk devices") { number, all };
+        command.SetAction(r =>
+        {
+            var id = r.GetValue(number);
+            var everyDevice = r.GetValue(all);
+            if (id is null == !everyDevice)
+            {
+                throw new ArgumentException("give either -n ID or --all");
+            }
+            if (id is < 0)
+            {
+                throw new ArgumentException($"bad device id {id}");
+            }
+            Preflight.RequireRootAndDriver();
+            using var control = ControlDevice.Open();
+            var ids = everyDevice ? DeviceList.Ids() : [(uint)id!.Value];
+            var failures = 0;
+            foreach (var dev in ids)
+            {
+                try
+                {
+                    Delete(control, dev);
+                }
+                catch (Exception e) when (CliErrors.IsExpected(e) && everyDevice)
+                {
+                    Console.Error.WriteLine($"ublksharp: device {dev}: {CliErrors.Describe(e)}");
+                    failures++;
+                }
+            }
+            return failures == 0 ? 0 : CliErrors.Failure;
+        });
+        return command;
+    }
+
+    private static void Delete(ControlDevice control, uint id)
+    {
+        DevInfo info;
+        try
+        {
+            info = control.GetDeviceInfo(id);
+        }
+        catch (ErrnoException e) when (e.Errno == Errno.ENODEV)
+        {
+            throw new ArgumentException($"no ublk device {id} (see 'ublksharp list')");
+        }
+        var block = $"/dev/ublkb{id}";
+        if ((DeviceState)info.state == DeviceState.Live && BlockDevices.IsExclusivelyHeld(block))
+        {
+            throw new IOException($"device {id} is busy: {block} is mounted or held open exclusively; unmount it first");
+        }
+        control.StopDevice(id, TimeSpan.FromSeconds(60));
+        var pid = info.ublksrv_pid;
+        if (pid > 0 && pid != Environment.ProcessId && !Processes.WaitForExit(pid, DaemonExitTimeout))
+        {
+            // A daemon that ignores the stop cannot keep the device: its queues are already aborted.
+            Processes.Signal(pid, Processes.SIGKILL);
+            Processes.WaitForExit(pid, TimeSpan.FromSeconds(10));
+        }
+        try
+        {
+            control.DeleteDevice(id, TimeSpan.FromSeconds(60));
+        }
+        catch (ErrnoException e) when (e.Errno == Errno.ENODEV)
+        {
+            // The daemon deleted it on its way out.
+        }
+        DeviceRecord.Remove(id);
+    }
+}

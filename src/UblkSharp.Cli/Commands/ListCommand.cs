@@ -1,0 +1,94 @@
+using System.CommandLine;
+using System.Text.Json;
+using UblkSharp.Interop;
+using UblkSharp.Runtime;
+using UblkSharp.Targets;
+using UblkSharp.Ublk;
+
+namespace UblkSharp.Cli.Commands;
+
+/// <summary>`ublksharp list`: live state read from the kernel, with the target each daemon recorded.</summary>
+internal static class ListCommand
+{
+    public static Command Create()
+    {
+        var json = new Option<bool>("--json") { Description = "Print JSON" };
+        var command = new Command("list", "List ublk devices") { json };
+        command.SetAction(r =>
+        {
+            Preflight.RequireRootAndDriver();
+            using var control = ControlDevice.Open();
+            var rows = new List<Row>();
+            foreach (var id in DeviceList.Ids())
+            {
+                DevInfo info;
+                try
+                {
+                    info = control.GetDeviceInfo(id);
+                }
+                catch (ErrnoException e) when (e.Errno == Errno.ENODEV)
+                {
+                    continue; // deleted while we looked
+                }
+                long size = 0;
+                try
+                {
+                    size = (long)control.GetParams(id).basic.dev_sectors << 9;
+                }
+                catch (ErrnoException)
+                {
+                }
+                var record = DeviceRecord.Load(id);
+                rows.Add(new Row(id, ((DeviceState)info.state).ToString().ToUpperInvariant(), info.ublksrv_pid, info.nr_hw_queues, info.queue_depth,
+                    size, record?.Target ?? "?", UblkFeatureNames.Format((UblkFeatures)info.flags), $"/dev/ublkb{id}", record?.Recipe));
+            }
+            if (r.GetValue(json))
+            {
+                WriteJson(rows);
+            }
+            else
+            {
+                Console.WriteLine($"{"ID",-4} {"STATE",-9} {"PID",-8} {"QUEUES",-6} {"DEPTH",-5} {"SIZE",-10} {"TARGET",-7} {"PATH",-14} FLAGS");
+                foreach (var x in rows)
+                {
+                    Console.WriteLine($"{x.Id,-4} {x.State,-9} {x.Pid,-8} {x.Queues,-6} {x.Depth,-5} {ByteSize.Format(x.Size),-10} {x.Target,-7} {x.Path,-14} {x.Flags}");
+                }
+            }
+            return 0;
+        });
+        return command;
+    }
+
+    private static void WriteJson(List<Row> rows)
+    {
+        using var stdout = Console.OpenStandardOutput();
+        using (var w = new Utf8JsonWriter(stdout, new JsonWriterOptions { Indented = true }))
+        {
+            w.WriteStartArray();
+            foreach (var x in rows)
+            {
+                w.WriteStartObject();
+                w.WriteNumber("id", x.Id);
+                w.WriteString("state", x.State.ToLowerInvariant());
+                w.WriteNumber("pid", x.Pid);
+                w.WriteNumber("queues", x.Queues);
+                w.WriteNumber("depth", x.Depth);
+                w.WriteNumber("size", x.Size);
+                w.WriteString("target", x.Target);
+                w.WriteString("flags", x.Flags);
+                w.WriteString("path", x.Path);
+                w.WriteStartObject("options");
+                foreach (var (k, v) in x.Recipe ?? [])
+                {
+                    w.WriteString(k, v);
+                }
+                w.WriteEndObject();
+                w.WriteEndObject();
+            }
+            w.WriteEndArray();
+        }
+        Console.WriteLine();
+    }
+
+    private sealed record Row(uint Id, string State, int Pid, int Queues, int Depth, long Size, string Target, string Flags, string Path, Dictionary<string, string>? Recipe);
+}

@@ -1,0 +1,69 @@
+using System.Text.Json;
+using System.Text.Json.Serialization;
+
+namespace UblkSharp.Runtime;
+
+/// <summary>
+/// What a daemon records about the device it serves, in /run/ublksharp/ID.json: the target and its
+/// recipe (enough to rebuild it) and the daemon's pid. Written atomically (temp file, then rename),
+/// so a reader never sees half a record.
+/// </summary>
+public sealed record DeviceRecord
+{
+    public static string Directory { get; set; } = Environment.GetEnvironmentVariable("UBLKSHARP_RUN_DIR") ?? "/run/ublksharp";
+
+    public required uint Id { get; init; }
+
+    public required int Pid { get; init; }
+
+    public required string Target { get; init; }
+
+    public required Dictionary<string, string> Recipe { get; init; }
+
+    public required int Queues { get; init; }
+
+    public required int Depth { get; init; }
+
+    public required long Size { get; init; }
+
+    public DateTimeOffset Created { get; init; } = DateTimeOffset.UtcNow;
+
+    public static string PathFor(uint id) => System.IO.Path.Combine(Directory, $"{id}.json");
+
+    public void Save()
+    {
+        System.IO.Directory.CreateDirectory(Directory);
+        var path = PathFor(Id);
+        var tmp = path + $".tmp{Environment.ProcessId}";
+        File.WriteAllText(tmp, JsonSerializer.Serialize(this, DeviceRecordJson.Default.DeviceRecord));
+        File.Move(tmp, path, overwrite: true);
+    }
+
+    /// <summary>The record of device <paramref name="id"/>, or null if there is none (or it is unreadable).</summary>
+    public static DeviceRecord? Load(uint id)
+    {
+        try
+        {
+            return JsonSerializer.Deserialize(File.ReadAllText(PathFor(id)), DeviceRecordJson.Default.DeviceRecord);
+        }
+        catch (Exception e) when (e is IOException or JsonException or UnauthorizedAccessException)
+        {
+            return null;
+        }
+    }
+
+    public static void Remove(uint id)
+    {
+        try
+        {
+            File.Delete(PathFor(id));
+        }
+        catch (IOException)
+        {
+        }
+    }
+}
+
+[JsonSourceGenerationOptions(WriteIndented = true, PropertyNamingPolicy = JsonKnownNamingPolicy.CamelCase)]
+[JsonSerializable(typeof(DeviceRecord))]
+internal sealed partial class DeviceRecordJson : JsonSerializerContext;

@@ -1,0 +1,119 @@
+using System.Globalization;
+
+namespace UblkSharp.Targets;
+
+/// <summary>
+/// Builds a target from its kind and options (the same "recipe" a device records, so a daemon or
+/// a later recovery can rebuild it). Bad options throw <see cref="ArgumentException"/> with a
+/// message meant for the person who typed them.
+/// </summary>
+public static class TargetFactory
+{
+    public static IReadOnlyList<string> Kinds { get; } = ["null", "mem", "loop", "fault"];
+
+    public static BlockTarget Create(string kind, IReadOnlyDictionary<string, string> options)
+    {
+        ArgumentNullException.ThrowIfNull(options);
+        return kind switch
+        {
+            "null" => new NullTarget(Size(options, "size", 250L << 30, 512)),
+            "mem" => new MemoryTarget(Size(options, "size", null, 4096)),
+            "loop" => CreateLoop(options),
+            "fault" => CreateFault(options),
+            _ => throw new ArgumentException($"unknown target type '{kind}': use one of {string.Join(", ", Kinds)}"),
+        };
+    }
+
+    private static LoopTarget CreateLoop(IReadOnlyDictionary<string, string> o)
+    {
+        if (!o.TryGetValue("file", out var file) || string.IsNullOrEmpty(file))
+        {
+            throw new ArgumentException("the loop target needs a backing file: -f FILE");
+        }
+        if (!File.Exists(file) && !file.StartsWith("/dev/", StringComparison.Ordinal))
+        {
+            throw new ArgumentException($"{file}: no such file");
+        }
+        try
+        {
+            return new LoopTarget(Path.GetFullPath(file), Flag(o, "direct-io"), Flag(o, "read-only"));
+        }
+        catch (Interop.ErrnoException e)
+        {
+            throw new ArgumentException($"{file}: cannot open it: {Interop.Errno.Describe(e.Errno)}", e);
+        }
+    }
+
+    private static FaultTarget CreateFault(IReadOnlyDictionary<string, string> o)
+    {
+        var baseKind = o.TryGetValue("base", out var b) ? b : "mem";
+        if (baseKind == "fault")
+        {
+            throw new ArgumentException("a fault target cannot wrap another fault target");
+        }
+        var schedule = new FaultSchedule
+        {
+            Seed = (int)Number(o, "seed", 1),
+            ShortIo = Rate(o, "short"),
+            Again = Rate(o, "eagain"),
+            Eio = Rate(o, "eio"),
+            Delay = Rate(o, "delay"),
+            DelayMs = (int)Number(o, "delay-ms", 5),
+        };
+        try
+        {
+            schedule.Validate();
+        }
+        catch (ArgumentOutOfRangeException e)
+        {
+            throw new ArgumentException(e.Message.Split(" (Parameter")[0], e);
+        }
+        return new FaultTarget(Create(baseKind, o), schedule);
+    }
+
+    private static long Size(IReadOnlyDictionary<string, string> o, string key, long? fallback, int multiple)
+    {
+        if (!o.TryGetValue(key, out var text))
+        {
+            return fallback ?? throw new ArgumentException($"this target needs --{key}, e.g. --{key} 1G");
+        }
+        if (!ByteSize.TryParse(text, out var bytes))
+        {
+            throw new ArgumentException($"bad size '{text}': give a number of bytes with an optional K, M, G or T suffix, e.g. 512M");
+        }
+        if (bytes % multiple != 0)
+        {
+            throw new ArgumentException($"bad size '{text}': it must be a multiple of {multiple} bytes");
+        }
+        return bytes;
+    }
+
+    private static double Rate(IReadOnlyDictionary<string, string> o, string key)
+    {
+        if (!o.TryGetValue(key, out var text))
+        {
+            return 0;
+        }
+        if (!double.TryParse(text, NumberStyles.Float, CultureInfo.InvariantCulture, out var v) || v < 0 || v > 1)
+        {
+            throw new ArgumentException($"bad --{key} '{text}': give a probability from 0 to 1");
+        }
+        return v;
+    }
+
+    private static long Number(IReadOnlyDictionary<string, string> o, string key, long fallback)
+    {
+        if (!o.TryGetValue(key, out var text))
+        {
+            return fallback;
+        }
+        if (!long.TryParse(text, NumberStyles.Integer, CultureInfo.InvariantCulture, out var v) || v < 0 || v > int.MaxValue)
+        {
+            throw new ArgumentException($"bad --{key} '{text}': give a whole number");
+        }
+        return v;
+    }
+
+    private static bool Flag(IReadOnlyDictionary<string, string> o, string key)
+        => o.TryGetValue(key, out var v) && v is "on" or "true" or "1" or "yes";
+}
