@@ -67,13 +67,14 @@ internal static class AddCommand
                 MaxIoBytes = maxIoText is null ? 512 * 1024 : (int)Math.Min(int.MaxValue, ByteSize.Parse(maxIoText)),
             };
             options.Validate();
-            Preflight.RequireRootAndDriver();
             if (r.GetValue(foreground))
             {
+                Preflight.RequireRootAndDriver();
                 return Serve(kind, recipe, options, r.GetValue(readyFile));
             }
-            // Check the target here too, so a bad file or size is reported before any daemon starts.
+            // Bad input is reported first, and before any daemon starts.
             TargetFactory.Create(kind, recipe).Dispose();
+            Preflight.RequireRootAndDriver();
             var (_, path) = DaemonLauncher.Launch(Program.Arguments);
             Console.WriteLine(path);
             return 0;
