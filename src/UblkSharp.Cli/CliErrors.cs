@@ -1,4 +1,5 @@
 using UblkSharp.Interop;
+using UblkSharp.Runtime;
 using UblkSharp.Ublk;
 
 namespace UblkSharp.Cli;
@@ -23,7 +24,8 @@ internal static class CliErrors
     }
 
     public static bool IsExpected(Exception e) => e is UblkUnavailableException or ErrnoException or TimeoutException or IOException
-        or UnauthorizedAccessException or ArgumentException or FormatException or DaemonFailedException;
+        or UnauthorizedAccessException or ArgumentException or FormatException or DaemonFailedException
+        or RecoveryRefusedException or NotSupportedException;
 
     public static string Describe(Exception e) => e switch
     {

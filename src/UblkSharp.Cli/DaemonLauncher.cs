@@ -22,24 +22,18 @@ internal static class DaemonLauncher
         var ready = Path.Combine(runDir, $"ready-{token}");
         var log = Path.Combine(logDir, $"daemon-{token}.log");
 
+        var self = SelfStartInfo([.. args, "--foreground", "--ready-file", ready]);
         var psi = new ProcessStartInfo("/bin/sh") { RedirectStandardOutput = true, UseShellExecute = false };
         // setsid: the daemon must outlive this command and its terminal; no stdio is shared with the
         // caller, so `$(ublksharp add ...)` returns as soon as this process does.
         psi.ArgumentList.Add("-c");
         psi.ArgumentList.Add("exec setsid \"$@\" </dev/null >>\"$UBLKSHARP_LOG\" 2>&1 & echo $!");
         psi.ArgumentList.Add("sh");
-        psi.ArgumentList.Add(Environment.ProcessPath ?? "dotnet");
-        if (Path.GetFileNameWithoutExtension(Environment.ProcessPath) == "dotnet")
-        {
-            psi.ArgumentList.Add(typeof(DaemonLauncher).Assembly.Location);
-        }
-        foreach (var a in args)
+        psi.ArgumentList.Add(self.FileName);
+        foreach (var a in self.ArgumentList)
         {
             psi.ArgumentList.Add(a);
         }
-        psi.ArgumentList.Add("--foreground");
-        psi.ArgumentList.Add("--ready-file");
-        psi.ArgumentList.Add(ready);
         psi.Environment["UBLKSHARP_LOG"] = log;
 
         int pid;
@@ -52,7 +46,27 @@ internal static class DaemonLauncher
                 throw new IOException("could not start the daemon");
             }
         }
+        return WaitForReady(pid, ready, log);
+    }
 
+    /// <summary>A start of this same CLI with <paramref name="args"/>.</summary>
+    public static ProcessStartInfo SelfStartInfo(IEnumerable<string> args)
+    {
+        var psi = new ProcessStartInfo(Environment.ProcessPath ?? "dotnet") { UseShellExecute = false };
+        if (Path.GetFileNameWithoutExtension(Environment.ProcessPath) == "dotnet")
+        {
+            psi.ArgumentList.Add(typeof(DaemonLauncher).Assembly.Location);
+        }
+        foreach (var a in args)
+        {
+            psi.ArgumentList.Add(a);
+        }
+        return psi;
+    }
+
+    /// <summary>Waits until the daemon <paramref name="pid"/> writes its report to <paramref name="ready"/>, dies, or times out.</summary>
+    public static (uint Id, string Path) WaitForReady(int pid, string ready, string? log)
+    {
         var deadline = Stopwatch.StartNew();
         while (true)
         {
@@ -67,16 +81,33 @@ internal static class DaemonLauncher
                 }
                 throw new DaemonFailedException(report.StartsWith("error ", StringComparison.Ordinal) ? report[6..] : report);
             }
-            if (!Processes.IsAlive(pid))
+            if (!Processes.IsAlive(pid) || IsZombie(pid))
             {
-                throw new DaemonFailedException($"the daemon exited before the device was live; its log ({log}) ends:\n{Tail(log)}");
+                throw new DaemonFailedException(log is null
+                    ? "the daemon exited before the device was live"
+                    : $"the daemon exited before the device was live; its log ({log}) ends:\n{Tail(log)}");
             }
             if (deadline.Elapsed > ReadyTimeout)
             {
                 Processes.Signal(pid, Processes.SIGKILL);
-                throw new DaemonFailedException($"the device was not live within {ReadyTimeout.TotalSeconds} s; the daemon was killed. Log: {log}");
+                throw new DaemonFailedException($"the device was not live within {ReadyTimeout.TotalSeconds} s; the daemon was killed{(log is null ? "" : $". Log: {log}")}");
             }
             Thread.Sleep(20);
+        }
+    }
+
+    // A child of ours that exited stays a zombie until reaped, and kill(pid, 0) still succeeds.
+    private static bool IsZombie(int pid)
+    {
+        try
+        {
+            var stat = File.ReadAllText($"/proc/{pid}/stat");
+            var close = stat.LastIndexOf(')');
+            return close > 0 && close + 2 < stat.Length && stat[close + 2] == 'Z';
+        }
+        catch (IOException)
+        {
+            return false;
         }
     }
 

@@ -17,7 +17,8 @@ internal static class DelCommand
     {
         var number = new Option<int?>("--number", "-n") { Description = "The device id" };
         var all = new Option<bool>("--all", "-a") { Description = "Delete every ublk device" };
-        var command = new Command("del", "Stop and delete ublk devices") { number, all };
+        var force = new Option<bool>("--force") { Description = "Delete even a mounted or held device: its IO fails from now on" };
+        var command = new Command("del", "Stop and delete ublk devices") { number, all, force };
         command.SetAction(r =>
         {
             var id = r.GetValue(number);
@@ -38,7 +39,7 @@ internal static class DelCommand
             {
                 try
                 {
-                    Delete(control, dev);
+                    Delete(control, dev, r.GetValue(force));
                 }
                 catch (Exception e) when (CliErrors.IsExpected(e) && everyDevice)
                 {
@@ -51,7 +52,7 @@ internal static class DelCommand
         return command;
     }
 
-    private static void Delete(ControlDevice control, uint id)
+    private static void Delete(ControlDevice control, uint id, bool force)
     {
         DevInfo info;
         try
@@ -63,9 +64,9 @@ internal static class DelCommand
             throw new ArgumentException($"no ublk device {id} (see 'ublksharp list')");
         }
         var block = $"/dev/ublkb{id}";
-        if ((DeviceState)info.state == DeviceState.Live && BlockDevices.IsExclusivelyHeld(block))
+        if (!force && (DeviceState)info.state == DeviceState.Live && BlockDevices.IsExclusivelyHeld(block))
         {
-            throw new IOException($"device {id} is busy: {block} is mounted or held open exclusively; unmount it first");
+            throw new IOException($"device {id} is busy: {block} is mounted or held open exclusively; unmount it first (or del --force, and its IO fails)");
         }
         control.StopDevice(id, TimeSpan.FromSeconds(60));
         var pid = info.ublksrv_pid;
@@ -75,14 +76,8 @@ internal static class DelCommand
             Processes.Signal(pid, Processes.SIGKILL);
             Processes.WaitForExit(pid, TimeSpan.FromSeconds(10));
         }
-        try
-        {
-            control.DeleteDevice(id, TimeSpan.FromSeconds(60));
-        }
-        catch (ErrnoException e) when (e.Errno == Errno.ENODEV)
-        {
-            // The daemon deleted it on its way out.
-        }
+        // Asynchronous where the kernel has it: a forced delete must not wait for a mount to go.
+        UblkDevice.DeleteDevice(control, id, TimeSpan.FromSeconds(60));
         DeviceRecord.Remove(id);
     }
 }

@@ -83,6 +83,23 @@ internal static unsafe partial class Libc
     [LibraryImport(Lib, EntryPoint = "fallocate", SetLastError = true)]
     public static partial int fallocate(int fd, int mode, long offset, long length);
 
+    public const short POLLPRI = 0x2;
+    public const short POLLERR = 0x8;
+
+    [System.Runtime.InteropServices.StructLayout(System.Runtime.InteropServices.LayoutKind.Sequential)]
+    public struct PollFd
+    {
+        public int fd;
+        public short events;
+        public short revents;
+    }
+
+    [LibraryImport(Lib, EntryPoint = "poll", SetLastError = true)]
+    public static partial int poll(PollFd* fds, nuint nfds, int timeout);
+
+    [LibraryImport(Lib, EntryPoint = "unlink", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
+    public static partial int unlink(string path);
+
     [LibraryImport(Lib, EntryPoint = "getpid")]
     public static partial int getpid();
 

@@ -20,6 +20,9 @@ public sealed record DeviceOptions
     /// <summary>UBLK_F_* flags to request beyond the defaults; read the device info for what the kernel kept.</summary>
     public UblkFeatures Flags { get; init; }
 
+    /// <summary>What happens to IO when the daemon dies, and whether the device can be recovered.</summary>
+    public RecoveryMode Recovery { get; init; } = RecoveryMode.Off;
+
     /// <summary>Pin each queue thread to the CPUs blk-mq maps to its queue (GET_QUEUE_AFFINITY).</summary>
     public bool PinQueues { get; init; } = true;
 

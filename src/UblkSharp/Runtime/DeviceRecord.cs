@@ -26,6 +26,16 @@ public sealed record DeviceRecord
 
     public required long Size { get; init; }
 
+    public int MaxIoBytes { get; init; } = 512 * 1024;
+
+    /// <summary>off, on, reissue or fail-io (see <see cref="RecoveryMode"/>).</summary>
+    public string Recovery { get; init; } = "off";
+
+    public bool Autoclear { get; init; }
+
+    /// <summary>The supervising process that recovers the device when the daemon dies, if any.</summary>
+    public int SupervisorPid { get; init; }
+
     public DateTimeOffset Created { get; init; } = DateTimeOffset.UtcNow;
 
     public static string PathFor(uint id) => System.IO.Path.Combine(Directory, $"{id}.json");

@@ -4,6 +4,9 @@ using UblkSharp.Ublk;
 
 namespace UblkSharp.Runtime;
 
+/// <summary>A device cannot be recovered in its current state (said in words for the user).</summary>
+public sealed class RecoveryRefusedException(string message) : Exception(message);
+
 /// <summary>
 /// A live ublk device serving a <see cref="BlockTarget"/>: ADD_DEV, SET_PARAMS, one thread per
 /// queue, then START_DEV from this (the control) thread once every queue is fetching, because
@@ -70,21 +73,33 @@ public sealed class UblkDevice : IDisposable
         ArgumentNullException.ThrowIfNull(options);
         options.Validate();
         ValidateTarget(target);
+        if (options.Recovery != RecoveryMode.Off && !target.SurvivesRestart)
+        {
+            throw new ArgumentException($"the {target.Kind} target keeps its data in the daemon's memory, so a recovered device would come back empty: it cannot use --recovery");
+        }
         var control = ControlDevice.Open();
         UblkDevice? device = null;
         try
         {
+            var wanted = options.Flags | options.Recovery.Flags();
+            RequireFeatures(control, wanted);
             var request = new DevInfo
             {
                 nr_hw_queues = (ushort)options.Queues,
                 queue_depth = (ushort)options.Depth,
                 max_io_buf_bytes = (uint)options.MaxIoBytes,
                 dev_id = options.DeviceId < 0 ? uint.MaxValue : (uint)options.DeviceId,
-                flags = (ulong)(options.Flags | UblkFeatures.CmdIoctlEncode),
+                flags = (ulong)(wanted | UblkFeatures.CmdIoctlEncode),
             };
             var info = control.AddDevice(request);
             device = new UblkDevice(control, target, options, info);
-            device.SetUp(onFatal ?? DefaultFatalHandler);
+            // The driver drops flags it does not know without a word: check what it kept.
+            var dropped = wanted & ~(UblkFeatures)info.flags;
+            if (dropped != 0)
+            {
+                throw new NotSupportedException($"this kernel's ublk driver dropped {UblkFeatureNames.Format(dropped)} at ADD_DEV");
+            }
+            device.SetUp(onFatal ?? DefaultFatalHandler, recovering: false);
             return device;
         }
         catch
@@ -101,6 +116,91 @@ public sealed class UblkDevice : IDisposable
         }
     }
 
+    /// <summary>
+    /// Takes over a device whose daemon died (state QUIESCED, created with recovery on): START_USER_RECOVERY,
+    /// new queues fetching every tag, then END_USER_RECOVERY with this process as the daemon. The target
+    /// must be rebuilt as it was (the kernel keeps the parameters; SET_PARAMS is refused now).
+    /// </summary>
+    public static UblkDevice Recover(uint id, BlockTarget target, DeviceOptions options, Action<Exception>? onFatal = null)
+    {
+        ArgumentNullException.ThrowIfNull(target);
+        ArgumentNullException.ThrowIfNull(options);
+        var control = ControlDevice.Open();
+        try
+        {
+            var info = control.GetDeviceInfo(id);
+            if ((info.flags & (ulong)UblkFeatures.UserRecovery) == 0)
+            {
+                throw new RecoveryRefusedException($"device {id} was created without recovery (add --recovery on|reissue); it cannot be recovered");
+            }
+            var deadline = Environment.TickCount64 + (long)options.StartTimeout.TotalMilliseconds;
+            while (true)
+            {
+                var state = (DeviceState)control.GetDeviceInfo(id).state;
+                if (state == DeviceState.Live && Processes.IsAlive(info.ublksrv_pid))
+                {
+                    throw new RecoveryRefusedException($"device {id} is live: its daemon (pid {info.ublksrv_pid}) is serving it; there is nothing to recover");
+                }
+                if (state == DeviceState.Dead)
+                {
+                    throw new RecoveryRefusedException($"device {id} is dead (stopped, or never started); only a device whose daemon died can be recovered");
+                }
+                var res = state == DeviceState.Live ? -Errno.EBUSY : control.TryStartUserRecovery(id);
+                if (res == 0)
+                {
+                    break;
+                }
+                // EBUSY: the dying daemon still holds /dev/ublkcN, or the kernel has not quiesced yet.
+                if (res != -Errno.EBUSY || Environment.TickCount64 > deadline)
+                {
+                    throw new ErrnoException(-res, "UBLK_CMD_START_USER_RECOVERY", $"device {id} is {state}");
+                }
+                Thread.Sleep(20);
+            }
+            info = control.GetDeviceInfo(id);
+            var device = new UblkDevice(control, target, options, info);
+            try
+            {
+                device.SetUp(onFatal ?? DefaultFatalHandler, recovering: true);
+            }
+            catch
+            {
+                // Leave the device quiesced for another attempt; only this process's resources go.
+                device.ReleaseLocal();
+                throw;
+            }
+            return device;
+        }
+        catch
+        {
+            control.Dispose();
+            throw;
+        }
+    }
+
+    private static void RequireFeatures(ControlDevice control, UblkFeatures wanted)
+    {
+        if (wanted == 0)
+        {
+            return;
+        }
+        UblkFeatures offered;
+        try
+        {
+            offered = control.GetFeatures();
+        }
+        catch (ErrnoException)
+        {
+            return; // pre-6.5 kernels: the read-back after ADD_DEV still catches a dropped flag
+        }
+        var missing = wanted & ~offered;
+        if (missing != 0)
+        {
+            var names = string.Join(", ", UblkFeatureNames.Describe(missing).Where(f => f.Present).Select(f => $"{f.Name} (Linux {f.Since}+)"));
+            throw new NotSupportedException($"this kernel's ublk driver ({Environment.OSVersion.Version}) does not offer {names}");
+        }
+    }
+
     private static void ValidateTarget(BlockTarget target)
     {
         var lbs = target.LogicalBlockSize;
@@ -114,9 +214,12 @@ public sealed class UblkDevice : IDisposable
         }
     }
 
-    private void SetUp(Action<Exception> onFatal)
+    private void SetUp(Action<Exception> onFatal, bool recovering)
     {
-        _control.SetParams(Id, BuildParams());
+        if (!recovering)
+        {
+            _control.SetParams(Id, BuildParams());
+        }
         _charFd = OpenCharDevice(CharPath);
         for (var q = 0; q < _queues.Length; q++)
         {
@@ -135,7 +238,14 @@ public sealed class UblkDevice : IDisposable
             _queues[q] = new UblkQueue(q, Info.queue_depth, (int)Info.max_io_buf_bytes, _charFd, _target, cpus, onFatal);
             _queues[q].Start(TimeSpan.FromSeconds(30));
         }
-        _control.StartDevice(Id, Environment.ProcessId, _options.StartTimeout);
+        if (recovering)
+        {
+            _control.EndUserRecovery(Id, Environment.ProcessId, _options.StartTimeout);
+        }
+        else
+        {
+            _control.StartDevice(Id, Environment.ProcessId, _options.StartTimeout);
+        }
     }
 
     private UblkParams BuildParams()
@@ -247,13 +357,33 @@ public sealed class UblkDevice : IDisposable
         Delete();
     }
 
-    private void Delete()
+    /// <summary>
+    /// Deletes a stopped device. DEL_DEV_ASYNC (6.9+) returns at once, and the kernel frees the id
+    /// when the last opener of /dev/ublkbN closes; the synchronous DEL_DEV would wait for that
+    /// opener, which may never come. An unknown id counts as deleted.
+    /// </summary>
+    public static void DeleteDevice(ControlDevice control, uint id, TimeSpan timeout)
     {
-        if (_deleted)
+        ArgumentNullException.ThrowIfNull(control);
+        try
         {
-            return;
+            try
+            {
+                control.DeleteDeviceAsync(id);
+            }
+            catch (ErrnoException e) when (e.Errno is Errno.EOPNOTSUPP or Errno.EINVAL)
+            {
+                control.DeleteDevice(id, timeout);
+            }
         }
-        _deleted = true;
+        catch (ErrnoException e) when (e.Errno == Errno.ENODEV)
+        {
+        }
+    }
+
+    // Queues, the char device and the control device of this process; the kernel's device stays.
+    private void ReleaseLocal()
+    {
         foreach (var q in _queues)
         {
             q?.Dispose();
@@ -263,12 +393,19 @@ public sealed class UblkDevice : IDisposable
             _ = Libc.close(_charFd);
             _charFd = -1;
         }
+    }
+
+    private void Delete()
+    {
+        if (_deleted)
+        {
+            return;
+        }
+        _deleted = true;
+        ReleaseLocal();
         try
         {
-            _control.DeleteDevice(Id, _options.StopTimeout);
-        }
-        catch (ErrnoException e) when (e.Errno == Errno.ENODEV)
-        {
+            DeleteDevice(_control, Id, _options.StopTimeout);
         }
         finally
         {

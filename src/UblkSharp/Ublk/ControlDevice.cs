@@ -141,6 +141,27 @@ public sealed unsafe class ControlDevice : IDisposable
         Check(res, "UBLK_CMD_DEL_DEV", devId);
     }
 
+    /// <summary>
+    /// START_USER_RECOVERY: the device must be QUIESCED (its daemon died) and its char device closed,
+    /// else -EBUSY; a device without USER_RECOVERY, or never started, gives -EINVAL.
+    /// </summary>
+    public int TryStartUserRecovery(uint devId)
+        => Execute(UblkCommands.StartUserRecovery, new CtrlCmd { dev_id = devId, queue_id = ushort.MaxValue }, default, default, DefaultTimeout);
+
+    /// <summary>END_USER_RECOVERY: waits until every tag is fetched again, then the device is LIVE under <paramref name="daemonPid"/>.</summary>
+    public void EndUserRecovery(uint devId, int daemonPid, TimeSpan timeout)
+    {
+        var res = Execute(UblkCommands.EndUserRecovery, new CtrlCmd { dev_id = devId, queue_id = ushort.MaxValue, data = (ulong)daemonPid }, default, default, timeout);
+        Check(res, "UBLK_CMD_END_USER_RECOVERY", devId);
+    }
+
+    /// <summary>DEL_DEV_ASYNC (6.9+): removes the device without waiting for its last opener to close.</summary>
+    public void DeleteDeviceAsync(uint devId)
+    {
+        var res = Execute(UblkCommands.DelDevAsync, new CtrlCmd { dev_id = devId, queue_id = ushort.MaxValue }, default, default, DefaultTimeout);
+        Check(res, "UBLK_CMD_DEL_DEV_ASYNC", devId);
+    }
+
     /// <summary>The CPUs blk-mq maps to queue <paramref name="queueId"/>.</summary>
     public int[] GetQueueAffinity(uint devId, int queueId)
     {

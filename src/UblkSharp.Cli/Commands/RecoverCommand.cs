@@ -1,0 +1,101 @@
+using System.CommandLine;
+using System.Globalization;
+using UblkSharp.Interop;
+using UblkSharp.Runtime;
+using UblkSharp.Targets;
+using UblkSharp.Ublk;
+
+namespace UblkSharp.Cli.Commands;
+
+/// <summary>
+/// `ublksharp recover -n ID`: a new daemon takes over a device whose daemon died. The target is
+/// rebuilt from the recipe the first daemon recorded in /run/ublksharp/ID.json.
+/// </summary>
+internal static class RecoverCommand
+{
+    public static Command Create()
+    {
+        var number = new Option<int>("--number", "-n") { Description = "The device id", Required = true };
+        var foreground = new Option<bool>("--foreground") { Description = "Serve in this process until SIGTERM or SIGINT" };
+        var readyFile = new Option<string?>("--ready-file") { Hidden = true };
+        // A supervisor's warm spare: started ahead of time, it recovers the device when a line arrives on stdin.
+        var standby = new Option<bool>("--standby") { Hidden = true };
+        var command = new Command("recover", "Restart the daemon of a device whose daemon died (created with --recovery on|reissue)") { number, foreground, readyFile, standby };
+        command.SetAction(r =>
+        {
+            var n = r.GetValue(number);
+            if (n < 0)
+            {
+                throw new ArgumentException($"bad device id {n}");
+            }
+            var id = (uint)n;
+            Preflight.RequireRootAndDriver();
+            var record = DeviceRecord.Load(id);
+            if (!r.GetValue(foreground))
+            {
+                CheckRecoverable(id, record);
+                var (_, path) = DaemonLauncher.Launch(["recover", "-n", id.ToString(CultureInfo.InvariantCulture)]);
+                Console.WriteLine(path);
+                return 0;
+            }
+            if (record is null)
+            {
+                throw new ArgumentException($"no record of device {id} in {DeviceRecord.Directory}: recover rebuilds the target from the record its first daemon wrote");
+            }
+            var options = new DeviceOptions
+            {
+                Queues = record.Queues,
+                Depth = record.Depth,
+                MaxIoBytes = record.MaxIoBytes,
+                Recovery = RecoveryModes.Parse(record.Recovery),
+            };
+            if (r.GetValue(standby))
+            {
+                // Everything a cold start would load is loaded now; the takeover waits for the word.
+                using (var control = ControlDevice.Open())
+                {
+                    control.GetDeviceInfo(id);
+                }
+                TargetFactory.Create(record.Target, record.Recipe).Dispose();
+                if (Console.In.ReadLine() != "go")
+                {
+                    return 0; // the supervisor went away: nothing to take over
+                }
+            }
+            return DaemonHost.Serve(record.Target, record.Recipe, options, record.Autoclear, id, r.GetValue(readyFile));
+        });
+        return command;
+    }
+
+    // The same refusals UblkDevice.Recover makes, before a daemon is started, so they read plainly.
+    private static void CheckRecoverable(uint id, DeviceRecord? record)
+    {
+        using var control = ControlDevice.Open();
+        DevInfo info;
+        try
+        {
+            info = control.GetDeviceInfo(id);
+        }
+        catch (ErrnoException e) when (e.Errno == Errno.ENODEV)
+        {
+            throw new ArgumentException($"no ublk device {id} (see 'ublksharp list')");
+        }
+        if ((info.flags & (ulong)UblkFeatures.UserRecovery) == 0)
+        {
+            throw new RecoveryRefusedException($"device {id} was created without recovery (add --recovery on|reissue); it cannot be recovered");
+        }
+        var state = (DeviceState)info.state;
+        if (state == DeviceState.Live && Processes.IsAlive(info.ublksrv_pid))
+        {
+            throw new RecoveryRefusedException($"device {id} is live: its daemon (pid {info.ublksrv_pid}) is serving it; there is nothing to recover");
+        }
+        if (state == DeviceState.Dead)
+        {
+            throw new RecoveryRefusedException($"device {id} is dead (stopped, or never started); only a device whose daemon died can be recovered");
+        }
+        if (record is null)
+        {
+            throw new ArgumentException($"no record of device {id} in {DeviceRecord.Directory}: recover rebuilds the target from the record its first daemon wrote");
+        }
+    }
+}

@@ -1,0 +1,163 @@
+using System.Diagnostics;
+using System.Globalization;
+using System.Runtime.InteropServices;
+using UblkSharp.Runtime;
+using UblkSharp.Ublk;
+
+namespace UblkSharp.Cli;
+
+/// <summary>
+/// `add --supervise`: recovery without a human. The supervisor runs the serving daemon as its
+/// child; when the child dies (a crash, kill -9), the kernel holds the device's IO (USER_RECOVERY)
+/// and the supervisor starts `recover -n ID`, which takes the device over. A child that exits
+/// cleanly (del, SIGTERM) ends the supervisor too. Restarts are bounded so a daemon that cannot
+/// start is not retried forever.
+/// </summary>
+internal static class Supervisor
+{
+    private const string PidVariable = "UBLKSHARP_SUPERVISOR_PID";
+    private const int MaxRestarts = 10;
+    private static readonly TimeSpan RestartWindow = TimeSpan.FromMinutes(1);
+
+    /// <summary>The supervisor of this daemon, or 0.</summary>
+    public static int ParentSupervisorPid =>
+        int.TryParse(Environment.GetEnvironmentVariable(PidVariable), NumberStyles.None, CultureInfo.InvariantCulture, out var pid) ? pid : 0;
+
+    public static int Run(string[] addArgs, string? readyFile)
+    {
+        using var stop = new ManualResetEventSlim();
+        using var term = PosixSignalRegistration.Create(PosixSignal.SIGTERM, c => { c.Cancel = true; stop.Set(); });
+        using var intr = PosixSignalRegistration.Create(PosixSignal.SIGINT, c => { c.Cancel = true; stop.Set(); });
+
+        Process child;
+        uint id;
+        string path;
+        try
+        {
+            (child, id, path) = StartChild(addArgs);
+        }
+        catch (Exception e) when (CliErrors.IsExpected(e))
+        {
+            DaemonLauncher.ReportFailure(readyFile, CliErrors.Describe(e));
+            throw;
+        }
+        DaemonLauncher.ReportReady(readyFile, id, path);
+        var idText = id.ToString(CultureInfo.InvariantCulture);
+        var restarts = new Queue<DateTime>();
+        // A warm spare cuts the stall after a crash from a cold .NET start to the takeover itself.
+        var spare = StartSpare(idText);
+        try
+        {
+            while (true)
+            {
+                while (!child.WaitForExit(10))
+                {
+                    if (stop.IsSet)
+                    {
+                        // Our stop is the daemon's stop: it drains IO, then stops and deletes the device.
+                        _ = Interop.Processes.Signal(child.Id, Interop.Processes.SIGTERM);
+                        child.WaitForExit();
+                        return 0;
+                    }
+                }
+                var code = child.ExitCode;
+                child.Dispose();
+                if (code == 0)
+                {
+                    return 0;
+                }
+                Console.Error.WriteLine($"ublksharp: supervisor: the daemon of device {id} died (exit {code}); recovering it");
+                restarts.Enqueue(DateTime.UtcNow);
+                while (restarts.Count > 0 && DateTime.UtcNow - restarts.Peek() > RestartWindow)
+                {
+                    restarts.Dequeue();
+                }
+                if (restarts.Count > MaxRestarts)
+                {
+                    Console.Error.WriteLine($"ublksharp: supervisor: {MaxRestarts} restarts within {RestartWindow.TotalSeconds} s; giving up on device {id}");
+                    return 1;
+                }
+                if (!IsRecoverable(id))
+                {
+                    Console.Error.WriteLine($"ublksharp: supervisor: device {id} is gone or cannot be recovered; exiting");
+                    return 1;
+                }
+                try
+                {
+                    if (spare is not null && !spare.Value.Process.HasExited)
+                    {
+                        spare.Value.Process.StandardInput.WriteLine("go");
+                        spare.Value.Process.StandardInput.Flush();
+                        DaemonLauncher.WaitForReady(spare.Value.Process.Id, spare.Value.Ready, null);
+                        child = spare.Value.Process;
+                    }
+                    else
+                    {
+                        (child, _, _) = StartChild(["recover", "-n", idText]);
+                    }
+                }
+                catch (Exception e) when (CliErrors.IsExpected(e))
+                {
+                    Console.Error.WriteLine($"ublksharp: supervisor: recovering device {id} failed: {CliErrors.Describe(e)}");
+                    return 1;
+                }
+                spare = StartSpare(idText);
+            }
+        }
+        finally
+        {
+            // Closing its stdin tells a spare to go away.
+            spare?.Process.StandardInput.Close();
+            spare?.Process.Dispose();
+        }
+    }
+
+    private static (Process Process, string Ready)? StartSpare(string id)
+    {
+        var ready = Path.Combine(DeviceRecord.Directory, $"ready-{Guid.NewGuid():N}");
+        var psi = DaemonLauncher.SelfStartInfo(["recover", "-n", id, "--foreground", "--standby", "--ready-file", ready]);
+        psi.RedirectStandardInput = true;
+        psi.Environment[PidVariable] = Environment.ProcessId.ToString(CultureInfo.InvariantCulture);
+        try
+        {
+            return (Process.Start(psi) ?? throw new IOException("could not start a spare daemon"), ready);
+        }
+        catch (Exception e) when (e is IOException or System.ComponentModel.Win32Exception)
+        {
+            Console.Error.WriteLine($"ublksharp: supervisor: no warm spare ({e.Message}); a crash will start a cold one");
+            return null;
+        }
+    }
+
+    private static bool IsRecoverable(uint id)
+    {
+        try
+        {
+            using var control = ControlDevice.Open();
+            var info = control.GetDeviceInfo(id);
+            return (info.flags & (ulong)UblkFeatures.UserRecovery) != 0 && (DeviceState)info.state != DeviceState.Dead;
+        }
+        catch (Interop.ErrnoException)
+        {
+            return false;
+        }
+    }
+
+    private static (Process Child, uint Id, string Path) StartChild(string[] args)
+    {
+        var ready = Path.Combine(DeviceRecord.Directory, $"ready-{Guid.NewGuid():N}");
+        var psi = DaemonLauncher.SelfStartInfo([.. args, "--foreground", "--ready-file", ready]);
+        psi.Environment[PidVariable] = Environment.ProcessId.ToString(CultureInfo.InvariantCulture);
+        var child = Process.Start(psi) ?? throw new IOException("could not start the daemon");
+        try
+        {
+            var (id, path) = DaemonLauncher.WaitForReady(child.Id, ready, null);
+            return (child, id, path);
+        }
+        catch
+        {
+            child.Dispose();
+            throw;
+        }
+    }
+}
