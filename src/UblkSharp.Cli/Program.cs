@@ -15,8 +15,12 @@ public static class Program
         {
             AddCommand.Create(),
             DelCommand.Create(),
+            RecoverCommand.Create(),
+            MountCommand.Create(),
             ListCommand.Create(),
             FeaturesCommand.Create(),
+            ServeCommand.Create(),
+            CowCommand.Create(),
         };
         // Our own handler gives one clear line per failure instead of a stack trace.
         var config = new InvocationConfiguration { EnableDefaultExceptionHandler = false };

@@ -67,40 +67,38 @@ internal static class Supervisor
                     return 0;
                 }
                 Console.Error.WriteLine($"ublksharp: supervisor: the daemon of device {id} died (exit {code}); recovering it");
-                restarts.Enqueue(DateTime.UtcNow);
-                while (restarts.Count > 0 && DateTime.UtcNow - restarts.Peek() > RestartWindow)
+                Process? next = null;
+                while (next is null)
                 {
-                    restarts.Dequeue();
-                }
-                if (restarts.Count > MaxRestarts)
-                {
-                    Console.Error.WriteLine($"ublksharp: supervisor: {MaxRestarts} restarts within {RestartWindow.TotalSeconds} s; giving up on device {id}");
-                    return 1;
-                }
-                if (!IsRecoverable(id))
-                {
-                    Console.Error.WriteLine($"ublksharp: supervisor: device {id} is gone or cannot be recovered; exiting");
-                    return 1;
-                }
-                try
-                {
-                    if (spare is not null && !spare.Value.Process.HasExited)
+                    if (!MayRestart(restarts, id))
                     {
-                        spare.Value.Process.StandardInput.WriteLine("go");
-                        spare.Value.Process.StandardInput.Flush();
-                        DaemonLauncher.WaitForReady(spare.Value.Process.Id, spare.Value.Ready, null);
-                        child = spare.Value.Process;
+                        return 1;
                     }
-                    else
+                    try
                     {
-                        (child, _, _) = StartChild(["recover", "-n", idText]);
+                        if (spare is not null && !spare.Value.Process.HasExited)
+                        {
+                            spare.Value.Process.StandardInput.WriteLine("go");
+                            spare.Value.Process.StandardInput.Flush();
+                            DaemonLauncher.WaitForReady(spare.Value.Process.Id, spare.Value.Ready, null);
+                            next = spare.Value.Process;
+                        }
+                        else
+                        {
+                            (next, _, _) = StartChild(["recover", "-n", idText]);
+                        }
+                    }
+                    catch (Exception e) when (CliErrors.IsExpected(e))
+                    {
+                        // A daemon that dies during the takeover (even after the device went live again)
+                        // leaves the device quiesced with its IO held: giving up here would hang that IO
+                        // for good, so this counts as one more restart and a cold start tries again.
+                        Console.Error.WriteLine($"ublksharp: supervisor: recovering device {id} failed: {CliErrors.Describe(e)}");
+                        spare?.Process.Dispose();
+                        spare = null;
                     }
                 }
-                catch (Exception e) when (CliErrors.IsExpected(e))
-                {
-                    Console.Error.WriteLine($"ublksharp: supervisor: recovering device {id} failed: {CliErrors.Describe(e)}");
-                    return 1;
-                }
+                child = next;
                 spare = StartSpare(idText);
             }
         }
@@ -110,6 +108,27 @@ internal static class Supervisor
             spare?.Process.StandardInput.Close();
             spare?.Process.Dispose();
         }
+    }
+
+    // Counts a restart; false (with the reason said) when the budget is spent or the device cannot be recovered.
+    private static bool MayRestart(Queue<DateTime> restarts, uint id)
+    {
+        restarts.Enqueue(DateTime.UtcNow);
+        while (restarts.Count > 0 && DateTime.UtcNow - restarts.Peek() > RestartWindow)
+        {
+            restarts.Dequeue();
+        }
+        if (restarts.Count > MaxRestarts)
+        {
+            Console.Error.WriteLine($"ublksharp: supervisor: {MaxRestarts} restarts within {RestartWindow.TotalSeconds} s; giving up on device {id}");
+            return false;
+        }
+        if (!IsRecoverable(id))
+        {
+            Console.Error.WriteLine($"ublksharp: supervisor: device {id} is gone or cannot be recovered; exiting");
+            return false;
+        }
+        return true;
     }
 
     private static (Process Process, string Ready)? StartSpare(string id)

@@ -63,4 +63,106 @@ internal static class VmEnvironment
         }
         return (p.ExitCode, stdout.Result + stderr.Result);
     }
+
+    /// <summary>
+    /// Runs a program with its arguments as given (no shell, no quoting) and a time bound; returns
+    /// stdout and stderr apart. <paramref name="environment"/> adds to (or overrides) this process's.
+    /// </summary>
+    public static (int ExitCode, string Stdout, string Stderr) Exec(string file, IEnumerable<string> args, TimeSpan timeout,
+        IReadOnlyDictionary<string, string>? environment = null)
+    {
+        var psi = new ProcessStartInfo(file) { RedirectStandardOutput = true, RedirectStandardError = true };
+        foreach (var a in args)
+        {
+            psi.ArgumentList.Add(a);
+        }
+        foreach (var (k, v) in environment ?? new Dictionary<string, string>())
+        {
+            psi.Environment[k] = v;
+        }
+        using var p = Process.Start(psi)!;
+        var stdout = p.StandardOutput.ReadToEndAsync();
+        var stderr = p.StandardError.ReadToEndAsync();
+        if (!p.WaitForExit(timeout))
+        {
+            p.Kill(entireProcessTree: true);
+            Assert.Fail($"{file} {string.Join(' ', args)} did not finish within {timeout.TotalSeconds} s");
+        }
+        p.WaitForExit();
+        return (p.ExitCode, stdout.Result, stderr.Result);
+    }
+
+    /// <summary>`bash -c <paramref name="script"/>` with a time bound (default 2 minutes); exit code and combined output.</summary>
+    public static (int ExitCode, string Output) Sh(string script, TimeSpan? timeout = null)
+    {
+        var (code, stdout, stderr) = Exec("bash", ["-c", script], timeout ?? TimeSpan.FromMinutes(2));
+        return (code, stdout + stderr);
+    }
+
+    /// <summary>As <see cref="Sh"/>, and the script must exit 0; returns its output.</summary>
+    public static string ShOk(string script, TimeSpan? timeout = null)
+    {
+        var (code, output) = Sh(script, timeout);
+        Assert.True(code == 0, $"`{script}` exited {code}:\n{output}");
+        return output;
+    }
+
+    /// <summary>The ublk devices the kernel has (ADD_DEV to DEL_DEV): the ids under /sys/class/ublk-char.</summary>
+    public static uint[] DeviceIds()
+    {
+        const string dir = "/sys/class/ublk-char";
+        return !Directory.Exists(dir) ? [] : [.. Directory.GetFileSystemEntries(dir, "ublkc*")
+            .Select(p => uint.TryParse(Path.GetFileName(p).AsSpan("ublkc".Length), out var id) ? id : uint.MaxValue)
+            .Where(id => id != uint.MaxValue)
+            .Order()];
+    }
+
+    /// <summary>The /dev/ublkbN nodes that exist.</summary>
+    public static string[] BlockNodes() => [.. Directory.GetFiles("/dev", "ublkb*").Order(StringComparer.Ordinal)];
+
+    /// <summary>Processes (other than this one) running the CLI: daemons, supervisors, or a CLI command.</summary>
+    public static int[] CliProcesses()
+    {
+        var pids = new List<int>();
+        foreach (var dir in Directory.GetDirectories("/proc"))
+        {
+            if (!int.TryParse(Path.GetFileName(dir), out var pid) || pid == Environment.ProcessId)
+            {
+                continue;
+            }
+            try
+            {
+                if (File.ReadAllText(Path.Combine(dir, "cmdline")).Contains("UblkSharp.Cli", StringComparison.Ordinal))
+                {
+                    pids.Add(pid);
+                }
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+            {
+                // Gone while we looked.
+            }
+        }
+        return [.. pids];
+    }
+
+    public static bool IsMounted(string mountPoint)
+        => File.ReadAllLines("/proc/self/mounts").Any(l => l.Split(' ') is [_, var dir, ..] && dir == mountPoint);
+
+    /// <summary>Polls <paramref name="condition"/> until it holds or <paramref name="timeout"/> passes; returns its last value.</summary>
+    public static bool WaitFor(Func<bool> condition, TimeSpan timeout)
+    {
+        var deadline = Environment.TickCount64 + (long)timeout.TotalMilliseconds;
+        while (!condition())
+        {
+            if (Environment.TickCount64 > deadline)
+            {
+                return condition();
+            }
+            Thread.Sleep(50);
+        }
+        return true;
+    }
+
+    /// <summary>Writes a line to the running test's output (shown with -showLiveOutput, and in result files).</summary>
+    public static void Log(string message) => TestContext.Current.TestOutputHelper?.WriteLine(message);
 }

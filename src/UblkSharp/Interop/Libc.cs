@@ -64,6 +64,9 @@ internal static unsafe partial class Libc
     [LibraryImport(Lib, EntryPoint = "sched_setaffinity", SetLastError = true)]
     public static partial int sched_setaffinity(int pid, nuint cpusetsize, byte* mask);
 
+    [LibraryImport(Lib, EntryPoint = "sched_getaffinity", SetLastError = true)]
+    public static partial int sched_getaffinity(int pid, nuint cpusetsize, byte* mask);
+
     [LibraryImport(Lib, EntryPoint = "gettid")]
     public static partial int gettid();
 

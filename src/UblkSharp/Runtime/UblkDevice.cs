@@ -304,10 +304,11 @@ public sealed class UblkDevice : IDisposable
     /// <summary>Waits until every queue has ended (after a STOP_DEV from anywhere). False on timeout.</summary>
     public bool WaitForStop(TimeSpan timeout)
     {
-        var deadline = DateTime.UtcNow + timeout;
+        var infinite = timeout == Timeout.InfiniteTimeSpan;
+        var deadline = infinite ? DateTime.MaxValue : DateTime.UtcNow + timeout;
         foreach (var q in _queues)
         {
-            if (q is not null && !q.Join(Max(deadline - DateTime.UtcNow, TimeSpan.Zero)))
+            if (q is not null && !q.Join(infinite ? Timeout.InfiniteTimeSpan : Max(deadline - DateTime.UtcNow, TimeSpan.Zero)))
             {
                 return false;
             }

@@ -134,14 +134,31 @@ internal sealed unsafe class UblkQueue : IDisposable
     {
         if (_cpus is { Length: > 0 })
         {
+            // The queue's CPUs, within what this process may use (taskset, cpusets): never widen it.
+            Span<byte> allowed = stackalloc byte[512];
             Span<byte> mask = stackalloc byte[512];
+            fixed (byte* a = allowed)
+            {
+                if (Libc.sched_getaffinity(0, (nuint)allowed.Length, a) < 0)
+                {
+                    allowed.Fill(0xff);
+                }
+            }
+            var any = false;
             foreach (var cpu in _cpus)
             {
-                mask[cpu / 8] |= (byte)(1 << (cpu % 8));
+                if (cpu < mask.Length * 8 && (allowed[cpu / 8] & (1 << (cpu % 8))) != 0)
+                {
+                    mask[cpu / 8] |= (byte)(1 << (cpu % 8));
+                    any = true;
+                }
             }
-            fixed (byte* m = mask)
+            if (any)
             {
-                _ = Libc.sched_setaffinity(0, (nuint)mask.Length, m); // best effort
+                fixed (byte* m = mask)
+                {
+                    _ = Libc.sched_setaffinity(0, (nuint)mask.Length, m); // best effort
+                }
             }
         }
         // The ring is created on this thread: SINGLE_ISSUER ties it to its creator.

@@ -1,3 +1,4 @@
+using System.Runtime.InteropServices;
 using UblkSharp.Interop;
 
 namespace UblkSharp.Targets;
@@ -16,9 +17,13 @@ namespace UblkSharp.Targets;
 /// </para>
 /// </summary>
 [System.Diagnostics.CodeAnalysis.DynamicallyAccessedMembers(System.Diagnostics.CodeAnalysis.DynamicallyAccessedMemberTypes.PublicMethods)]
-public abstract class BlockTarget : IDisposable
+public abstract unsafe class BlockTarget : IDisposable
 {
-    private static readonly byte[] Zeros = GC.AllocateArray<byte>(64 * 1024, pinned: true);
+    private const int MaxRetries = 1000;
+    private const int ZerosLength = 64 * 1024;
+
+    // Page-aligned, so that a target with an O_DIRECT backing file can write it as is. One per process.
+    private static readonly byte* Zeros = AllocateZeros();
 
     /// <summary>Capacity in bytes; a multiple of <see cref="LogicalBlockSize"/>.</summary>
     public abstract long Size { get; }
@@ -34,12 +39,12 @@ public abstract class BlockTarget : IDisposable
     public virtual int PhysicalBlockSize => 4096;
 
     /// <summary>Whether the device refuses writes. True unless <see cref="Write"/> is overridden.</summary>
-    public virtual bool IsReadOnly => !Overrides(nameof(Write));
+    public virtual bool IsReadOnly => !Overrides(nameof(Write), typeof(ReadOnlySpan<byte>), typeof(long));
 
     /// <summary>Whether the backend has a volatile cache to flush; enables FLUSH and FUA.</summary>
     public virtual bool HasVolatileCache => Overrides(nameof(Flush));
 
-    public virtual bool CanDiscard => Overrides(nameof(Discard));
+    public virtual bool CanDiscard => Overrides(nameof(Discard), typeof(long), typeof(long));
 
     /// <summary>Write-zeroes is always offered on a writable device: the runtime falls back to writing zeros.</summary>
     public virtual bool CanWriteZeroes => !IsReadOnly;
@@ -48,6 +53,13 @@ public abstract class BlockTarget : IDisposable
     public virtual bool HasNativeFua => false;
 
     public virtual bool IsRotational => false;
+
+    /// <summary>
+    /// Whether a new daemon that rebuilds this target from its recipe sees the same data, so the
+    /// device may use user recovery. False by default: a target that keeps data in the daemon's
+    /// memory would come back empty, which is silent data loss.
+    /// </summary>
+    public virtual bool SurvivesRestart => false;
 
     public abstract int Read(Span<byte> buffer, long offset);
 
@@ -69,23 +81,58 @@ public abstract class BlockTarget : IDisposable
 
     public virtual int Discard(long offset, long length) => -Errno.EOPNOTSUPP;
 
-    /// <summary>Zeroes a range. The fill-in writes zeros, in 64 KiB steps; returns 0 or a negative errno.</summary>
+    /// <summary>
+    /// Zeroes a range. The fill-in writes zeros, in 64 KiB steps; returns 0 or a negative errno.
+    /// Like the runtime, it retries -EAGAIN and -EINTR (up to 1000 times in a row) and fails a write
+    /// that makes no progress with -EIO.
+    /// </summary>
     public virtual int WriteZeroes(long offset, long length, bool mayUnmap)
     {
+        var retries = 0;
         while (length > 0)
         {
-            var chunk = (int)Math.Min(length, Zeros.Length);
-            var n = Write(Zeros.AsSpan(0, chunk), offset);
-            if (n < 0 && n != -Errno.EAGAIN)
+            var chunk = (int)Math.Min(length, ZerosLength);
+            var n = Write(new ReadOnlySpan<byte>(Zeros, chunk), offset);
+            if (n is -Errno.EAGAIN or -Errno.EINTR)
             {
-                return n;
+                if (++retries > MaxRetries)
+                {
+                    return -Errno.EIO;
+                }
+                continue;
             }
-            n = Math.Max(n, 0);
+            if (n <= 0)
+            {
+                // A write of 0 bytes would repeat forever on the queue thread.
+                return n < 0 ? n : -Errno.EIO;
+            }
+            retries = 0;
+            n = Math.Min(n, chunk);
             offset += n;
             length -= n;
         }
         return 0;
     }
+
+    /// <summary>
+    /// Whether <see cref="WriteZeroes"/> is cheap (no writes of zeros), so an NBD export may accept
+    /// FAST_ZERO requests with it. True when a writable target overrides <see cref="WriteZeroes"/>.
+    /// </summary>
+    public virtual bool CanFastZero => !IsReadOnly && Overrides(nameof(WriteZeroes), typeof(long), typeof(long), typeof(bool));
+
+    /// <summary>
+    /// Describes the run that starts at <paramref name="offset"/>: returns its length (1 to
+    /// <paramref name="length"/>) and how it is stored, or a negative errno; callers ask again for
+    /// the rest (NBD's BLOCK_STATUS). The fill-in reports the whole range allocated, which is always safe.
+    /// </summary>
+    public virtual long GetAllocation(long offset, long length, out AllocationFlags flags)
+    {
+        flags = AllocationFlags.None;
+        return length;
+    }
+
+    /// <summary>A hint that the range will be read soon (NBD's CACHE). The fill-in does nothing; returns 0 or a negative errno.</summary>
+    public virtual int Cache(long offset, long length) => 0;
 
     /// <summary>
     /// Targets that submit their own IO on the queue's ring return a backend for one queue here
@@ -103,9 +150,18 @@ public abstract class BlockTarget : IDisposable
     {
     }
 
-    private bool Overrides(string method)
+    private static byte* AllocateZeros()
     {
-        var m = GetType().GetMethod(method, System.Reflection.BindingFlags.Public | System.Reflection.BindingFlags.Instance);
-        return m is not null && m.DeclaringType != typeof(BlockTarget);
+        var p = NativeMemory.AlignedAlloc(ZerosLength, 4096);
+        NativeMemory.Clear(p, ZerosLength);
+        return (byte*)p;
+    }
+
+    // By exact signature: a target may add public overloads of the same name (GetMethod by name alone
+    // then throws AmbiguousMatchException), and a `new` method that hides ours is not an override.
+    private bool Overrides(string method, params Type[] parameters)
+    {
+        var m = GetType().GetMethod(method, System.Reflection.BindingFlags.Public | System.Reflection.BindingFlags.Instance, parameters);
+        return m is not null && m.DeclaringType != typeof(BlockTarget) && m.GetBaseDefinition().DeclaringType == typeof(BlockTarget);
     }
 }

@@ -97,6 +97,8 @@ public sealed class FaultTarget : BlockTarget
 
     public override bool IsRotational => Inner.IsRotational;
 
+    public override bool SurvivesRestart => Inner.SurvivesRestart;
+
     public override int Read(Span<byte> buffer, long offset) => Inner.Read(buffer, offset);
 
     public override int Write(ReadOnlySpan<byte> data, long offset) => Inner.Write(data, offset);

@@ -69,6 +69,8 @@ public sealed unsafe class LoopTarget : BlockTarget
 
     public override bool HasVolatileCache => true;
 
+    public override bool SurvivesRestart => true;
+
     public override bool HasNativeFua => true;
 
     public override bool CanDiscard => !_readOnly;
@@ -90,6 +92,11 @@ public sealed unsafe class LoopTarget : BlockTarget
 
     public override int Write(ReadOnlySpan<byte> data, long offset)
     {
+        if (_readOnly)
+        {
+            // The fd is O_RDONLY: .NET would throw UnauthorizedAccessException (EBADF), not return an errno.
+            return -Errno.EROFS;
+        }
         try
         {
             RandomAccess.Write(_handle, data, offset);
@@ -114,11 +121,16 @@ public sealed unsafe class LoopTarget : BlockTarget
         }
     }
 
-    public override int Discard(long offset, long length) => Fallocate(FallocateMode.PunchHole | FallocateMode.KeepSize, offset, length);
+    public override int Discard(long offset, long length)
+        => _readOnly ? -Errno.EROFS : Fallocate(FallocateMode.PunchHole | FallocateMode.KeepSize, offset, length);
 
     /// <summary>As the kernel's loop driver: ZERO_RANGE when the range must stay allocated, else a hole; writes of zeros where the file system has neither.</summary>
     public override int WriteZeroes(long offset, long length, bool mayUnmap)
     {
+        if (_readOnly)
+        {
+            return -Errno.EROFS;
+        }
         var r = Fallocate(ZeroesMode(mayUnmap), offset, length);
         if (r == -Errno.EOPNOTSUPP && !mayUnmap)
         {
@@ -129,6 +141,31 @@ public sealed unsafe class LoopTarget : BlockTarget
 
     private static FallocateMode ZeroesMode(bool mayUnmap)
         => (mayUnmap ? FallocateMode.PunchHole : FallocateMode.ZeroRange) | FallocateMode.KeepSize;
+
+    /// <summary>On a regular file, zeroing is fallocate (metadata only); a block device may write zeros.</summary>
+    public override bool CanFastZero => !_readOnly && !IsBlockDevice;
+
+    /// <summary>The file's holes (lseek SEEK_DATA/SEEK_HOLE), which read as zeros.</summary>
+    public override long GetAllocation(long offset, long length, out AllocationFlags flags)
+    {
+        flags = AllocationFlags.None;
+        if (IsBlockDevice)
+        {
+            return length;
+        }
+        var n = FileRanges.Run(_fd, offset, length, out var hole);
+        if (n <= 0)
+        {
+            return length; // the file system cannot tell: report data
+        }
+        if (hole)
+        {
+            flags = AllocationFlags.Hole | AllocationFlags.Zero;
+        }
+        return n;
+    }
+
+    public override int Cache(long offset, long length) => FileRanges.WillNeed(_fd, offset, length);
 
     private int Fallocate(FallocateMode mode, long offset, long length)
         => Libc.fallocate(_fd, (int)mode, offset, length) == 0 ? 0 : -System.Runtime.InteropServices.Marshal.GetLastPInvokeError();

@@ -7,6 +7,8 @@ public sealed class NullTarget(long size) : BlockTarget
 
     public override string Kind => "null";
 
+    public override bool SurvivesRestart => true;
+
     public override IReadOnlyDictionary<string, string> Recipe => new Dictionary<string, string> { ["size"] = Size.ToString(System.Globalization.CultureInfo.InvariantCulture) };
 
     public override int Read(Span<byte> buffer, long offset)

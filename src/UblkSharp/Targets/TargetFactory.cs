@@ -9,7 +9,7 @@ namespace UblkSharp.Targets;
 /// </summary>
 public static class TargetFactory
 {
-    public static IReadOnlyList<string> Kinds { get; } = ["null", "mem", "loop", "fault"];
+    public static IReadOnlyList<string> Kinds { get; } = ["null", "mem", "loop", "fault", "cow", "nbd"];
 
     public static BlockTarget Create(string kind, IReadOnlyDictionary<string, string> options)
     {
@@ -20,8 +20,20 @@ public static class TargetFactory
             "mem" => new MemoryTarget(Size(options, "size", null, 4096)),
             "loop" => CreateLoop(options),
             "fault" => CreateFault(options),
+            "cow" => CreateCow(options),
+            "nbd" => CreateNbd(options),
             _ => throw new ArgumentException($"unknown target type '{kind}': use one of {string.Join(", ", Kinds)}"),
         };
+    }
+
+    private static NbdTarget CreateNbd(IReadOnlyDictionary<string, string> o)
+    {
+        if (!o.TryGetValue("uri", out var uri) || string.IsNullOrEmpty(uri))
+        {
+            throw new ArgumentException("the nbd target needs --uri nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH");
+        }
+        // Parsing throws ArgumentException; a server that cannot be reached, IOException naming it.
+        return new NbdTarget(Nbd.NbdUri.Parse(uri));
     }
 
     private static LoopTarget CreateLoop(IReadOnlyDictionary<string, string> o)
@@ -30,17 +42,64 @@ public static class TargetFactory
         {
             throw new ArgumentException("the loop target needs a backing file: -f FILE");
         }
+        if (Directory.Exists(file))
+        {
+            throw new ArgumentException($"{file} is a directory, not a file or block device");
+        }
         if (!File.Exists(file) && !file.StartsWith("/dev/", StringComparison.Ordinal))
         {
             throw new ArgumentException($"{file}: no such file");
         }
+        var directIo = Flag(o, "direct-io");
         try
         {
-            return new LoopTarget(Path.GetFullPath(file), Flag(o, "direct-io"), Flag(o, "read-only"));
+            return new LoopTarget(Path.GetFullPath(file), directIo, Flag(o, "read-only"));
+        }
+        catch (Interop.ErrnoException e) when (e.Errno == Interop.Errno.EINVAL && directIo)
+        {
+            // open(2) fails O_DIRECT with EINVAL where the file system cannot do direct IO (procfs, FUSE, old tmpfs).
+            throw new ArgumentException($"{file}: cannot open it with --direct-io: its file system does not support O_DIRECT", e);
         }
         catch (Interop.ErrnoException e)
         {
             throw new ArgumentException($"{file}: cannot open it: {Interop.Errno.Describe(e.Errno)}", e);
+        }
+    }
+
+    /// <summary>
+    /// A UML COW overlay: "file" (the COW file), "create" with "backing" to make a new one,
+    /// "backing" alone to use another backing file than the header's, "ignore-backing-mismatch",
+    /// "read-only". The recipe a cow target records has no "create": rebuilding it reopens the file.
+    /// </summary>
+    private static Cow.CowTarget CreateCow(IReadOnlyDictionary<string, string> o)
+    {
+        if (!o.TryGetValue("file", out var file) || string.IsNullOrEmpty(file))
+        {
+            throw new ArgumentException("the cow target needs its COW file: -f OVERLAY (with --create --backing BASE to make a new one)");
+        }
+        var backing = o.TryGetValue("backing", out var b) && !string.IsNullOrEmpty(b) ? b : null;
+        try
+        {
+            if (Flag(o, "create"))
+            {
+                if (backing is null)
+                {
+                    throw new ArgumentException("--create makes a new COW file over a backing file: give it with --backing BASE");
+                }
+                Cow.CowTarget.CreateOverlay(file, backing);
+                backing = null;
+            }
+            return new Cow.CowTarget(file, new Cow.CowOpenOptions
+            {
+                BackingFile = backing,
+                IgnoreBackingMismatch = Flag(o, "ignore-backing-mismatch"),
+                ReadOnly = Flag(o, "read-only"),
+            });
+        }
+        catch (IOException e)
+        {
+            // Format errors, a changed backing file, a file in use: all about what was typed or named.
+            throw new ArgumentException(e.Message, e);
         }
     }
 

@@ -1,0 +1,128 @@
+using System.CommandLine;
+using System.Runtime.InteropServices;
+using UblkSharp.Nbd;
+using UblkSharp.Runtime;
+using UblkSharp.Targets;
+
+namespace UblkSharp.Cli.Commands;
+
+/// <summary>
+/// `ublksharp serve`: exports a target over NBD, in the foreground, until SIGTERM or SIGINT. With
+/// --ublk the same process also serves the same target as a ublk device, so one daemon (and one
+/// target object) answers both: what is written through one is read through the other.
+/// </summary>
+internal static class ServeCommand
+{
+    public static Command Create()
+    {
+        var target = new TargetOptions();
+        var listen = new Option<string>("--listen", "-l") { Description = "Where to listen: tcp://HOST:PORT (port 0: any free one) or unix:///PATH", Required = true };
+        var export = new Option<string>("--export", "-e") { Description = "The export's name (clients asking for the default export get it too)", DefaultValueFactory = _ => "" };
+        var description = new Option<string?>("--description") { Description = "The export's description, shown by nbdinfo" };
+        var maxConnections = new Option<int>("--max-connections") { Description = "Connections served at once", DefaultValueFactory = _ => 1024 };
+        var workers = new Option<int>("--workers") { Description = "Threads for target calls that may block, shared by all connections", DefaultValueFactory = _ => 16 };
+        var execution = new Option<string>("--execution") { Description = "Where target calls run: auto (inline while they are fast), inline, or workers", DefaultValueFactory = _ => "auto" };
+        var ublk = new Option<bool>("--ublk") { Description = "Also serve the target as a ublk device (/dev/ublkbN) from this process" };
+        var number = new Option<int>("--number", "-n") { Description = "--ublk: device id (default: the first free one)", DefaultValueFactory = _ => -1 };
+        var queues = new Option<int>("--queues", "-q") { Description = "--ublk: hardware queues", DefaultValueFactory = _ => 1 };
+        var depth = new Option<int>("--depth", "-d") { Description = "--ublk: requests in flight per queue", DefaultValueFactory = _ => 128 };
+
+        var command = new Command("serve", "Export a target over NBD (and, with --ublk, as a ublk device too) until SIGTERM or SIGINT");
+        target.AddTo(command);
+        foreach (var o in new Option[] { listen, export, description, maxConnections, workers, execution, ublk, number, queues, depth })
+        {
+            command.Options.Add(o);
+        }
+        command.SetAction(r =>
+        {
+            var kind = target.Kind(r);
+            var recipe = target.Recipe(r);
+            var address = NbdAddress.ParseListen(r.GetValue(listen)!);
+            var readOnly = r.GetValue(target.ReadOnly);
+            var serverOptions = new NbdServerOptions
+            {
+                MaxConnections = r.GetValue(maxConnections),
+                Workers = r.GetValue(workers),
+                Execution = r.GetValue(execution) switch
+                {
+                    "auto" => NbdExecution.Auto,
+                    "inline" => NbdExecution.Inline,
+                    "workers" => NbdExecution.Workers,
+                    var other => throw new ArgumentException($"bad --execution '{other}': use auto, inline or workers"),
+                },
+                Log = message => Console.Error.WriteLine($"ublksharp: nbd: {message}"),
+            };
+            try
+            {
+                serverOptions.Validate();
+            }
+            catch (ArgumentOutOfRangeException e)
+            {
+                throw new ArgumentException(e.Message.Split(" (Parameter")[0], e);
+            }
+            DeviceOptions? deviceOptions = null;
+            if (r.GetValue(ublk))
+            {
+                deviceOptions = new DeviceOptions { DeviceId = r.GetValue(number), Queues = r.GetValue(queues), Depth = r.GetValue(depth) };
+                deviceOptions.Validate();
+            }
+            return Serve(kind, recipe, address, r.GetValue(export)!, r.GetValue(description), readOnly, serverOptions, deviceOptions);
+        });
+        return command;
+    }
+
+    private static int Serve(string kind, Dictionary<string, string> recipe, NbdAddress address, string exportName, string? description,
+        bool readOnly, NbdServerOptions serverOptions, DeviceOptions? deviceOptions)
+    {
+        using var target = TargetFactory.Create(kind, recipe);
+        var export = new NbdExport(exportName, target, readOnly, description);
+        if (deviceOptions is not null)
+        {
+            Preflight.RequireRootAndDriver();
+        }
+        using var stop = new ManualResetEventSlim();
+        using var term = PosixSignalRegistration.Create(PosixSignal.SIGTERM, c => { c.Cancel = true; stop.Set(); });
+        using var intr = PosixSignalRegistration.Create(PosixSignal.SIGINT, c => { c.Cancel = true; stop.Set(); });
+        var server = NbdServer.Start(address, export, serverOptions);
+        UblkDevice? device = null;
+        try
+        {
+            Console.WriteLine(server.Address);
+            if (deviceOptions is not null)
+            {
+                device = UblkDevice.Create(target, deviceOptions);
+                new DeviceRecord
+                {
+                    Id = device.Id,
+                    Pid = Environment.ProcessId,
+                    Target = kind,
+                    Recipe = recipe,
+                    Queues = device.Info.nr_hw_queues,
+                    Depth = device.Info.queue_depth,
+                    Size = target.Size,
+                    MaxIoBytes = (int)device.Info.max_io_buf_bytes,
+                }.Save();
+                Console.WriteLine(device.BlockPath);
+            }
+            Console.Error.WriteLine($"ublksharp: serving {kind} ({target.Size} bytes{(export.IsReadOnly ? ", read-only" : "")}) as export '{exportName}' on {server.Address}" +
+                (device is null ? "" : $" and as {device.BlockPath}"));
+            // Until a signal, or until someone stops the device (ublksharp del).
+            while (!stop.Wait(250) && (device is null || !device.WaitForStop(TimeSpan.Zero)))
+            {
+            }
+        }
+        finally
+        {
+            // Connections finish what they have in flight before the device and the target go.
+            server.Dispose();
+            if (device is not null)
+            {
+                var id = device.Id;
+                device.Dispose();
+                DeviceRecord.Remove(id);
+            }
+        }
+        Console.Error.WriteLine($"ublksharp: stopped; {server.ConnectionsAccepted} connections, {server.RequestsServed} requests served, {server.RequestsRefused} refused");
+        return 0;
+    }
+}

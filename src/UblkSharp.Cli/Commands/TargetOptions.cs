@@ -1,0 +1,87 @@
+using System.CommandLine;
+using UblkSharp.Targets;
+
+namespace UblkSharp.Cli.Commands;
+
+/// <summary>
+/// The options that describe a target (`-t TYPE` and its settings), shared by the commands that
+/// build one (`add`, `serve`), and the recipe they make: the dictionary <see cref="TargetFactory"/>
+/// takes and a device records.
+/// </summary>
+internal sealed class TargetOptions
+{
+    public Option<string> Type { get; } = new("--type", "-t") { Description = $"Target type: {string.Join(", ", TargetFactory.Kinds)}", Required = true };
+
+    public Option<string?> File { get; } = new("--file", "-f") { Description = "loop: the backing file or block device; cow: the COW file" };
+
+    public Option<string?> Size { get; } = new("--size", "-s") { Description = "null, mem: the device size, e.g. 1G" };
+
+    public Option<bool> DirectIo { get; } = new("--direct-io") { Description = "loop: open the backing file with O_DIRECT" };
+
+    public Option<bool> ReadOnly { get; } = new("--read-only") { Description = "loop, cow: a read-only device (serve: a read-only export)" };
+
+    public Option<string?> Base { get; } = new("--base") { Description = "fault: the target type to wrap (null, mem, loop)" };
+
+    public Option<string?> Seed { get; } = new("--seed") { Description = "fault: seed of the fault schedule" };
+
+    public Option<string?> ShortIo { get; } = new("--short") { Description = "fault: rate of short backend IO (0-1), retried" };
+
+    public Option<string?> Again { get; } = new("--eagain") { Description = "fault: rate of EAGAIN (0-1), retried" };
+
+    public Option<string?> Eio { get; } = new("--eio") { Description = "fault: rate of EIO (0-1), failed to the client" };
+
+    public Option<string?> Delay { get; } = new("--delay") { Description = "fault: rate of delayed requests (0-1)" };
+
+    public Option<string?> DelayMs { get; } = new("--delay-ms") { Description = "fault: the delay in milliseconds (default 5)" };
+
+    public Option<string?> Backing { get; } = new("--backing") { Description = "cow: the backing image for --create (or instead of the one the COW header names)" };
+
+    public Option<bool> Create { get; } = new("--create") { Description = "cow: make a new COW file -f OVERLAY over --backing BASE" };
+
+    public Option<bool> IgnoreBackingMismatch { get; } = new("--ignore-backing-mismatch") { Description = "cow: open the overlay even if the backing file's size or mtime changed" };
+
+    public Option<string?> Uri { get; } = new("--uri") { Description = "nbd: the remote export, nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH" };
+
+    public IEnumerable<Option> All =>
+        [Type, File, Size, DirectIo, ReadOnly, Base, Seed, ShortIo, Again, Eio, Delay, DelayMs, Backing, Create, IgnoreBackingMismatch, Uri];
+
+    public void AddTo(Command command)
+    {
+        foreach (var option in All)
+        {
+            command.Options.Add(option);
+        }
+    }
+
+    public string Kind(ParseResult r) => r.GetValue(Type)!;
+
+    public Dictionary<string, string> Recipe(ParseResult r)
+    {
+        var recipe = new Dictionary<string, string>();
+        void Put(string key, string? value)
+        {
+            if (value is not null)
+            {
+                recipe[key] = value;
+            }
+        }
+        Put("file", r.GetValue(File));
+        Put("size", r.GetValue(Size));
+        Put("direct-io", r.GetValue(DirectIo) ? "on" : null);
+        Put("read-only", r.GetValue(ReadOnly) ? "on" : null);
+        Put("base", r.GetValue(Base));
+        Put("seed", r.GetValue(Seed));
+        Put("short", r.GetValue(ShortIo));
+        Put("eagain", r.GetValue(Again));
+        Put("eio", r.GetValue(Eio));
+        Put("delay", r.GetValue(Delay));
+        Put("delay-ms", r.GetValue(DelayMs));
+        Put("backing", r.GetValue(Backing));
+        // Made once by whoever builds the target first; a command that builds it again (a daemon,
+        // recovery) must drop "create" from the recipe after that (see AddCommand).
+        Put("create", r.GetValue(Create) ? "on" : null);
+        Put("ignore-backing-mismatch", r.GetValue(IgnoreBackingMismatch) ? "on" : null);
+        Put("uri", r.GetValue(Uri));
+        return recipe;
+    }
+}

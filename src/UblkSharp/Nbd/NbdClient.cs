@@ -1,0 +1,368 @@
+using System.Buffers.Binary;
+using System.Net;
+using System.Net.Sockets;
+using System.Text;
+using static UblkSharp.Nbd.NbdProtocol;
+
+namespace UblkSharp.Nbd;
+
+/// <summary>A server's refusal during the handshake (unknown export, TLS required, ...).</summary>
+public sealed class NbdHandshakeException(string message) : IOException(message);
+
+/// <summary>
+/// One connection to an NBD server, used synchronously: one request at a time, simple replies.
+/// The handshake is fixed newstyle with NBD_OPT_GO (EXPORT_NAME for servers without it).
+/// Transport failures throw (<see cref="IOException"/>, <see cref="SocketException"/>); errors the
+/// server reports come back as a negative errno. Not thread-safe.
+/// </summary>
+public sealed class NbdClient : IDisposable
+{
+    private const int CopyLimit = 16 * 1024;
+    private readonly Socket _socket;
+    private readonly byte[] _send = new byte[RequestSize + CopyLimit];
+    private readonly byte[] _reply = new byte[SimpleReplySize];
+    private ulong _cookie;
+    private bool _broken;
+
+    private NbdClient(Socket socket, string exportName)
+    {
+        _socket = socket;
+        ExportName = exportName;
+    }
+
+    public string ExportName { get; }
+
+    public long Size { get; private set; }
+
+    public ushort Flags { get; private set; }
+
+    public uint MinimumBlockSize { get; private set; } = 1;
+
+    public uint PreferredBlockSize { get; private set; } = 4096;
+
+    /// <summary>The largest READ/WRITE the server takes (32 MiB unless it said otherwise).</summary>
+    public uint MaximumPayload { get; private set; } = 32 << 20;
+
+    public bool IsReadOnly => (Flags & FlagReadOnly) != 0;
+
+    public bool CanFlush => (Flags & FlagSendFlush) != 0;
+
+    public bool CanFua => (Flags & FlagSendFua) != 0;
+
+    public bool CanTrim => (Flags & FlagSendTrim) != 0;
+
+    public bool CanWriteZeroes => (Flags & FlagSendWriteZeroes) != 0;
+
+    public bool CanFastZero => (Flags & FlagSendFastZero) != 0;
+
+    public bool CanCache => (Flags & FlagSendCache) != 0;
+
+    public bool CanMultiConn => (Flags & FlagCanMultiConn) != 0;
+
+    public bool IsRotational => (Flags & FlagRotational) != 0;
+
+    /// <summary>Connects and negotiates. Throws <see cref="IOException"/> saying why it could not.</summary>
+    public static NbdClient Connect(NbdUri uri, TimeSpan timeout)
+    {
+        ArgumentNullException.ThrowIfNull(uri);
+        Socket? socket = null;
+        try
+        {
+            socket = Open(uri.Address, timeout);
+            var client = new NbdClient(socket, uri.ExportName);
+            socket.ReceiveTimeout = (int)Math.Min(int.MaxValue, timeout.TotalMilliseconds);
+            client.Handshake();
+            socket.ReceiveTimeout = 0;
+            return client;
+        }
+        catch (NbdHandshakeException)
+        {
+            socket?.Dispose();
+            throw;
+        }
+        catch (Exception e) when (e is SocketException or IOException or ObjectDisposedException)
+        {
+            socket?.Dispose();
+            throw new IOException($"cannot connect to {uri}: {e.Message}", e);
+        }
+    }
+
+    private static Socket Open(NbdAddress address, TimeSpan timeout)
+    {
+        Exception? last = null;
+        foreach (var endPoint in address.ResolveEndPoints())
+        {
+            var socket = endPoint is UnixDomainSocketEndPoint
+                ? new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified)
+                : new Socket(endPoint.AddressFamily, SocketType.Stream, ProtocolType.Tcp);
+            try
+            {
+                ConnectWithTimeout(socket, endPoint, timeout);
+                if (endPoint is IPEndPoint)
+                {
+                    socket.NoDelay = true;
+                }
+                return socket;
+            }
+            catch (SocketException e)
+            {
+                last = e;
+                socket.Dispose();
+            }
+        }
+        throw last ?? new SocketException((int)SocketError.HostNotFound);
+    }
+
+    // A blocking connect can hang for minutes on an unreachable host; a non-blocking one is polled.
+    // (Async connect would switch the socket to .NET's emulated blocking mode for good.)
+    private static void ConnectWithTimeout(Socket socket, EndPoint endPoint, TimeSpan timeout)
+    {
+        socket.Blocking = false;
+        try
+        {
+            socket.Connect(endPoint);
+        }
+        catch (SocketException e) when (e.SocketErrorCode is SocketError.WouldBlock or SocketError.InProgress or SocketError.AlreadyInProgress)
+        {
+            if (!socket.Poll(timeout, SelectMode.SelectWrite))
+            {
+                throw new SocketException((int)SocketError.TimedOut);
+            }
+            var error = (int)socket.GetSocketOption(SocketOptionLevel.Socket, SocketOptionName.Error)!;
+            if (error != 0)
+            {
+                throw new SocketException(error);
+            }
+        }
+        finally
+        {
+            socket.Blocking = true;
+        }
+    }
+
+    private void Handshake()
+    {
+        Span<byte> greeting = stackalloc byte[18];
+        SocketIo.ReceiveExactlyOrThrow(_socket, greeting[..16]);
+        if (BinaryPrimitives.ReadUInt64BigEndian(greeting) != NbdMagic)
+        {
+            throw new NbdHandshakeException("the server did not greet as an NBD server (bad magic)");
+        }
+        if (BinaryPrimitives.ReadUInt64BigEndian(greeting[8..]) != OptionMagic)
+        {
+            throw new NbdHandshakeException("the server speaks the oldstyle NBD handshake, which is not supported");
+        }
+        SocketIo.ReceiveExactlyOrThrow(_socket, greeting[16..]);
+        var serverFlags = BinaryPrimitives.ReadUInt16BigEndian(greeting[16..]);
+        var noZeroes = (serverFlags & FlagNoZeroes) != 0;
+        Span<byte> word = stackalloc byte[4];
+        BinaryPrimitives.WriteUInt32BigEndian(word, ((serverFlags & FlagFixedNewstyle) != 0 ? ClientFlagFixedNewstyle : 0) | (noZeroes ? ClientFlagNoZeroes : 0));
+        SocketIo.SendAll(_socket, word);
+        if ((serverFlags & FlagFixedNewstyle) == 0 || !Go())
+        {
+            ExportNameOption(noZeroes);
+        }
+        if (Size < 0)
+        {
+            throw new NbdHandshakeException($"the server reports a size of {Size} bytes");
+        }
+    }
+
+    /// <summary>NBD_OPT_GO; false if the server does not know it (then EXPORT_NAME is the way in).</summary>
+    private bool Go()
+    {
+        var name = Encoding.UTF8.GetBytes(ExportName);
+        var data = new byte[4 + name.Length + 2 + 2];
+        BinaryPrimitives.WriteUInt32BigEndian(data, (uint)name.Length);
+        name.CopyTo(data, 4);
+        BinaryPrimitives.WriteUInt16BigEndian(data.AsSpan(4 + name.Length), 1);
+        BinaryPrimitives.WriteUInt16BigEndian(data.AsSpan(6 + name.Length), InfoBlockSize);
+        SendOption(OptGo, data);
+        var gotExport = false;
+        Span<byte> header = stackalloc byte[20];
+        for (var replies = 0; replies < 64; replies++)
+        {
+            SocketIo.ReceiveExactlyOrThrow(_socket, header);
+            if (BinaryPrimitives.ReadUInt64BigEndian(header) != OptionReplyMagic || BinaryPrimitives.ReadUInt32BigEndian(header[8..]) != OptGo)
+            {
+                throw new NbdHandshakeException("the server's reply to NBD_OPT_GO is malformed");
+            }
+            var type = BinaryPrimitives.ReadUInt32BigEndian(header[12..]);
+            var length = BinaryPrimitives.ReadUInt32BigEndian(header[16..]);
+            if (length > 64 * 1024)
+            {
+                throw new NbdHandshakeException($"the server's reply to NBD_OPT_GO is {length} bytes long");
+            }
+            var body = new byte[length];
+            SocketIo.ReceiveExactlyOrThrow(_socket, body);
+            switch (type)
+            {
+                case RepAck:
+                    if (!gotExport)
+                    {
+                        throw new NbdHandshakeException("the server finished NBD_OPT_GO without describing the export");
+                    }
+                    return true;
+                case RepInfo when body.Length >= 2:
+                    var info = BinaryPrimitives.ReadUInt16BigEndian(body);
+                    if (info == InfoExport && body.Length >= 12)
+                    {
+                        Size = (long)BinaryPrimitives.ReadUInt64BigEndian(body.AsSpan(2));
+                        Flags = BinaryPrimitives.ReadUInt16BigEndian(body.AsSpan(10));
+                        gotExport = true;
+                    }
+                    else if (info == InfoBlockSize && body.Length >= 14)
+                    {
+                        MinimumBlockSize = Math.Max(1, BinaryPrimitives.ReadUInt32BigEndian(body.AsSpan(2)));
+                        PreferredBlockSize = BinaryPrimitives.ReadUInt32BigEndian(body.AsSpan(6));
+                        var max = BinaryPrimitives.ReadUInt32BigEndian(body.AsSpan(10));
+                        MaximumPayload = Math.Clamp(max, MinimumBlockSize, 32u << 20);
+                    }
+                    break;
+                case RepErrUnsup:
+                    return false;
+                case RepErrUnknown:
+                    throw new NbdHandshakeException($"the server has no export '{ExportName}'{Detail(body)}");
+                case RepErrTlsReqd:
+                    throw new NbdHandshakeException($"the server requires TLS, which is not supported{Detail(body)}");
+                default:
+                    if ((type & 0x80000000) != 0)
+                    {
+                        throw new NbdHandshakeException($"the server refused export '{ExportName}' (error 0x{type:x}){Detail(body)}");
+                    }
+                    break; // replies we do not know are skipped
+            }
+        }
+        throw new NbdHandshakeException("the server sent too many replies to NBD_OPT_GO");
+    }
+
+    private void ExportNameOption(bool noZeroes)
+    {
+        SendOption(OptExportName, Encoding.UTF8.GetBytes(ExportName));
+        var reply = new byte[noZeroes ? 10 : 134];
+        if (!SocketIo.ReceiveExactly(_socket, reply))
+        {
+            throw new NbdHandshakeException($"the server closed the connection: it has no export '{ExportName}'");
+        }
+        Size = (long)BinaryPrimitives.ReadUInt64BigEndian(reply);
+        Flags = BinaryPrimitives.ReadUInt16BigEndian(reply.AsSpan(8));
+    }
+
+    private static string Detail(byte[] body) => body.Length == 0 ? "" : ": " + Encoding.UTF8.GetString(body);
+
+    private void SendOption(uint option, byte[] data)
+    {
+        var message = new byte[16 + data.Length];
+        BinaryPrimitives.WriteUInt64BigEndian(message, OptionMagic);
+        BinaryPrimitives.WriteUInt32BigEndian(message.AsSpan(8), option);
+        BinaryPrimitives.WriteUInt32BigEndian(message.AsSpan(12), (uint)data.Length);
+        data.CopyTo(message, 16);
+        SocketIo.SendAll(_socket, message);
+    }
+
+    /// <summary>Reads the whole buffer (at most <see cref="MaximumPayload"/>); 0 or a negative errno.</summary>
+    public int Read(Span<byte> buffer, long offset)
+    {
+        var error = Request(CmdRead, 0, offset, (uint)buffer.Length, ReadOnlySpan<byte>.Empty);
+        if (error == 0)
+        {
+            Receive(buffer);
+        }
+        return FromNbdError(error);
+    }
+
+    public int Write(ReadOnlySpan<byte> data, long offset, bool fua)
+        => FromNbdError(Request(CmdWrite, fua ? CmdFlagFua : (ushort)0, offset, (uint)data.Length, data));
+
+    public int Flush() => FromNbdError(Request(CmdFlush, 0, 0, 0, ReadOnlySpan<byte>.Empty));
+
+    public int Trim(long offset, uint length, bool fua)
+        => FromNbdError(Request(CmdTrim, fua ? CmdFlagFua : (ushort)0, offset, length, ReadOnlySpan<byte>.Empty));
+
+    public int WriteZeroes(long offset, uint length, bool mayUnmap, bool fua, bool fast)
+    {
+        var flags = (ushort)((mayUnmap ? 0 : CmdFlagNoHole) | (fua ? CmdFlagFua : 0) | (fast ? CmdFlagFastZero : 0));
+        return FromNbdError(Request(CmdWriteZeroes, flags, offset, length, ReadOnlySpan<byte>.Empty));
+    }
+
+    public int Cache(long offset, uint length) => FromNbdError(Request(CmdCache, 0, offset, length, ReadOnlySpan<byte>.Empty));
+
+    /// <summary>Sends a request and reads its simple reply's header; returns the NBD error.</summary>
+    private uint Request(ushort type, ushort flags, long offset, uint length, ReadOnlySpan<byte> payload)
+    {
+        ObjectDisposedException.ThrowIf(_broken, this);
+        var cookie = ++_cookie;
+        try
+        {
+            var h = _send.AsSpan(0, RequestSize);
+            BinaryPrimitives.WriteUInt32BigEndian(h, RequestMagic);
+            BinaryPrimitives.WriteUInt16BigEndian(h[4..], flags);
+            BinaryPrimitives.WriteUInt16BigEndian(h[6..], type);
+            BinaryPrimitives.WriteUInt64BigEndian(h[8..], cookie);
+            BinaryPrimitives.WriteUInt64BigEndian(h[16..], (ulong)offset);
+            BinaryPrimitives.WriteUInt32BigEndian(h[24..], length);
+            if (payload.Length <= CopyLimit)
+            {
+                payload.CopyTo(_send.AsSpan(RequestSize));
+                SocketIo.SendAll(_socket, _send.AsSpan(0, RequestSize + payload.Length));
+            }
+            else
+            {
+                SocketIo.SendAll(_socket, h);
+                SocketIo.SendAll(_socket, payload);
+            }
+            SocketIo.ReceiveExactlyOrThrow(_socket, _reply);
+            if (BinaryPrimitives.ReadUInt32BigEndian(_reply) != SimpleReplyMagic || BinaryPrimitives.ReadUInt64BigEndian(_reply.AsSpan(8)) != cookie)
+            {
+                throw new IOException("the server sent a reply that does not match the request");
+            }
+            var error = BinaryPrimitives.ReadUInt32BigEndian(_reply.AsSpan(4));
+            if (error == ESHUTDOWN)
+            {
+                throw new IOException("the server is shutting down");
+            }
+            return error;
+        }
+        catch
+        {
+            // Whatever broke, this connection is out of step now.
+            _broken = true;
+            throw;
+        }
+    }
+
+    private void Receive(Span<byte> buffer)
+    {
+        try
+        {
+            SocketIo.ReceiveExactlyOrThrow(_socket, buffer);
+        }
+        catch
+        {
+            _broken = true;
+            throw;
+        }
+    }
+
+    /// <summary>Sends NBD_CMD_DISC (if the connection is still in step) and closes.</summary>
+    public void Dispose()
+    {
+        if (!_broken)
+        {
+            _broken = true;
+            try
+            {
+                var h = _send.AsSpan(0, RequestSize);
+                h.Clear();
+                BinaryPrimitives.WriteUInt32BigEndian(h, RequestMagic);
+                BinaryPrimitives.WriteUInt16BigEndian(h[6..], CmdDisc);
+                BinaryPrimitives.WriteUInt64BigEndian(h[8..], ++_cookie);
+                SocketIo.SendAll(_socket, h);
+            }
+            catch (Exception e) when (SocketIo.IsConnectionError(e))
+            {
+            }
+        }
+        _socket.Dispose();
+    }
+}

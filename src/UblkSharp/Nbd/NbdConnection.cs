@@ -1,0 +1,761 @@
+using System.Buffers;
+using System.Buffers.Binary;
+using System.Diagnostics;
+using System.Net.Sockets;
+using System.Text;
+using UblkSharp.Interop;
+using UblkSharp.Targets;
+using static UblkSharp.Nbd.NbdProtocol;
+
+namespace UblkSharp.Nbd;
+
+/// <summary>
+/// One client connection: the handshake, then the transmission phase. The connection's thread
+/// reads requests, validates each one centrally (every refusal is the error the protocol asks
+/// for), and runs it inline or on the server's workers (<see cref="NbdExecution"/>); replies go
+/// through an <see cref="NbdReplyWriter"/> and may leave out of order. In-flight requests are
+/// bounded in number and bytes; when the client goes away, what is in flight finishes first.
+/// </summary>
+internal sealed class NbdConnection : IDisposable
+{
+    private const int InputSize = 128 * 1024;
+    // A refused WRITE's payload is read and dropped up to this size; beyond it the client is cut off.
+    private const uint SkipLimit = 2u * NbdExport.MaxPayload;
+    private const int MaxDescriptors = 1024;
+    private const int MaxRetries = 1000;
+    private const uint BaseAllocationId = 1;
+    private const int InlineMaxLength = 1 << 20;
+
+    private readonly NbdServer _server;
+    private readonly Socket _socket;
+    private readonly Thread _thread;
+    private readonly NbdServerOptions _options;
+    private readonly long _inlineThresholdTicks;
+    private readonly object _gate = new();
+    private readonly NbdRequest[] _free;
+    private int _freeCount;
+    private int _inFlight;
+    private long _inFlightBytes;
+    private bool _readerWaiting;
+
+    private NbdSession? _session;
+    private NbdExport _export = null!;
+    private BlockTarget _target = null!;
+    private NbdReplyWriter? _writer;
+    private FaultInjector? _faults;
+    private byte[] _in = [];
+    private int _start;
+    private int _end;
+    private long _ewmaTicks;
+    private volatile bool _closing;
+
+    public NbdConnection(NbdServer server, Socket socket, long id)
+    {
+        _server = server;
+        _socket = socket;
+        _options = server.Options;
+        Id = id;
+        _inlineThresholdTicks = (long)(_options.InlineThreshold.TotalSeconds * Stopwatch.Frequency);
+        _free = new NbdRequest[_options.MaxInFlight];
+        _thread = new Thread(Run, 256 * 1024) { IsBackground = true, Name = $"nbd-conn{id}" };
+    }
+
+    public long Id { get; }
+
+    public void Start() => _thread.Start();
+
+    public bool Join(TimeSpan timeout) => _thread.Join(timeout);
+
+    /// <summary>
+    /// Ends the connection gracefully: the reader sees the end of the stream, requests in flight
+    /// finish and reply, then the socket closes.
+    /// </summary>
+    public void Shutdown()
+    {
+        _closing = true;
+        try
+        {
+            _socket.Shutdown(SocketShutdown.Receive);
+        }
+        catch (Exception e) when (SocketIo.IsConnectionError(e))
+        {
+        }
+    }
+
+    private void Run()
+    {
+        try
+        {
+            _socket.ReceiveTimeout = (int)Math.Min(int.MaxValue, _options.HandshakeTimeout.TotalMilliseconds);
+            _session = NbdHandshake.Negotiate(_socket, _server);
+            if (_session is null || _closing)
+            {
+                return;
+            }
+            _socket.ReceiveTimeout = 0;
+            Transmit(_session);
+        }
+        catch (Exception e) when (SocketIo.IsConnectionError(e))
+        {
+            // The client went away, timed out, or broke off in the middle of a message.
+        }
+        catch (Exception e)
+        {
+            _server.NoteInternalError(e);
+        }
+        finally
+        {
+            Close();
+        }
+    }
+
+    private void Close()
+    {
+        try
+        {
+            WaitIdle();
+            _writer?.Uncork();
+        }
+        catch (Exception e)
+        {
+            _server.NoteInternalError(e);
+        }
+        Dispose();
+        try
+        {
+            _socket.Shutdown(SocketShutdown.Both);
+        }
+        catch (Exception e) when (SocketIo.IsConnectionError(e))
+        {
+        }
+        _socket.Dispose();
+        if (_in.Length > 0)
+        {
+            ArrayPool<byte>.Shared.Return(_in);
+            _in = [];
+        }
+        _server.Remove(this);
+    }
+
+    /// <summary>Releases the reply writer's buffers (the connection's thread does this as it ends).</summary>
+    public void Dispose() => _writer?.Dispose();
+
+    private void Transmit(NbdSession session)
+    {
+        _export = session.Export;
+        _target = _export.Target;
+        if (_target is FaultTarget fault)
+        {
+            _faults = fault.CreateInjector((int)(Id & 0x7fffffff));
+        }
+        _in = ArrayPool<byte>.Shared.Rent(InputSize);
+        _writer = new NbdReplyWriter(_socket);
+        while (!_closing && !_writer.Failed)
+        {
+            if (!Fill(RequestSize))
+            {
+                return;
+            }
+            var h = new ReadOnlySpan<byte>(_in, _start, RequestSize);
+            var magic = BinaryPrimitives.ReadUInt32BigEndian(h);
+            var flags = BinaryPrimitives.ReadUInt16BigEndian(h[4..]);
+            var type = BinaryPrimitives.ReadUInt16BigEndian(h[6..]);
+            var cookie = BinaryPrimitives.ReadUInt64BigEndian(h[8..]);
+            var offset = BinaryPrimitives.ReadUInt64BigEndian(h[16..]);
+            var length = BinaryPrimitives.ReadUInt32BigEndian(h[24..]);
+            _start += RequestSize;
+            if (magic != RequestMagic)
+            {
+                // Nothing after a bad header can be trusted to be a header: hard disconnect.
+                _server.NoteProtocolError($"bad request magic 0x{magic:x8}");
+                return;
+            }
+            if (type == CmdDisc)
+            {
+                return; // in-flight requests finish in Close
+            }
+            var error = Validate(session, type, flags, offset, length, out var why);
+            if (error != 0)
+            {
+                _server.NoteRefused();
+                if (type == CmdWrite && (length > SkipLimit || !Skip(length)))
+                {
+                    return;
+                }
+                ReplyError(cookie, error, why);
+                continue;
+            }
+            var bytes = type is CmdRead or CmdWrite ? length : 0;
+            var request = Acquire(bytes);
+            request.Cookie = cookie;
+            request.Type = type;
+            request.Flags = flags;
+            request.Offset = (long)offset;
+            request.Length = length;
+            if (bytes > 0)
+            {
+                request.Buffer = ArrayPool<byte>.Shared.Rent((int)length);
+            }
+            if (type == CmdWrite)
+            {
+                bool complete;
+                try
+                {
+                    complete = ReceivePayload(request.Buffer!, (int)length);
+                }
+                catch
+                {
+                    Release(request);
+                    throw;
+                }
+                if (!complete)
+                {
+                    // The client left in the middle of a write it was never told had been done.
+                    Release(request);
+                    return;
+                }
+            }
+            if (ShouldInline(request))
+            {
+                Execute(request);
+            }
+            else
+            {
+                _server.Workers.Enqueue(request);
+            }
+        }
+    }
+
+    private bool ShouldInline(NbdRequest request) => _options.Execution switch
+    {
+        NbdExecution.Inline => true,
+        NbdExecution.Workers => false,
+        _ => request.Type != CmdFlush && (request.Flags & CmdFlagFua) == 0 && request.Length <= InlineMaxLength
+            && Volatile.Read(ref _ewmaTicks) < _inlineThresholdTicks,
+    };
+
+    /// <summary>The protocol's checks, in one place; returns 0 or the NBD error to reply with.</summary>
+    private static uint Validate(NbdSession session, ushort type, ushort flags, ulong offset, uint length, out string why)
+    {
+        why = "";
+        var export = session.Export;
+        if (type is not (CmdRead or CmdWrite or CmdFlush or CmdTrim or CmdCache or CmdWriteZeroes or CmdBlockStatus))
+        {
+            why = $"unknown command {type}";
+            return EINVAL;
+        }
+        if ((flags & ~CmdFlagsKnown) != 0)
+        {
+            why = $"unknown command flags 0x{flags:x}";
+            return EINVAL;
+        }
+        if ((flags & (CmdFlagNoHole | CmdFlagFastZero)) != 0 && type != CmdWriteZeroes)
+        {
+            why = "NO_HOLE and FAST_ZERO apply to WRITE_ZEROES only";
+            return EINVAL;
+        }
+        if ((flags & CmdFlagDf) != 0 && (type != CmdRead || !session.StructuredReplies))
+        {
+            why = "DF applies to READ with structured replies only";
+            return EINVAL;
+        }
+        if ((flags & CmdFlagReqOne) != 0 && type != CmdBlockStatus)
+        {
+            why = "REQ_ONE applies to BLOCK_STATUS only";
+            return EINVAL;
+        }
+        if ((flags & CmdFlagFua) != 0 && (session.Flags & FlagSendFua) == 0)
+        {
+            why = "FUA was not offered on this export";
+            return EINVAL;
+        }
+        if (export.IsReadOnly && type is CmdWrite or CmdTrim or CmdWriteZeroes)
+        {
+            why = "the export is read-only";
+            return EPERM;
+        }
+        switch (type)
+        {
+            case CmdFlush:
+                if ((session.Flags & FlagSendFlush) == 0)
+                {
+                    why = "FLUSH was not offered on this export";
+                    return EINVAL;
+                }
+                if (offset != 0 || length != 0)
+                {
+                    why = "FLUSH takes offset 0 and length 0";
+                    return EINVAL;
+                }
+                return 0;
+            case CmdTrim when !export.CanTrim:
+                why = "TRIM was not offered on this export";
+                return EINVAL;
+            case CmdWriteZeroes when !export.CanWriteZeroes:
+                why = "WRITE_ZEROES was not offered on this export";
+                return EINVAL;
+            case CmdBlockStatus when !session.BaseAllocation:
+                why = "BLOCK_STATUS needs the base:allocation context (NBD_OPT_SET_META_CONTEXT)";
+                return EINVAL;
+            default:
+                break;
+        }
+        if (length == 0)
+        {
+            why = "zero-length request";
+            return EINVAL;
+        }
+        if (type is CmdRead or CmdWrite && length > NbdExport.MaxPayload)
+        {
+            why = $"{CommandName(type)} of {length} bytes is larger than the maximum payload ({NbdExport.MaxPayload} bytes)";
+            return (flags & CmdFlagDf) != 0 ? EOVERFLOW : EINVAL;
+        }
+        var size = (ulong)export.Size;
+        if (offset > size || length > size - offset)
+        {
+            why = $"{CommandName(type)} of {length} bytes at {offset} runs past the end of the export ({size} bytes)";
+            return type is CmdWrite or CmdWriteZeroes ? ENOSPC : EINVAL;
+        }
+        return 0;
+    }
+
+    /// <summary>Runs one request's target call and replies. Called inline or on a worker.</summary>
+    internal void Execute(NbdRequest request)
+    {
+        var started = Stopwatch.GetTimestamp();
+        int result;
+        var payload = 0;
+        try
+        {
+            if (_faults is not null)
+            {
+                TimeSpan delay;
+                lock (_faults)
+                {
+                    delay = _faults.DrawDelay();
+                }
+                if (delay > TimeSpan.Zero)
+                {
+                    Thread.Sleep(delay);
+                }
+            }
+            result = Run(request, out payload);
+        }
+        catch (Exception e) when (e is not OutOfMemoryException)
+        {
+            // A target's bug fails one request, not the connection.
+            _server.NoteTargetException(request, e);
+            result = -Errno.EIO;
+        }
+        var elapsed = Stopwatch.GetTimestamp() - started;
+        var ewma = Volatile.Read(ref _ewmaTicks);
+        Volatile.Write(ref _ewmaTicks, ewma + ((elapsed - ewma) / 8));
+        try
+        {
+            Reply(request, result, payload);
+        }
+        finally
+        {
+            _server.NoteServed();
+            Release(request);
+        }
+    }
+
+    private int Run(NbdRequest request, out int payload)
+    {
+        payload = 0;
+        var fua = (request.Flags & CmdFlagFua) != 0;
+        switch (request.Type)
+        {
+            case CmdRead:
+                return Read(request.Buffer.AsSpan(0, (int)request.Length), request.Offset);
+            case CmdWrite:
+                return Write(request.Buffer.AsSpan(0, (int)request.Length), request.Offset, fua);
+            case CmdBlockStatus:
+                return BlockStatus(request, out payload);
+            case CmdWriteZeroes when (request.Flags & CmdFlagFastZero) != 0 && !_export.CanFastZero:
+                return -Errno.EOPNOTSUPP; // the protocol's answer to "zero fast, or not at all"
+            default:
+                break;
+        }
+        var r = Retry(request);
+        if (r >= 0 && fua && request.Type is CmdTrim or CmdWriteZeroes)
+        {
+            r = Flush();
+        }
+        return r;
+    }
+
+    private int Read(Span<byte> buffer, long offset)
+    {
+        var done = 0;
+        var retries = 0;
+        while (done < buffer.Length)
+        {
+            var n = Fault(_target.Read(buffer[done..], offset + done), true);
+            if (n is -Errno.EAGAIN or -Errno.EINTR)
+            {
+                if (++retries > MaxRetries)
+                {
+                    return -Errno.EIO;
+                }
+                continue;
+            }
+            if (n < 0)
+            {
+                return n;
+            }
+            if (n == 0)
+            {
+                // Past the end of a shorter backing file: the rest reads as zeros (as on ublk).
+                buffer[done..].Clear();
+                return 0;
+            }
+            retries = 0;
+            done += Math.Min(n, buffer.Length - done);
+        }
+        return 0;
+    }
+
+    private int Write(ReadOnlySpan<byte> data, long offset, bool fua)
+    {
+        var done = 0;
+        var retries = 0;
+        while (done < data.Length)
+        {
+            var rest = data[done..];
+            var n = Fault(fua ? _target.WriteFua(rest, offset + done) : _target.Write(rest, offset + done), true);
+            if (n is -Errno.EAGAIN or -Errno.EINTR)
+            {
+                if (++retries > MaxRetries)
+                {
+                    return -Errno.EIO;
+                }
+                continue;
+            }
+            if (n <= 0)
+            {
+                return n < 0 ? n : -Errno.EIO;
+            }
+            retries = 0;
+            done += Math.Min(n, rest.Length);
+        }
+        return 0;
+    }
+
+    private int Flush() => Retry(CmdFlush, 0, 0, 0);
+
+    private int Retry(NbdRequest r) => Retry(r.Type, r.Flags, r.Offset, r.Length);
+
+    private int Retry(ushort type, ushort flags, long offset, long length)
+    {
+        var retries = 0;
+        while (true)
+        {
+            var r = type switch
+            {
+                CmdFlush => _target.Flush(),
+                CmdTrim => _target.Discard(offset, length),
+                CmdWriteZeroes => _target.WriteZeroes(offset, length, (flags & CmdFlagNoHole) == 0),
+                CmdCache => _target.Cache(offset, length),
+                _ => -Errno.EINVAL,
+            };
+            r = Fault(r, false);
+            if (r is not (-Errno.EAGAIN or -Errno.EINTR))
+            {
+                return r;
+            }
+            if (++retries > MaxRetries)
+            {
+                return -Errno.EIO;
+            }
+        }
+    }
+
+    private int Fault(int result, bool isData)
+    {
+        if (_faults is null)
+        {
+            return result;
+        }
+        lock (_faults)
+        {
+            return _faults.Apply(result, isData, _target.LogicalBlockSize);
+        }
+    }
+
+    private int BlockStatus(NbdRequest request, out int payload)
+    {
+        payload = 0;
+        var buffer = request.Buffer = ArrayPool<byte>.Shared.Rent(4 + (8 * MaxDescriptors));
+        BinaryPrimitives.WriteUInt32BigEndian(buffer, BaseAllocationId);
+        var max = (request.Flags & CmdFlagReqOne) != 0 ? 1 : MaxDescriptors;
+        var position = request.Offset;
+        var end = request.Offset + request.Length;
+        var count = 0;
+        uint runLength = 0;
+        uint runFlags = 0;
+        while (position < end)
+        {
+            var n = _target.GetAllocation(position, end - position, out var state);
+            if (n < 0)
+            {
+                return (int)n;
+            }
+            if (n == 0 || n > end - position)
+            {
+                n = end - position;
+                state = AllocationFlags.None;
+            }
+            var flags = (uint)state & (StateHole | StateZero);
+            if (count > 0 && flags == runFlags)
+            {
+                runLength += (uint)n;
+            }
+            else
+            {
+                if (count == max)
+                {
+                    break;
+                }
+                if (count > 0)
+                {
+                    WriteDescriptor(buffer, count - 1, runLength, runFlags);
+                }
+                count++;
+                runLength = (uint)n;
+                runFlags = flags;
+            }
+            position += n;
+        }
+        WriteDescriptor(buffer, count - 1, runLength, runFlags);
+        payload = 4 + (8 * count);
+        return 0;
+    }
+
+    private static void WriteDescriptor(byte[] buffer, int index, uint length, uint flags)
+    {
+        BinaryPrimitives.WriteUInt32BigEndian(buffer.AsSpan(4 + (8 * index)), length);
+        BinaryPrimitives.WriteUInt32BigEndian(buffer.AsSpan(8 + (8 * index)), flags);
+    }
+
+    private void Reply(NbdRequest request, int result, int payload)
+    {
+        if (result < 0)
+        {
+            ReplyError(request.Cookie, ToNbdError(result, request.Flags), null);
+            return;
+        }
+        Span<byte> header = stackalloc byte[28];
+        var structured = _session!.StructuredReplies;
+        switch (request.Type)
+        {
+            case CmdRead when structured:
+                StructuredHeader(header, ReplyTypeOffsetData, request.Cookie, 8 + request.Length);
+                BinaryPrimitives.WriteUInt64BigEndian(header[20..], (ulong)request.Offset);
+                _writer!.Send(header, request.Buffer.AsSpan(0, (int)request.Length));
+                break;
+            case CmdRead:
+                SimpleHeader(header, 0, request.Cookie);
+                _writer!.Send(header[..SimpleReplySize], request.Buffer.AsSpan(0, (int)request.Length));
+                break;
+            case CmdBlockStatus:
+                StructuredHeader(header, ReplyTypeBlockStatus, request.Cookie, (uint)payload);
+                _writer!.Send(header[..StructuredReplySize], request.Buffer.AsSpan(0, payload));
+                break;
+            default:
+                SimpleHeader(header, 0, request.Cookie);
+                _writer!.Send(header[..SimpleReplySize], ReadOnlySpan<byte>.Empty);
+                break;
+        }
+    }
+
+    /// <summary>
+    /// An error reply: with structured replies an error chunk carrying a message for the user
+    /// (and never a simple reply to a READ), else a simple reply.
+    /// </summary>
+    private void ReplyError(ulong cookie, uint error, string? message)
+    {
+        if (!_session!.StructuredReplies)
+        {
+            Span<byte> simple = stackalloc byte[SimpleReplySize];
+            SimpleHeader(simple, error, cookie);
+            _writer!.Send(simple, ReadOnlySpan<byte>.Empty);
+            return;
+        }
+        var text = string.IsNullOrEmpty(message) ? [] : Encoding.UTF8.GetBytes(message.Length > 1000 ? message[..1000] : message);
+        Span<byte> header = stackalloc byte[StructuredReplySize + 6];
+        StructuredHeader(header, ReplyTypeError, cookie, (uint)(6 + text.Length));
+        BinaryPrimitives.WriteUInt32BigEndian(header[20..], error);
+        BinaryPrimitives.WriteUInt16BigEndian(header[24..], (ushort)text.Length);
+        _writer!.Send(header, text);
+    }
+
+    private static void SimpleHeader(Span<byte> h, uint error, ulong cookie)
+    {
+        BinaryPrimitives.WriteUInt32BigEndian(h, SimpleReplyMagic);
+        BinaryPrimitives.WriteUInt32BigEndian(h[4..], error);
+        BinaryPrimitives.WriteUInt64BigEndian(h[8..], cookie);
+    }
+
+    private static void StructuredHeader(Span<byte> h, ushort type, ulong cookie, uint length)
+    {
+        BinaryPrimitives.WriteUInt32BigEndian(h, StructuredReplyMagic);
+        BinaryPrimitives.WriteUInt16BigEndian(h[4..], ReplyFlagDone);
+        BinaryPrimitives.WriteUInt16BigEndian(h[6..], type);
+        BinaryPrimitives.WriteUInt64BigEndian(h[8..], cookie);
+        BinaryPrimitives.WriteUInt32BigEndian(h[16..], length);
+    }
+
+    // ---- input ----
+
+    /// <summary>
+    /// Makes <paramref name="count"/> bytes available at _start. Replies held back for the batch
+    /// go out before the thread blocks on the socket. False at the end of the stream.
+    /// </summary>
+    private bool Fill(int count)
+    {
+        if (_end - _start >= count)
+        {
+            return true;
+        }
+        if (_start == _end)
+        {
+            _start = _end = 0;
+        }
+        else if (_in.Length - _start < count)
+        {
+            Buffer.BlockCopy(_in, _start, _in, 0, _end - _start);
+            _end -= _start;
+            _start = 0;
+        }
+        _writer!.Uncork();
+        while (_end - _start < count)
+        {
+            var n = _socket.Receive(_in.AsSpan(_end), SocketFlags.None);
+            if (n == 0)
+            {
+                return false;
+            }
+            _end += n;
+        }
+        _writer.Cork();
+        return true;
+    }
+
+    /// <summary>Moves a WRITE's payload into its buffer: what is buffered, then straight from the socket.</summary>
+    private bool ReceivePayload(byte[] buffer, int length)
+    {
+        var have = Math.Min(_end - _start, length);
+        _in.AsSpan(_start, have).CopyTo(buffer);
+        _start += have;
+        if (have == length)
+        {
+            return true;
+        }
+        _writer!.Uncork();
+        if (!SocketIo.ReceiveExactly(_socket, buffer.AsSpan(have, length - have)))
+        {
+            return false;
+        }
+        _writer.Cork();
+        return true;
+    }
+
+    /// <summary>Reads and drops a refused WRITE's payload so the stream stays in step.</summary>
+    private bool Skip(uint length)
+    {
+        long left = length;
+        var have = (int)Math.Min(_end - _start, left);
+        _start += have;
+        left -= have;
+        if (left == 0)
+        {
+            return true;
+        }
+        _writer!.Uncork();
+        while (left > 0)
+        {
+            _start = _end = 0;
+            var n = _socket.Receive(_in.AsSpan(0, (int)Math.Min(_in.Length, left)), SocketFlags.None);
+            if (n == 0)
+            {
+                return false;
+            }
+            left -= n;
+        }
+        _writer.Cork();
+        return true;
+    }
+
+    // ---- in-flight bounds ----
+
+    private NbdRequest Acquire(uint bytes)
+    {
+        lock (_gate)
+        {
+            if (CanEnter(bytes))
+            {
+                return Take(bytes);
+            }
+        }
+        // Replies are what frees slots: let them go before waiting.
+        _writer!.Uncork();
+        NbdRequest request;
+        lock (_gate)
+        {
+            while (!CanEnter(bytes))
+            {
+                _readerWaiting = true;
+                Monitor.Wait(_gate);
+            }
+            request = Take(bytes);
+        }
+        _writer.Cork();
+        return request;
+    }
+
+    private bool CanEnter(uint bytes)
+        => _inFlight == 0 || (_inFlight < _free.Length && _inFlightBytes + bytes <= _options.MaxInFlightBytes);
+
+    private NbdRequest Take(uint bytes)
+    {
+        _inFlight++;
+        _inFlightBytes += bytes;
+        var request = _freeCount > 0 ? _free[--_freeCount] : new NbdRequest(this);
+        request.Bytes = bytes;
+        return request;
+    }
+
+    private void Release(NbdRequest request)
+    {
+        if (request.Buffer is not null)
+        {
+            ArrayPool<byte>.Shared.Return(request.Buffer);
+            request.Buffer = null;
+        }
+        lock (_gate)
+        {
+            _inFlight--;
+            _inFlightBytes -= request.Bytes;
+            _free[_freeCount++] = request;
+            if (_readerWaiting)
+            {
+                _readerWaiting = false;
+                Monitor.PulseAll(_gate);
+            }
+        }
+    }
+
+    private void WaitIdle()
+    {
+        lock (_gate)
+        {
+            while (_inFlight > 0)
+            {
+                _readerWaiting = true;
+                Monitor.Wait(_gate);
+            }
+        }
+    }
+}

@@ -1,0 +1,305 @@
+using System.Net;
+using System.Net.Sockets;
+
+namespace UblkSharp.Nbd;
+
+/// <summary>
+/// An NBD server: exports <see cref="Targets.BlockTarget"/>s on a TCP or Unix socket, with the
+/// fixed newstyle handshake, structured replies, block status, and many concurrent connections.
+/// One thread accepts; each connection has its own thread, and target calls that may block run
+/// on a small shared pool of workers. Dispose stops accepting, lets every connection finish what
+/// it has in flight, and closes them.
+/// </summary>
+public sealed class NbdServer : IDisposable
+{
+    private readonly Socket _listener;
+    private readonly Thread _acceptThread;
+    private readonly Dictionary<long, NbdConnection> _connections = [];
+    private readonly object _lock = new();
+    private readonly string? _socketPath;
+    private long _nextId;
+    private long _accepted;
+    private long _refusedConnections;
+    private long _protocolErrors;
+    private long _refusedRequests;
+    private long _internalErrors;
+    private long _targetExceptions;
+    private long _served;
+    private volatile bool _disposed;
+
+    private NbdServer(Socket listener, IReadOnlyList<NbdExport> exports, NbdServerOptions options, string? socketPath)
+    {
+        _listener = listener;
+        Exports = exports;
+        Options = options;
+        _socketPath = socketPath;
+        Address = NbdAddress.FromEndPoint(listener.LocalEndPoint!);
+        if (socketPath is not null)
+        {
+            Address = NbdAddress.Unix(socketPath);
+        }
+        Workers = new NbdWorkerPool(options.Workers, NoteInternalError);
+        _acceptThread = new Thread(AcceptLoop) { IsBackground = true, Name = "nbd-accept" };
+    }
+
+    /// <summary>Where the server listens (with the actual port when port 0 was asked for).</summary>
+    public NbdAddress Address { get; }
+
+    public IReadOnlyList<NbdExport> Exports { get; }
+
+    public NbdServerOptions Options { get; }
+
+    internal NbdWorkerPool Workers { get; }
+
+    /// <summary>Connections open now.</summary>
+    public int ActiveConnections
+    {
+        get
+        {
+            lock (_lock)
+            {
+                return _connections.Count;
+            }
+        }
+    }
+
+    public long ConnectionsAccepted => Interlocked.Read(ref _accepted);
+
+    /// <summary>Connections closed at once because <see cref="NbdServerOptions.MaxConnections"/> were open.</summary>
+    public long ConnectionsRefused => Interlocked.Read(ref _refusedConnections);
+
+    /// <summary>Clients cut off for breaking the protocol (bad magic, unknown flags, oversized messages).</summary>
+    public long ProtocolErrors => Interlocked.Read(ref _protocolErrors);
+
+    /// <summary>Requests answered with an error before reaching the target (bad range, flags, command).</summary>
+    public long RequestsRefused => Interlocked.Read(ref _refusedRequests);
+
+    /// <summary>Requests that reached the target and were replied to.</summary>
+    public long RequestsServed => Interlocked.Read(ref _served);
+
+    /// <summary>Exceptions thrown by targets (each failed one request with EIO).</summary>
+    public long TargetExceptions => Interlocked.Read(ref _targetExceptions);
+
+    /// <summary>Bugs in the server itself that ended a connection; 0 unless something is wrong.</summary>
+    public long InternalErrors => Interlocked.Read(ref _internalErrors);
+
+    public int WorkerThreads => Workers.ThreadCount;
+
+    public static NbdServer Start(NbdAddress address, NbdExport export, NbdServerOptions? options = null)
+        => Start(address, [export], options);
+
+    /// <summary>Binds, listens and starts accepting. Throws <see cref="IOException"/> naming the address when it cannot listen.</summary>
+    public static NbdServer Start(NbdAddress address, IReadOnlyList<NbdExport> exports, NbdServerOptions? options = null)
+    {
+        ArgumentNullException.ThrowIfNull(address);
+        ArgumentNullException.ThrowIfNull(exports);
+        if (exports.Count == 0)
+        {
+            throw new ArgumentException("an NBD server needs at least one export");
+        }
+        if (exports.Select(e => e.Name).Distinct(StringComparer.Ordinal).Count() != exports.Count)
+        {
+            throw new ArgumentException("two exports have the same name");
+        }
+        options ??= new NbdServerOptions();
+        options.Validate();
+        var listener = Listen(address);
+        var server = new NbdServer(listener, exports, options, address.SocketPath);
+        server._acceptThread.Start();
+        return server;
+    }
+
+    private static Socket Listen(NbdAddress address)
+    {
+        var endPoint = address.ResolveEndPoints()[0];
+        Socket? socket = null;
+        try
+        {
+            if (endPoint is UnixDomainSocketEndPoint)
+            {
+                RemoveStaleSocket(address.SocketPath!);
+                socket = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+            }
+            else
+            {
+                socket = new Socket(endPoint.AddressFamily, SocketType.Stream, ProtocolType.Tcp);
+                socket.SetSocketOption(SocketOptionLevel.Socket, SocketOptionName.ReuseAddress, true);
+                if (endPoint.AddressFamily == AddressFamily.InterNetworkV6)
+                {
+                    socket.DualMode = ((IPEndPoint)endPoint).Address.Equals(IPAddress.IPv6Any);
+                }
+            }
+            socket.Bind(endPoint);
+            socket.Listen(128);
+            return socket;
+        }
+        catch (SocketException e)
+        {
+            socket?.Dispose();
+            throw new IOException($"cannot listen on {address}: {e.Message}", e);
+        }
+    }
+
+    // A socket file left by a server that died is in the way of bind; one that answers is in use.
+    private static void RemoveStaleSocket(string path)
+    {
+        if (!File.Exists(path) && !Directory.Exists(path))
+        {
+            return;
+        }
+        if (!UnixSocketFile.IsSocket(path))
+        {
+            throw new IOException($"cannot listen on unix://{path}: the path exists and is not a socket");
+        }
+        using var probe = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+        try
+        {
+            probe.Connect(new UnixDomainSocketEndPoint(path));
+        }
+        catch (SocketException)
+        {
+            File.Delete(path);
+            return;
+        }
+        throw new IOException($"cannot listen on unix://{path}: another server is listening there");
+    }
+
+    internal NbdExport? FindExport(string name)
+    {
+        foreach (var e in Exports)
+        {
+            if (e.Name == name)
+            {
+                return e;
+            }
+        }
+        // The empty name is the default export.
+        return name.Length == 0 ? Exports[0] : null;
+    }
+
+    private void AcceptLoop()
+    {
+        while (!_disposed)
+        {
+            Socket client;
+            try
+            {
+                client = _listener.Accept();
+            }
+            catch (Exception e) when (e is SocketException or ObjectDisposedException)
+            {
+                if (_disposed)
+                {
+                    return;
+                }
+                // Out of fds, or a connection reset before accept: keep serving.
+                Log($"accept failed: {e.Message}");
+                Thread.Sleep(50);
+                continue;
+            }
+            Interlocked.Increment(ref _accepted);
+            NbdConnection connection;
+            lock (_lock)
+            {
+                if (_disposed || _connections.Count >= Options.MaxConnections)
+                {
+                    Interlocked.Increment(ref _refusedConnections);
+                    client.Dispose();
+                    continue;
+                }
+                if (client.AddressFamily is AddressFamily.InterNetwork or AddressFamily.InterNetworkV6)
+                {
+                    client.NoDelay = true;
+                }
+                connection = new NbdConnection(this, client, ++_nextId);
+                _connections.Add(connection.Id, connection);
+            }
+            try
+            {
+                connection.Start();
+            }
+            catch (OutOfMemoryException)
+            {
+                // No thread could be made: drop the connection.
+                lock (_lock)
+                {
+                    _connections.Remove(connection.Id);
+                }
+                client.Dispose();
+            }
+        }
+    }
+
+    internal void Remove(NbdConnection connection)
+    {
+        lock (_lock)
+        {
+            _connections.Remove(connection.Id);
+            Monitor.PulseAll(_lock);
+        }
+    }
+
+    internal void NoteProtocolError(string what)
+    {
+        Interlocked.Increment(ref _protocolErrors);
+        Log($"client cut off: {what}");
+    }
+
+    internal void NoteRefused() => Interlocked.Increment(ref _refusedRequests);
+
+    internal void NoteServed() => Interlocked.Increment(ref _served);
+
+    internal void NoteTargetException(NbdRequest request, Exception e)
+    {
+        Interlocked.Increment(ref _targetExceptions);
+        Log($"target threw on {NbdProtocol.CommandName(request.Type)} at {request.Offset}: {e.GetType().Name}: {e.Message}");
+    }
+
+    internal void NoteInternalError(Exception e)
+    {
+        Interlocked.Increment(ref _internalErrors);
+        Log($"internal error, connection closed: {e}");
+    }
+
+    private void Log(string message) => Options.Log?.Invoke(message);
+
+    /// <summary>Stops accepting, lets each connection finish its requests in flight, and closes them.</summary>
+    public void Dispose()
+    {
+        if (_disposed)
+        {
+            return;
+        }
+        _disposed = true;
+        _listener.Dispose();
+        _acceptThread.Join(TimeSpan.FromSeconds(10));
+        NbdConnection[] open;
+        lock (_lock)
+        {
+            open = [.. _connections.Values];
+        }
+        foreach (var c in open)
+        {
+            c.Shutdown();
+        }
+        var deadline = Environment.TickCount64 + 30_000;
+        lock (_lock)
+        {
+            while (_connections.Count > 0 && Environment.TickCount64 < deadline)
+            {
+                Monitor.Wait(_lock, 100);
+            }
+        }
+        Workers.Dispose(TimeSpan.FromMilliseconds(Math.Max(0, deadline - Environment.TickCount64)));
+        if (_socketPath is not null)
+        {
+            try
+            {
+                File.Delete(_socketPath);
+            }
+            catch (IOException)
+            {
+            }
+        }
+    }
+}

@@ -1,0 +1,70 @@
+namespace UblkSharp.Nbd;
+
+/// <summary>Where a connection runs a request's target call.</summary>
+public enum NbdExecution
+{
+    /// <summary>
+    /// On the connection's own thread while the target answers fast (memory, page cache), which
+    /// lets one receive and one send carry a whole batch of requests; on the worker threads once
+    /// calls take longer, so slow requests run in parallel and reply out of order.
+    /// FLUSH and FUA requests always go to the workers.
+    /// </summary>
+    Auto,
+
+    /// <summary>Always on the connection's thread: requests complete in order, one at a time.</summary>
+    Inline,
+
+    /// <summary>Always on the worker threads: requests run in parallel and may complete out of order.</summary>
+    Workers,
+}
+
+/// <summary>Limits and behaviour of an <see cref="NbdServer"/>.</summary>
+public sealed record NbdServerOptions
+{
+    /// <summary>Connections served at once; more are accepted and closed at once.</summary>
+    public int MaxConnections { get; init; } = 1024;
+
+    /// <summary>Requests one connection may have in flight; the connection stops reading beyond that.</summary>
+    public int MaxInFlight { get; init; } = 64;
+
+    /// <summary>READ/WRITE payload bytes one connection may have in flight (a single request may exceed it).</summary>
+    public long MaxInFlightBytes { get; init; } = 64L << 20;
+
+    /// <summary>Worker threads shared by all connections for target calls that may block.</summary>
+    public int Workers { get; init; } = 16;
+
+    /// <summary>A client that has not finished the handshake by then is disconnected.</summary>
+    public TimeSpan HandshakeTimeout { get; init; } = TimeSpan.FromSeconds(10);
+
+    public NbdExecution Execution { get; init; } = NbdExecution.Auto;
+
+    /// <summary>Target calls slower than this on average (per connection) move to the workers (Auto).</summary>
+    public TimeSpan InlineThreshold { get; init; } = TimeSpan.FromMicroseconds(30);
+
+    /// <summary>Where to report connection problems and internal errors; null to stay quiet.</summary>
+    public Action<string>? Log { get; init; }
+
+    public void Validate()
+    {
+        if (MaxConnections < 1)
+        {
+            throw new ArgumentOutOfRangeException(nameof(MaxConnections), "MaxConnections must be at least 1");
+        }
+        if (MaxInFlight is < 1 or > 4096)
+        {
+            throw new ArgumentOutOfRangeException(nameof(MaxInFlight), "MaxInFlight must be 1 to 4096");
+        }
+        if (MaxInFlightBytes < 1 << 20)
+        {
+            throw new ArgumentOutOfRangeException(nameof(MaxInFlightBytes), "MaxInFlightBytes must be at least 1 MiB");
+        }
+        if (Workers is < 1 or > 1024)
+        {
+            throw new ArgumentOutOfRangeException(nameof(Workers), "Workers must be 1 to 1024");
+        }
+        if (HandshakeTimeout <= TimeSpan.Zero)
+        {
+            throw new ArgumentOutOfRangeException(nameof(HandshakeTimeout), "HandshakeTimeout must be positive");
+        }
+    }
+}

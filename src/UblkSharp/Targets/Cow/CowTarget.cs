@@ -1,0 +1,520 @@
+using System.Globalization;
+using UblkSharp.Interop;
+
+namespace UblkSharp.Targets.Cow;
+
+/// <summary>
+/// A User-Mode Linux ubd COW overlay as a disk: a read-only backing file plus a COW file that
+/// holds a header naming the backing file, a bitmap of the sectors that live in the COW file, and
+/// then those sectors. Files made by UML (<c>ubd0=COW,BASE</c>) and uml_mkcow open here, and
+/// the files this target writes open in UML and merge with uml_moo.
+/// <para>
+/// Reads take each run of sectors from where its bits say, so one request can be split between
+/// the two files; it still completes once, whole. Writes go to the COW file's data area; the
+/// sectors' bits are set in memory only after the data is written, and reach the file later
+/// (on flush, on close and every <see cref="CowOpenOptions.BitmapWriteback"/>) in this order:
+/// </para>
+/// <list type="number">
+/// <item>copy the dirty bitmap pages (only bits whose data was already written can be in the copy);</item>
+/// <item>fdatasync the COW file: all that data is now durable;</item>
+/// <item>write the copied pages; on flush, fdatasync again.</item>
+/// </list>
+/// <para>
+/// So whatever a crash (of this process or of the machine) leaves behind, a bit that is set on
+/// disk has its sector's data on disk: every sector reads either its old data (the backing file,
+/// or an earlier write) or data that was written to it, never unwritten space. Writes that were
+/// not flushed may read old after a crash, as on any disk with a volatile cache, which this
+/// device advertises. Discard and write-zeroes punch (or zero) the range in the data area and
+/// set its bits, so it reads as zeros.
+/// </para>
+/// </summary>
+public sealed class CowTarget : BlockTarget
+{
+    private const int PersistBatchPages = 256;
+    private readonly CowStorage _cow;
+    private readonly CowStorage _backing;
+    private readonly CowBitmap _bitmap;
+    private readonly int _sectorShift;
+    private readonly long _dataOffset;
+    private readonly bool _readOnly;
+    private readonly Lock _persistLock = new();
+    private readonly Dictionary<string, string> _recipe;
+    private readonly Thread? _writeback;
+    private readonly ManualResetEventSlim _stop = new();
+    private byte[]? _scratch;
+    private int[]? _pageList;
+
+    // Write-like operations completed (data written and bits set in memory), and how many of the
+    // first of them are known durable: a flush that finds its count already durable returns at once.
+    private long _completed;
+    private long _durable;
+    private int _disposed;
+
+    /// <summary>Opens an existing COW file; its header names the backing file and its size.</summary>
+    /// <exception cref="CowFormatException">Not a usable COW file.</exception>
+    /// <exception cref="CowBackingMismatchException">The backing file changed since the overlay was made.</exception>
+    /// <exception cref="IOException">A file cannot be opened, or is in use.</exception>
+    public CowTarget(string overlayPath, CowOpenOptions? options = null)
+        : this(Open(overlayPath, options ?? new CowOpenOptions(), backingWritable: false), options ?? new CowOpenOptions())
+    {
+    }
+
+    internal CowTarget(CowStorage cow, CowStorage backing, CowHeader header, string overlayPath, string backingPath, CowOpenOptions options)
+        : this((cow, backing, header, overlayPath, backingPath), options)
+    {
+    }
+
+    private CowTarget((CowStorage Cow, CowStorage Backing, CowHeader Header, string OverlayPath, string BackingPath) o, CowOpenOptions options)
+    {
+        _cow = o.Cow;
+        _backing = o.Backing;
+        Header = o.Header;
+        OverlayPath = o.OverlayPath;
+        BackingPath = o.BackingPath;
+        _readOnly = options.ReadOnly;
+        try
+        {
+            if (Header.SectorSize > 4096)
+            {
+                throw new CowFormatException($"{OverlayPath}: COW sector size {Header.SectorSize} is not supported (at most 4096, the largest block size a ublk device has)");
+            }
+            _sectorShift = System.Numerics.BitOperations.Log2((uint)Header.SectorSize);
+            _dataOffset = Header.DataOffset;
+            _bitmap = new CowBitmap(Header.BitmapLength, Header.BitmapSectors);
+            var r = _cow.ReadFull(_bitmap.Bytes[..(int)Math.Min(Header.BitmapLength, int.MaxValue)], Header.BitmapOffset);
+            if (r < 0)
+            {
+                throw new ErrnoException(-r, $"read the COW bitmap of {OverlayPath}");
+            }
+            ClearBitsPastEnd();
+            _bitmap.MarkAllPersisted();
+            Size = _bitmap.Sectors << _sectorShift;
+            _recipe = new Dictionary<string, string> { ["file"] = OverlayPath };
+            if (options.BackingFile is not null)
+            {
+                _recipe["backing"] = BackingPath;
+            }
+            if (options.IgnoreBackingMismatch)
+            {
+                _recipe["ignore-backing-mismatch"] = "on";
+            }
+            if (_readOnly)
+            {
+                _recipe["read-only"] = "on";
+            }
+            if (!_readOnly && options.BitmapWriteback > TimeSpan.Zero)
+            {
+                var interval = options.BitmapWriteback;
+                _writeback = new Thread(() => WritebackLoop(interval)) { IsBackground = true, Name = "cow bitmap" };
+                _writeback.Start();
+            }
+        }
+        catch
+        {
+            _cow.Dispose();
+            _backing.Dispose();
+            throw;
+        }
+    }
+
+    public CowHeader Header { get; }
+
+    public string OverlayPath { get; }
+
+    /// <summary>The backing file in use (the header's, unless overridden).</summary>
+    public string BackingPath { get; }
+
+    public override long Size { get; }
+
+    public override string Kind => "cow";
+
+    public override IReadOnlyDictionary<string, string> Recipe => _recipe;
+
+    public override int LogicalBlockSize => Header.SectorSize;
+
+    public override int PhysicalBlockSize => Math.Max(4096, Header.SectorSize);
+
+    public override bool IsReadOnly => _readOnly;
+
+    public override bool HasVolatileCache => !_readOnly;
+
+    public override bool CanDiscard => !_readOnly;
+
+    public override bool CanWriteZeroes => !_readOnly;
+
+    /// <summary>Sectors whose data is in the COW file.</summary>
+    public long CowSectors => _bitmap.CountSet();
+
+    internal CowBitmap Bitmap => _bitmap;
+
+    internal CowStorage CowFile => _cow;
+
+    internal CowStorage BackingFile => _backing;
+
+    internal long DataOffset => _dataOffset;
+
+    /// <summary>Whether sector <paramref name="sector"/> (of <see cref="CowHeader.SectorSize"/> bytes) is in the COW file.</summary>
+    public bool IsInCow(long sector) => _bitmap.Test(sector);
+
+    /// <summary>
+    /// Makes a new COW file over <paramref name="backingPath"/>, as uml_mkcow does (version 3,
+    /// the backing file's absolute path, mtime and size, 512-byte sectors, 4096-byte alignment;
+    /// sparse up to the end of its data area). Refuses to overwrite an existing file.
+    /// </summary>
+    public static CowHeader CreateOverlay(string overlayPath, string backingPath, int sectorSize = 512, int alignment = 4096)
+    {
+        ArgumentNullException.ThrowIfNull(overlayPath);
+        ArgumentNullException.ThrowIfNull(backingPath);
+        if (!File.Exists(backingPath))
+        {
+            throw new FileNotFoundException($"{backingPath}: no such backing file", backingPath);
+        }
+        if (File.Exists(overlayPath))
+        {
+            throw new IOException($"{overlayPath} already exists: remove it first, or open it without --create");
+        }
+        var abs = FileCowStorage.Absolutize(backingPath);
+        long size;
+        using (var b = FileCowStorage.Open(abs, writable: false))
+        {
+            size = b.Length;
+        }
+        if (size == 0)
+        {
+            throw new ArgumentException($"{backingPath} is empty: a COW overlay needs a backing file with data");
+        }
+        var header = CowHeader.Create(abs, FileCowStorage.ModificationTime(abs), size, sectorSize, alignment);
+        using var cow = FileCowStorage.Open(overlayPath, writable: true, create: true);
+        var bytes = header.ToBytes();
+        Check(cow.Write(bytes, 0), $"write the COW header of {overlayPath}");
+        // As init_cow_file(): one zero byte at the end of the data area sets the length, and the
+        // bitmap in between reads as zeros without being written.
+        Check(cow.Write(new byte[1], header.DataOffset + size - 1), $"extend {overlayPath}");
+        Check(cow.Sync(), $"fdatasync {overlayPath}");
+        return header;
+    }
+
+    /// <summary>Reads the header of a COW file.</summary>
+    public static CowHeader ReadHeader(string overlayPath)
+    {
+        using var cow = FileCowStorage.Open(overlayPath, writable: false);
+        return ReadHeader(cow, overlayPath);
+    }
+
+    private static CowHeader ReadHeader(CowStorage cow, string name)
+    {
+        var buf = new byte[CowHeader.MaxSize];
+        var n = 0;
+        while (n < buf.Length)
+        {
+            var r = cow.Read(buf.AsSpan(n), n);
+            if (r < 0)
+            {
+                throw new ErrnoException(-r, $"read {name}");
+            }
+            if (r == 0)
+            {
+                break;
+            }
+            n += r;
+        }
+        return CowHeader.Parse(buf.AsSpan(0, n), name);
+    }
+
+    /// <summary>Opens for a merge into the backing file: the COW file read-only, the backing file writable.</summary>
+    internal static CowTarget OpenForInPlaceMerge(string overlayPath, CowOpenOptions options)
+        => new(Open(overlayPath, options with { ReadOnly = true }, backingWritable: true), options with { ReadOnly = true });
+
+    private static (CowStorage, CowStorage, CowHeader, string, string) Open(string overlayPath, CowOpenOptions options, bool backingWritable)
+    {
+        ArgumentNullException.ThrowIfNull(overlayPath);
+        var overlay = Path.GetFullPath(overlayPath);
+        if (!File.Exists(overlay) && !overlay.StartsWith("/dev/", StringComparison.Ordinal))
+        {
+            throw new FileNotFoundException($"{overlayPath}: no such COW file (make one with --create --backing BASE)", overlayPath);
+        }
+        var cow = FileCowStorage.Open(overlay, writable: !options.ReadOnly);
+        FileCowStorage? backing = null;
+        try
+        {
+            var header = ReadHeader(cow, overlayPath);
+            var backingPath = options.BackingFile ?? header.BackingFile;
+            if (!Path.IsPathRooted(backingPath))
+            {
+                backingPath = Path.Combine(Path.GetDirectoryName(overlay)!, backingPath);
+            }
+            if (!File.Exists(backingPath))
+            {
+                throw new FileNotFoundException(
+                    $"{overlayPath}: its backing file {backingPath} does not exist{(options.BackingFile is null ? " (give the right one with --backing)" : "")}", backingPath);
+            }
+            backing = FileCowStorage.Open(backingPath, writable: backingWritable);
+            if (!options.IgnoreBackingMismatch)
+            {
+                CheckBacking(overlayPath, backingPath, header, backing.Length, FileCowStorage.ModificationTime(backingPath));
+            }
+            return (cow, backing, header, overlay, backingPath);
+        }
+        catch
+        {
+            backing?.Dispose();
+            cow.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>UML's backing_file_mismatch(): the size, then the mtime, must be what the header recorded.</summary>
+    internal static void CheckBacking(string overlay, string backing, CowHeader header, long actualSize, long actualMTime)
+    {
+        const string hint = "UML refuses such an overlay too; if the backing file's data did not change, --ignore-backing-mismatch opens it anyway";
+        if (actualSize != header.Size)
+        {
+            throw new CowBackingMismatchException(
+                $"{overlay}: the backing file {backing} is {actualSize} bytes, but the COW header says {header.Size}: it changed since the overlay was made. {hint}");
+        }
+        if (actualMTime != header.MTime)
+        {
+            throw new CowBackingMismatchException(
+                $"{overlay}: the backing file {backing} was modified at {Time(actualMTime)}, but the COW header says {Time(header.MTime)}: it changed since the overlay was made. {hint}");
+        }
+    }
+
+    private static string Time(long t) => string.Create(CultureInfo.InvariantCulture, $"{DateTimeOffset.FromUnixTimeSeconds(t):yyyy-MM-dd HH:mm:ss} UTC ({t})");
+
+    public override int Read(Span<byte> buffer, long offset)
+    {
+        if (offset < 0 || offset + buffer.Length > Size)
+        {
+            return -Errno.EINVAL;
+        }
+        var first = offset >> _sectorShift;
+        var end = (offset + buffer.Length + Header.SectorSize - 1) >> _sectorShift;
+        var done = 0;
+        var s = first;
+        while (s < end)
+        {
+            var runEnd = _bitmap.RunEnd(s, end, out var inCow);
+            var runBytes = (int)(Math.Min((runEnd << _sectorShift) - offset, buffer.Length) - done);
+            var pos = offset + done;
+            var r = inCow
+                ? _cow.ReadFull(buffer.Slice(done, runBytes), _dataOffset + pos)
+                : _backing.ReadFull(buffer.Slice(done, runBytes), pos);
+            if (r < 0)
+            {
+                return r;
+            }
+            done += runBytes;
+            s = runEnd;
+        }
+        return buffer.Length;
+    }
+
+    public override int Write(ReadOnlySpan<byte> data, long offset)
+    {
+        var check = CheckWrite(offset, data.Length);
+        if (check != 0)
+        {
+            return check;
+        }
+        // Data first; the bits only once it is written (see the class comment for the crash argument).
+        var r = _cow.Write(data, _dataOffset + offset);
+        if (r < 0)
+        {
+            return r;
+        }
+        Completed(offset, data.Length);
+        return data.Length;
+    }
+
+    public override int Discard(long offset, long length) => WriteZeroes(offset, length, mayUnmap: true);
+
+    public override int WriteZeroes(long offset, long length, bool mayUnmap)
+    {
+        var check = CheckWrite(offset, length);
+        if (check != 0)
+        {
+            return check;
+        }
+        var r = _cow.Fallocate(mayUnmap ? FallocateModeBits.PunchHole : FallocateModeBits.ZeroRange, _dataOffset + offset, length);
+        if (r == -Errno.EOPNOTSUPP && !mayUnmap)
+        {
+            r = _cow.Fallocate(FallocateModeBits.PunchHole, _dataOffset + offset, length);
+        }
+        if (r == -Errno.EOPNOTSUPP || r == -Errno.ENODEV)
+        {
+            // No fallocate here: writes of zeros, which set the bits through Write.
+            return base.WriteZeroes(offset, length, mayUnmap);
+        }
+        if (r < 0)
+        {
+            return r;
+        }
+        Completed(offset, length);
+        return 0;
+    }
+
+    private int CheckWrite(long offset, long length)
+    {
+        if (_readOnly)
+        {
+            return -Errno.EROFS;
+        }
+        if (offset < 0 || length < 0 || offset + length > Size)
+        {
+            return -Errno.EINVAL;
+        }
+        // A partial sector whose bit is clear would need the rest of it from the backing file.
+        var mask = Header.SectorSize - 1;
+        return ((offset | length) & mask) != 0 ? -Errno.EINVAL : 0;
+    }
+
+    private void Completed(long offset, long length)
+    {
+        _bitmap.SetRange(offset >> _sectorShift, length >> _sectorShift);
+        Interlocked.Increment(ref _completed);
+    }
+
+    /// <summary>Makes every write that completed before the call durable, data and bitmap.</summary>
+    public override int Flush()
+    {
+        if (_readOnly)
+        {
+            return 0;
+        }
+        var target = Volatile.Read(ref _completed);
+        lock (_persistLock)
+        {
+            if (Volatile.Read(ref _durable) >= target)
+            {
+                return 0;
+            }
+            var covered = Volatile.Read(ref _completed);
+            var r = PersistBitmapLocked();
+            if (r < 0)
+            {
+                return r;
+            }
+            r = _cow.Sync();
+            if (r < 0)
+            {
+                return r;
+            }
+            Volatile.Write(ref _durable, covered);
+            return 0;
+        }
+    }
+
+    /// <summary>
+    /// Writes the dirty bitmap pages: copy, fdatasync (the copied bits' data is durable), write.
+    /// Not followed by a sync: a crash may lose these bits, never order them before their data.
+    /// </summary>
+    private int PersistBitmapLocked()
+    {
+        _scratch ??= GC.AllocateUninitializedArray<byte>(PersistBatchPages * CowBitmap.PageBytes);
+        _pageList ??= new int[PersistBatchPages];
+        // One pass over the dirty set, in batches: it takes every page dirtied before it began.
+        var cursor = 0;
+        while (cursor < _bitmap.DirtyWords)
+        {
+            var n = _bitmap.TakeDirty(_pageList, ref cursor);
+            if (n == 0)
+            {
+                continue;
+            }
+            for (var i = 0; i < n; i++)
+            {
+                _bitmap.CopyPage(_pageList[i], _scratch.AsSpan(i * CowBitmap.PageBytes, CowBitmap.PageBytes));
+            }
+            var r = _cow.Sync();
+            for (var i = 0; i < n && r >= 0; i++)
+            {
+                var page = _pageList[i];
+                var snapshot = _scratch.AsSpan(i * CowBitmap.PageBytes, CowBitmap.PageBytes);
+                r = _cow.Write(snapshot[.._bitmap.PageLength(page)], Header.BitmapOffset + ((long)page * CowBitmap.PageBytes));
+                if (r >= 0)
+                {
+                    _bitmap.MarkPersisted(page, snapshot);
+                }
+            }
+            if (r < 0)
+            {
+                for (var i = 0; i < n; i++)
+                {
+                    _bitmap.MarkDirty(_pageList[i]);
+                }
+                return r;
+            }
+        }
+        return 0;
+    }
+
+    private void WritebackLoop(TimeSpan interval)
+    {
+        while (!_stop.Wait(interval))
+        {
+            if (_bitmap.AnyDirty())
+            {
+                // An error leaves the pages dirty; the next flush reports it.
+                _ = WriteBackBitmap();
+            }
+        }
+    }
+
+    /// <summary>One round of the periodic bitmap writeback (no final sync).</summary>
+    internal int WriteBackBitmap()
+    {
+        lock (_persistLock)
+        {
+            return PersistBitmapLocked();
+        }
+    }
+
+    /// <summary>Bits past the last sector may be set in a file another program wrote; they mean nothing.</summary>
+    private void ClearBitsPastEnd()
+    {
+        var bytes = _bitmap.Bytes;
+        var sectors = _bitmap.Sectors;
+        var firstByte = (int)(sectors / 8);
+        if (firstByte < bytes.Length && sectors % 8 != 0)
+        {
+            bytes[firstByte] &= (byte)((1 << (int)(sectors % 8)) - 1);
+            firstByte++;
+        }
+        if (firstByte < bytes.Length)
+        {
+            bytes[firstByte..].Clear();
+        }
+    }
+
+    private static void Check(int r, string what)
+    {
+        if (r < 0)
+        {
+            throw new ErrnoException(-r, what);
+        }
+    }
+
+    protected override void Dispose(bool disposing)
+    {
+        if (Interlocked.Exchange(ref _disposed, 1) != 0)
+        {
+            return;
+        }
+        _stop.Set();
+        _writeback?.Join();
+        try
+        {
+            if (!_readOnly)
+            {
+                Check(Flush(), $"flush {OverlayPath}");
+            }
+        }
+        finally
+        {
+            _cow.Dispose();
+            _backing.Dispose();
+            _stop.Dispose();
+            base.Dispose(disposing);
+        }
+    }
+}

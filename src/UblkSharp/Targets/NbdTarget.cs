@@ -1,0 +1,316 @@
+using System.Net.Sockets;
+using UblkSharp.Interop;
+using UblkSharp.Nbd;
+
+namespace UblkSharp.Targets;
+
+/// <summary>How an <see cref="NbdTarget"/> connects and how long it keeps trying.</summary>
+public sealed record NbdTargetOptions
+{
+    /// <summary>Connections to the server at most (callers beyond wait); 1 if the server lacks CAN_MULTI_CONN.</summary>
+    public int Connections { get; init; } = 8;
+
+    public TimeSpan ConnectTimeout { get; init; } = TimeSpan.FromSeconds(10);
+
+    /// <summary>
+    /// How long one request keeps reconnecting and retrying after the connection breaks before it
+    /// fails with EIO. Once a request has given up, later ones try once each until one gets through.
+    /// </summary>
+    public TimeSpan RetryTimeout { get; init; } = TimeSpan.FromSeconds(30);
+}
+
+/// <summary>
+/// A remote NBD export as a target (like ublksrv's nbd target): each call takes a connection from
+/// a small pool, so a multi-queue device (or several NBD clients of our own server) drives several
+/// connections at once. A broken connection is dropped and the request retried on a new one, with
+/// backoff, for up to <see cref="NbdTargetOptions.RetryTimeout"/>: NBD requests are idempotent, so
+/// replaying one whose reply was lost is safe. Requests larger than the server's maximum are
+/// served in parts (short counts, which callers continue).
+/// </summary>
+public sealed class NbdTarget : BlockTarget
+{
+    private const uint MaxRangeChunk = 1u << 30;
+    private readonly object _lock = new();
+    private readonly Stack<NbdClient> _idle = new();
+    private readonly NbdTargetOptions _options;
+    private readonly int _maxConnections;
+    private readonly uint _maxPayload;
+    private readonly ushort _flags;
+    private readonly long _remoteSize;
+    private int _open;
+    private long _reconnects;
+    private volatile bool _down;
+    private bool _disposed;
+
+    public NbdTarget(NbdUri uri, NbdTargetOptions? options = null)
+    {
+        ArgumentNullException.ThrowIfNull(uri);
+        _options = options ?? new NbdTargetOptions();
+        if (_options.Connections < 1)
+        {
+            throw new ArgumentOutOfRangeException(nameof(options), "an nbd target needs at least one connection");
+        }
+        Uri = uri;
+        var first = NbdClient.Connect(uri, _options.ConnectTimeout);
+        _remoteSize = first.Size;
+        _flags = first.Flags;
+        _maxPayload = Math.Max(first.MaximumPayload, 4096);
+        MinimumBlockSize = (int)Math.Clamp(first.MinimumBlockSize, 1, 4096);
+        // ublk sizes are whole sectors: a tail shorter than one is not part of the device.
+        Size = first.Size & ~511L;
+        if (Size == 0)
+        {
+            first.Dispose();
+            throw new ArgumentException($"{uri}: the export is {first.Size} bytes; a device needs at least 512");
+        }
+        // Without CAN_MULTI_CONN one connection's flush need not cover another's writes: use one.
+        _maxConnections = first.CanMultiConn ? _options.Connections : 1;
+        _idle.Push(first);
+        _open = 1;
+    }
+
+    public NbdUri Uri { get; }
+
+    public override long Size { get; }
+
+    public override string Kind => "nbd";
+
+    public override IReadOnlyDictionary<string, string> Recipe => new Dictionary<string, string> { ["uri"] = Uri.Text };
+
+    /// <summary>The server's minimum block size (1 if it gave none).</summary>
+    public int MinimumBlockSize { get; }
+
+    /// <summary>Connections dropped and made again after a failure.</summary>
+    public long Reconnects => Interlocked.Read(ref _reconnects);
+
+    public int OpenConnections
+    {
+        get
+        {
+            lock (_lock)
+            {
+                return _open;
+            }
+        }
+    }
+
+    /// <summary>The data lives on the server: a new daemon that reconnects sees all of it.</summary>
+    public override bool SurvivesRestart => true;
+
+    public override int LogicalBlockSize => Math.Max(512, MinimumBlockSize);
+
+    public override bool IsReadOnly => (_flags & NbdProtocol.FlagReadOnly) != 0;
+
+    public override bool HasVolatileCache => (_flags & NbdProtocol.FlagSendFlush) != 0;
+
+    public override bool HasNativeFua => (_flags & NbdProtocol.FlagSendFua) != 0;
+
+    public override bool CanDiscard => !IsReadOnly && (_flags & NbdProtocol.FlagSendTrim) != 0;
+
+    /// <summary>False: a zero is passed on without FAST_ZERO, so whether it is fast is the server's business.</summary>
+    public override bool CanFastZero => false;
+
+    public override bool IsRotational => (_flags & NbdProtocol.FlagRotational) != 0;
+
+    public override int Read(Span<byte> buffer, long offset)
+    {
+        var n = (int)Math.Min(buffer.Length, _maxPayload);
+        var r = Call(Op.Read, buffer[..n], ReadOnlySpan<byte>.Empty, offset, (uint)n, false);
+        return r < 0 ? r : n;
+    }
+
+    public override int Write(ReadOnlySpan<byte> data, long offset) => Write(data, offset, false);
+
+    public override int WriteFua(ReadOnlySpan<byte> data, long offset) => HasNativeFua ? Write(data, offset, true) : base.WriteFua(data, offset);
+
+    private int Write(ReadOnlySpan<byte> data, long offset, bool fua)
+    {
+        if (IsReadOnly)
+        {
+            return -Errno.EROFS;
+        }
+        var n = (int)Math.Min(data.Length, _maxPayload);
+        var r = Call(Op.Write, Span<byte>.Empty, data[..n], offset, (uint)n, fua);
+        return r < 0 ? r : n;
+    }
+
+    public override int Flush() => HasVolatileCache ? Call(Op.Flush, Span<byte>.Empty, ReadOnlySpan<byte>.Empty, 0, 0, false) : 0;
+
+    public override int Discard(long offset, long length) => CanDiscard ? Ranges(Op.Trim, offset, length) : -Errno.EOPNOTSUPP;
+
+    public override int WriteZeroes(long offset, long length, bool mayUnmap)
+    {
+        if (IsReadOnly)
+        {
+            return -Errno.EROFS;
+        }
+        if ((_flags & NbdProtocol.FlagSendWriteZeroes) == 0)
+        {
+            return base.WriteZeroes(offset, length, mayUnmap);
+        }
+        return Ranges(mayUnmap ? Op.Zero : Op.ZeroNoHole, offset, length);
+    }
+
+    public override int Cache(long offset, long length) => (_flags & NbdProtocol.FlagSendCache) != 0 ? Ranges(Op.Cache, offset, length) : 0;
+
+    private int Ranges(Op op, long offset, long length)
+    {
+        while (length > 0)
+        {
+            var n = (uint)Math.Min(length, MaxRangeChunk);
+            var r = Call(op, Span<byte>.Empty, ReadOnlySpan<byte>.Empty, offset, n, false);
+            if (r < 0)
+            {
+                return r;
+            }
+            offset += n;
+            length -= n;
+        }
+        return 0;
+    }
+
+    private enum Op
+    {
+        Read,
+        Write,
+        Flush,
+        Trim,
+        Zero,
+        ZeroNoHole,
+        Cache,
+    }
+
+    private int Call(Op op, Span<byte> readBuffer, ReadOnlySpan<byte> writeData, long offset, uint length, bool fua)
+    {
+        // After a request has given up, the next ones try once each until the server is back.
+        var deadline = Environment.TickCount64 + (_down ? 0 : (long)_options.RetryTimeout.TotalMilliseconds);
+        var backoff = 50;
+        while (true)
+        {
+            NbdClient? client = null;
+            try
+            {
+                client = Acquire();
+                var r = op switch
+                {
+                    Op.Read => client.Read(readBuffer, offset),
+                    Op.Write => client.Write(writeData, offset, fua),
+                    Op.Flush => client.Flush(),
+                    Op.Trim => client.Trim(offset, length, false),
+                    Op.Zero => client.WriteZeroes(offset, length, mayUnmap: true, fua: false, fast: false),
+                    Op.ZeroNoHole => client.WriteZeroes(offset, length, mayUnmap: false, fua: false, fast: false),
+                    Op.Cache => client.Cache(offset, length),
+                    _ => -Errno.EINVAL,
+                };
+                Release(client);
+                _down = false;
+                return r;
+            }
+            catch (Exception e) when (e is IOException or SocketException or ObjectDisposedException)
+            {
+                if (client is not null)
+                {
+                    Drop(client);
+                }
+                if (_disposed)
+                {
+                    return -Errno.EIO;
+                }
+                if (e is NbdHandshakeException)
+                {
+                    // The server is back but refuses the export: retrying will not help.
+                    _down = true;
+                    return -Errno.EIO;
+                }
+            }
+            if (Environment.TickCount64 >= deadline)
+            {
+                _down = true;
+                return -Errno.EIO;
+            }
+            Thread.Sleep((int)Math.Min(backoff, Math.Max(1, deadline - Environment.TickCount64)));
+            backoff = Math.Min(backoff * 2, 1000);
+        }
+    }
+
+    private NbdClient Acquire()
+    {
+        lock (_lock)
+        {
+            while (true)
+            {
+                ObjectDisposedException.ThrowIf(_disposed, this);
+                if (_idle.Count > 0)
+                {
+                    return _idle.Pop();
+                }
+                if (_open < _maxConnections)
+                {
+                    _open++;
+                    break;
+                }
+                Monitor.Wait(_lock);
+            }
+        }
+        try
+        {
+            var client = NbdClient.Connect(Uri, _options.ConnectTimeout);
+            if (client.Size != _remoteSize)
+            {
+                client.Dispose();
+                throw new NbdHandshakeException($"{Uri}: the export's size changed from {_remoteSize} to {client.Size} bytes");
+            }
+            return client;
+        }
+        catch
+        {
+            lock (_lock)
+            {
+                _open--;
+                Monitor.Pulse(_lock);
+            }
+            throw;
+        }
+    }
+
+    private void Release(NbdClient client)
+    {
+        lock (_lock)
+        {
+            _idle.Push(client);
+            Monitor.Pulse(_lock);
+        }
+    }
+
+    private void Drop(NbdClient client)
+    {
+        client.Dispose();
+        Interlocked.Increment(ref _reconnects);
+        lock (_lock)
+        {
+            _open--;
+            // The others were opened to the same server and most likely broke with it.
+            while (_idle.Count > 0)
+            {
+                _idle.Pop().Dispose();
+                _open--;
+            }
+            Monitor.PulseAll(_lock);
+        }
+    }
+
+    protected override void Dispose(bool disposing)
+    {
+        lock (_lock)
+        {
+            _disposed = true;
+            while (_idle.Count > 0)
+            {
+                _idle.Pop().Dispose();
+                _open--;
+            }
+            Monitor.PulseAll(_lock);
+        }
+        base.Dispose(disposing);
+    }
+}

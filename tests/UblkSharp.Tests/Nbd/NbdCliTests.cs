@@ -1,0 +1,158 @@
+using System.Diagnostics;
+using System.Net;
+using System.Net.Sockets;
+using UblkSharp.Interop;
+
+namespace UblkSharp.Tests.Nbd;
+
+/// <summary>`ublksharp serve` and `ublksharp add -t nbd` from the command line (no ublk driver needed).</summary>
+public class NbdCliTests
+{
+    [Theory]
+    [InlineData("--listen 127.0.0.1:10809", "bad listen address '127.0.0.1:10809'")]
+    [InlineData("--listen tcp://example.com:1", "is not an IP address")]
+    [InlineData("--listen tcp://127.0.0.1:77777", "the port must be a number from 0 to 65535")]
+    [InlineData("--listen unix://relative", "needs an absolute path")]
+    [InlineData("--listen unix:///tmp/x.sock --execution fast", "bad --execution 'fast'")]
+    [InlineData("--listen unix:///tmp/x.sock --workers 0", "Workers must be 1 to 1024")]
+    public void BadServeInputGivesOneClearLine(string args, string message)
+    {
+        var (code, stdout, stderr) = Cli($"serve -t mem --size 16M {args}");
+        Assert.Equal(1, code);
+        Assert.Equal("", stdout);
+        var line = Assert.Single(stderr.Trim().Split('\n'));
+        Assert.StartsWith("ublksharp: ", line, StringComparison.Ordinal);
+        Assert.Contains(message, line, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public void ServeRefusesAPathThatIsNotASocketAndAPortInUse()
+    {
+        var dir = Directory.CreateTempSubdirectory("ublksharp-cli-");
+        try
+        {
+            var file = Path.Combine(dir.FullName, "precious");
+            File.WriteAllText(file, "keep me");
+            var (code, _, stderr) = Cli($"serve -t mem --size 16M --listen unix://{file}");
+            Assert.Equal(1, code);
+            Assert.Contains("exists and is not a socket", stderr, StringComparison.Ordinal);
+            Assert.Equal("keep me", File.ReadAllText(file));
+            using var busy = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+            busy.Bind(new IPEndPoint(IPAddress.Loopback, 0));
+            busy.Listen(1);
+            var port = ((IPEndPoint)busy.LocalEndPoint!).Port;
+            (code, _, stderr) = Cli($"serve -t mem --size 16M --listen tcp://127.0.0.1:{port}");
+            Assert.Equal(1, code);
+            Assert.Contains($"cannot listen on tcp://127.0.0.1:{port}", stderr, StringComparison.Ordinal);
+            Assert.Single(stderr.Trim().Split('\n'));
+        }
+        finally
+        {
+            dir.Delete(recursive: true);
+        }
+    }
+
+    [Fact]
+    public void ServeExportsUntilSigterm()
+    {
+        var dir = Directory.CreateTempSubdirectory("ublksharp-cli-");
+        var socket = Path.Combine(dir.FullName, "s.sock");
+        var image = Path.Combine(dir.FullName, "disk.img");
+        File.WriteAllBytes(image, new byte[8 << 20]);
+        var psi = CliStart($"serve -t loop -f {image} --listen unix://{socket} --export disk --description \"a test disk\"");
+        using var p = Process.Start(psi)!;
+        try
+        {
+            var first = p.StandardOutput.ReadLine();
+            Assert.Equal($"unix://{socket}", first);
+            var uri = $"nbd+unix:///disk?socket={socket}";
+            Assert.Contains("a test disk", Tools.Ok("nbdinfo", uri), StringComparison.Ordinal);
+            var output = Tools.Ok("qemu-io", "-f", "raw", "-c", "write -P 0x7e 1M 64k", "-c", "flush", uri);
+            Assert.DoesNotContain("fail", output, StringComparison.OrdinalIgnoreCase);
+            Processes.Signal(p.Id, 15);
+            Assert.True(p.WaitForExit(20_000), "serve did not stop on SIGTERM");
+            Assert.Equal(0, p.ExitCode);
+            Assert.False(File.Exists(socket), "the socket was left behind");
+            var bytes = File.ReadAllBytes(image);
+            Assert.True(bytes.AsSpan(1 << 20, 65536).IndexOfAnyExcept((byte)0x7e) < 0, "the write did not reach the file");
+        }
+        finally
+        {
+            if (!p.HasExited)
+            {
+                p.Kill();
+            }
+            dir.Delete(recursive: true);
+        }
+    }
+
+    [Theory]
+    [InlineData("add -t nbd", "the nbd target needs --uri")]
+    [InlineData("add -t nbd --uri nbd:/x", "bad NBD URI 'nbd:/x'")]
+    [InlineData("add -t nbd --uri nbds://127.0.0.1/x", "TLS (nbds) is not supported")]
+    [InlineData("add -t nbd --uri nbd+unix:///x?socket=/nonexistent/nbd.sock", "cannot connect to nbd+unix:///x?socket=/nonexistent/nbd.sock")]
+    [InlineData("serve -t nbd --uri nbd+unix:///?socket=/nonexistent/nbd.sock --listen tcp://127.0.0.1:0", "cannot connect to")]
+    public void BadNbdTargetInputGivesOneClearLine(string args, string message)
+    {
+        var (code, _, stderr) = Cli(args);
+        Assert.NotEqual(0, code);
+        var line = Assert.Single(stderr.Trim().Split('\n'));
+        Assert.Contains(message, line, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public void ServeCanExportAnNbdTargetInFrontOfNbdkit()
+    {
+        using var nbdkit = new Nbdkit("memory", "8M");
+        var dir = Directory.CreateTempSubdirectory("ublksharp-cli-");
+        var socket = Path.Combine(dir.FullName, "proxy.sock");
+        using var p = Process.Start(CliStart($"serve -t nbd --uri nbd+unix:///?socket={nbdkit.SocketPath} --listen unix://{socket}"))!;
+        try
+        {
+            Assert.Equal($"unix://{socket}", p.StandardOutput.ReadLine());
+            var output = Tools.Ok("qemu-io", "-f", "raw", "-c", "write -P 0x19 0 1M", "-c", "read -P 0x19 0 1M", $"nbd+unix:///?socket={socket}");
+            Assert.DoesNotContain("fail", output, StringComparison.OrdinalIgnoreCase);
+        }
+        finally
+        {
+            Processes.Signal(p.Id, 15);
+            p.WaitForExit(20_000);
+            dir.Delete(recursive: true);
+        }
+    }
+
+    private static string CliDll
+    {
+        get
+        {
+            for (var d = new DirectoryInfo(AppContext.BaseDirectory); d is not null; d = d.Parent)
+            {
+                if (File.Exists(Path.Combine(d.FullName, "UblkSharp.slnx")))
+                {
+                    return Path.Combine(d.FullName, "src", "UblkSharp.Cli", "bin", "Release", "net10.0", "UblkSharp.Cli.dll");
+                }
+            }
+            throw new InvalidOperationException("repository root not found");
+        }
+    }
+
+    private static ProcessStartInfo CliStart(string args)
+    {
+        Assert.True(File.Exists(CliDll), $"{CliDll} is missing: build the solution in Release first");
+        return new ProcessStartInfo("dotnet", $"{CliDll} {args}") { RedirectStandardOutput = true, RedirectStandardError = true };
+    }
+
+    private static (int Code, string Stdout, string Stderr) Cli(string args)
+    {
+        using var p = Process.Start(CliStart(args))!;
+        var stdout = p.StandardOutput.ReadToEndAsync();
+        var stderr = p.StandardError.ReadToEndAsync();
+        if (!p.WaitForExit(60_000))
+        {
+            p.Kill();
+            Assert.Fail($"ublksharp {args} did not finish within 60 s");
+        }
+        p.WaitForExit();
+        return (p.ExitCode, stdout.Result, stderr.Result);
+    }
+}

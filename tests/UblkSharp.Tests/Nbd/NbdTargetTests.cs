@@ -1,0 +1,262 @@
+using System.Diagnostics;
+using UblkSharp.Interop;
+using UblkSharp.Nbd;
+using UblkSharp.Targets;
+
+namespace UblkSharp.Tests.Nbd;
+
+/// <summary>The nbd target (a remote export as a BlockTarget) against nbdkit and against our own server.</summary>
+public class NbdTargetTests
+{
+    [Fact]
+    public void RoundTripsAgainstNbdkitsMemoryPlugin()
+    {
+        using var nbdkit = new Nbdkit("memory", "32M");
+        using var target = new NbdTarget(NbdUri.Unix(nbdkit.SocketPath));
+        Assert.Equal(32L << 20, target.Size);
+        Assert.Equal("nbd", target.Kind);
+        Assert.Equal($"nbd+unix:///?socket={nbdkit.SocketPath}", target.Recipe["uri"]);
+        Exercise(target);
+    }
+
+    [Fact]
+    public void RoundTripsAgainstOurServerAndOverTcp()
+    {
+        using var s = new TestServer(new MemoryTarget(32 << 20), "remote", tcp: true);
+        using var target = new NbdTarget(NbdUri.Parse(s.Uri));
+        Assert.True(target.CanDiscard);
+        Assert.True(target.HasVolatileCache);
+        Exercise(target);
+    }
+
+    [Fact]
+    public void ManyCallersUseSeveralConnectionsAndSeeOneAnother()
+    {
+        using var s = new TestServer(new MemoryTarget(32 << 20));
+        using var target = new NbdTarget(NbdUri.Parse(s.Uri), new NbdTargetOptions { Connections = 4 });
+        var threads = Enumerable.Range(0, 8).Select(t => new Thread(() =>
+        {
+            var data = new byte[65536];
+            var back = new byte[65536];
+            for (var i = 0; i < 50; i++)
+            {
+                Array.Fill(data, (byte)(t + i));
+                var offset = ((t * 50) + i) * 65536L;
+                Assert.Equal(data.Length, target.Write(data, offset));
+                Assert.Equal(back.Length, target.Read(back, offset));
+                Assert.Equal(data, back);
+            }
+        })).ToList();
+        threads.ForEach(t => t.Start());
+        threads.ForEach(t => t.Join());
+        Assert.InRange(target.OpenConnections, 2, 4);
+        Assert.True(s.Server.ConnectionsAccepted >= 2);
+    }
+
+    [Fact]
+    public void OurServerCanExportAnNbdTarget()
+    {
+        // nbdkit -> nbd target -> our server -> qemu-io: the same target code on both sides.
+        using var nbdkit = new Nbdkit("memory", "16M");
+        using var s = new TestServer(new NbdTarget(NbdUri.Unix(nbdkit.SocketPath)), "proxy");
+        var output = Tools.Ok("qemu-io", "-f", "raw", "-c", "write -P 0x61 0 2M", "-c", "read -P 0x61 0 2M", "-c", "write -z 4M 1M", "-c", "read -P 0 4M 1M", s.Uri);
+        Assert.DoesNotContain("fail", output, StringComparison.OrdinalIgnoreCase);
+        var direct = Tools.Ok("qemu-io", "-f", "raw", "-c", "read -P 0x61 0 2M", $"nbd+unix:///?socket={nbdkit.SocketPath}");
+        Assert.DoesNotContain("fail", direct, StringComparison.OrdinalIgnoreCase);
+    }
+
+    [Fact]
+    public void ALostConnectionIsRetriedWithoutFailingTheRequest()
+    {
+        using var memory = new MemoryTarget(8 << 20);
+        using var server = new TestServer(memory, ownsTarget: false);
+        var path = server.SocketPath;
+        using var target = new NbdTarget(NbdUri.Unix(path), new NbdTargetOptions { RetryTimeout = TimeSpan.FromSeconds(20) });
+        var data = Enumerable.Repeat((byte)0x77, 4096).ToArray();
+        Assert.Equal(4096, target.Write(data, 0));
+        // The server goes away and comes back 700 ms later on the same socket.
+        server.Server.Dispose();
+        using var again = new RestartLater(memory, path, TimeSpan.FromMilliseconds(700));
+        var back = new byte[4096];
+        var clock = Stopwatch.StartNew();
+        Assert.Equal(4096, target.Read(back, 0)); // waits for the server, then succeeds
+        Assert.InRange(clock.Elapsed, TimeSpan.FromMilliseconds(500), TimeSpan.FromSeconds(15));
+        Assert.Equal(data, back);
+        Assert.Equal(4096, target.Write(data, 8192));
+        Assert.True(target.Reconnects >= 1);
+    }
+
+    [Fact]
+    public void RetriesStopAtTheBoundAndLaterRequestsFailFast()
+    {
+        var memory = new MemoryTarget(8 << 20);
+        var server = new TestServer(memory);
+        using var target = new NbdTarget(NbdUri.Unix(server.SocketPath), new NbdTargetOptions { RetryTimeout = TimeSpan.FromSeconds(1) });
+        server.Dispose();
+        var buffer = new byte[4096];
+        var clock = Stopwatch.StartNew();
+        Assert.Equal(-Errno.EIO, target.Read(buffer, 0));
+        Assert.InRange(clock.Elapsed, TimeSpan.FromMilliseconds(800), TimeSpan.FromSeconds(5));
+        clock.Restart();
+        Assert.Equal(-Errno.EIO, target.Write(buffer, 0));
+        Assert.True(clock.Elapsed < TimeSpan.FromMilliseconds(800), $"the second failure took {clock.Elapsed}");
+    }
+
+    [Fact]
+    public void UnreachableOrRefusingServersGiveClearErrors()
+    {
+        var dir = Path.Combine(Path.GetTempPath(), $"ublksharp-nbdt-{Guid.NewGuid():N}");
+        var e = Assert.Throws<IOException>(() => new NbdTarget(NbdUri.Unix(Path.Combine(dir, "none.sock"))));
+        Assert.Contains("cannot connect to nbd+unix:///?socket=", e.Message, StringComparison.Ordinal);
+        using var s = new TestServer(new MemoryTarget(1 << 20), "disk");
+        var refused = Assert.Throws<NbdHandshakeException>(() => new NbdTarget(NbdUri.Unix(s.SocketPath, "other")));
+        Assert.Contains("no export 'other'", refused.Message, StringComparison.Ordinal);
+        var factory = Assert.Throws<ArgumentException>(() => TargetFactory.Create("nbd", new Dictionary<string, string>()));
+        Assert.Contains("--uri", factory.Message, StringComparison.Ordinal);
+        Assert.Throws<ArgumentException>(() => TargetFactory.Create("nbd", new Dictionary<string, string> { ["uri"] = "http://x" }));
+    }
+
+    [Theory]
+    [InlineData("nbd://127.0.0.1/disk", "tcp://127.0.0.1:10809", "disk")]
+    [InlineData("nbd://127.0.0.1:1234", "tcp://127.0.0.1:1234", "")]
+    [InlineData("nbd://[::1]:99/a%20b", "tcp://[::1]:99", "a b")]
+    [InlineData("nbd+unix:///?socket=/run/x.sock", "unix:///run/x.sock", "")]
+    [InlineData("nbd+unix:///exp?socket=/tmp/s", "unix:///tmp/s", "exp")]
+    public void UrisParse(string text, string address, string export)
+    {
+        var uri = NbdUri.Parse(text);
+        Assert.Equal(address, uri.Address.ToString());
+        Assert.Equal(export, uri.ExportName);
+    }
+
+    [Theory]
+    [InlineData("")]
+    [InlineData("127.0.0.1:10809")]
+    [InlineData("http://127.0.0.1/")]
+    [InlineData("nbds://127.0.0.1/")]
+    [InlineData("nbd+unix:///disk")]
+    [InlineData("nbd+unix://host/?socket=/x")]
+    [InlineData("nbd://:10809/")]
+    [InlineData("nbd://127.0.0.1:99999/")]
+    [InlineData("nbd://::1/")]
+    [InlineData("nbd://127.0.0.1/?socket=/x")]
+    [InlineData("nbd://127.0.0.1/?bogus=1")]
+    public void BadUrisAreRefusedWithAReason(string text)
+    {
+        var e = Assert.Throws<ArgumentException>(() => NbdUri.Parse(text));
+        Assert.StartsWith("bad NBD URI", e.Message, StringComparison.Ordinal);
+    }
+
+    [Theory]
+    [InlineData("tcp://127.0.0.1:10809", "tcp://127.0.0.1:10809")]
+    [InlineData("tcp://127.0.0.1", "tcp://127.0.0.1:10809")]
+    [InlineData("tcp://[::1]:0", "tcp://[::1]:0")]
+    [InlineData("tcp://localhost:5", "tcp://localhost:5")]
+    [InlineData("unix:///tmp/a.sock", "unix:///tmp/a.sock")]
+    public void ListenAddressesParse(string text, string canonical) => Assert.Equal(canonical, NbdAddress.ParseListen(text).ToString());
+
+    [Theory]
+    [InlineData("127.0.0.1:10809")]
+    [InlineData("tcp://example.com:10809")]
+    [InlineData("tcp://127.0.0.1:70000")]
+    [InlineData("tcp://127.0.0.1:x")]
+    [InlineData("tcp://::1:5")]
+    [InlineData("unix://relative.sock")]
+    [InlineData("unix:///")]
+    [InlineData("udp://127.0.0.1:1")]
+    public void BadListenAddressesAreRefusedWithAReason(string text)
+    {
+        var e = Assert.Throws<ArgumentException>(() => NbdAddress.ParseListen(text));
+        Assert.StartsWith("bad ", e.Message, StringComparison.Ordinal);
+    }
+
+    private static void Exercise(NbdTarget target)
+    {
+        var data = new byte[1 << 20];
+        new Random(1).NextBytes(data);
+        Assert.Equal(data.Length, target.Write(data, 1 << 20));
+        Assert.Equal(4096, target.WriteFua(data.AsSpan(0, 4096), 8 << 20));
+        Assert.Equal(0, target.Flush());
+        var back = new byte[data.Length];
+        Assert.Equal(back.Length, target.Read(back, 1 << 20));
+        Assert.Equal(data, back);
+        Assert.Equal(0, target.WriteZeroes(1 << 20, 65536, mayUnmap: false));
+        Assert.Equal(0, target.Discard(2 << 20, 65536));
+        Assert.Equal(0, target.Cache(0, 1 << 20));
+        Assert.Equal(65536, target.Read(back.AsSpan(0, 65536), 1 << 20));
+        Assert.True(back.AsSpan(0, 65536).IndexOfAnyExcept((byte)0) < 0);
+        Assert.Equal(-Errno.EINVAL, target.Read(back.AsSpan(0, 4096), target.Size)); // the server refuses: past the end
+    }
+
+    /// <summary>Starts a server on a socket path after a delay, in the background.</summary>
+    private sealed class RestartLater : IDisposable
+    {
+        private readonly Thread _thread;
+        private NbdServer? _server;
+
+        public RestartLater(BlockTarget target, string path, TimeSpan delay)
+        {
+            _thread = new Thread(() =>
+            {
+                Thread.Sleep(delay);
+                _server = NbdServer.Start(NbdAddress.Unix(path), new NbdExport("", target));
+            });
+            _thread.Start();
+        }
+
+        public void Dispose()
+        {
+            _thread.Join();
+            _server?.Dispose();
+        }
+    }
+}
+
+/// <summary>nbdkit serving a plugin on a Unix socket in a temporary directory, for one test.</summary>
+internal sealed class Nbdkit : IDisposable
+{
+    private readonly Process _process;
+    private readonly string _dir;
+
+    public Nbdkit(params string[] pluginArgs)
+    {
+        _dir = Path.Combine(Path.GetTempPath(), $"ublksharp-nbdkit-{Guid.NewGuid():N}"[..34]);
+        Directory.CreateDirectory(_dir);
+        SocketPath = Path.Combine(_dir, "nbdkit.sock");
+        var psi = new ProcessStartInfo(Tools.Require("nbdkit")) { RedirectStandardError = true, RedirectStandardOutput = true };
+        foreach (var a in (string[])["-f", "--exit-with-parent", "-U", SocketPath, .. pluginArgs])
+        {
+            psi.ArgumentList.Add(a);
+        }
+        _process = Process.Start(psi)!;
+        var clock = Stopwatch.StartNew();
+        while (!File.Exists(SocketPath))
+        {
+            if (_process.HasExited)
+            {
+                Assert.Fail($"nbdkit exited: {_process.StandardError.ReadToEnd()}");
+            }
+            Assert.True(clock.Elapsed < TimeSpan.FromSeconds(20), "nbdkit did not start");
+            Thread.Sleep(20);
+        }
+    }
+
+    public string SocketPath { get; }
+
+    public void Dispose()
+    {
+        if (!_process.HasExited)
+        {
+            _process.Kill();
+            _process.WaitForExit(10_000);
+        }
+        _process.Dispose();
+        try
+        {
+            Directory.Delete(_dir, recursive: true);
+        }
+        catch (IOException)
+        {
+        }
+    }
+}

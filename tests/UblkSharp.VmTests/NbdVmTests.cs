@@ -1,0 +1,225 @@
+using System.Diagnostics;
+using UblkSharp.Interop;
+using UblkSharp.Nbd;
+using UblkSharp.Targets;
+
+namespace UblkSharp.VmTests;
+
+/// <summary>
+/// NBD against the real kernel: the kernel's nbd client on our server, the nbd target as a ublk
+/// device in front of nbdkit and of our own server, and one daemon serving a target as a ublk
+/// device and an NBD export at once. Unix sockets only: the guest has no network.
+/// </summary>
+public class NbdVmTests
+{
+    [Fact]
+    public void KernelNbdClientGetsAnExt4FileSystemThatChecksClean()
+    {
+        using var target = new MemoryTarget(256 << 20);
+        var socket = $"/tmp/ublksharp-nbd-{Guid.NewGuid():N}"[..30] + ".sock";
+        using var server = NbdServer.Start(NbdAddress.Unix(socket), new NbdExport("disk", target));
+        var device = FreeNbdDevice();
+        var mnt = Directory.CreateTempSubdirectory("ublksharp-nbd-mnt-").FullName;
+        try
+        {
+            // Two connections: the export offers CAN_MULTI_CONN.
+            VmEnvironment.ShOk($"nbd-client -u {socket} {device} -N disk -b 4096 -C 2", TimeSpan.FromMinutes(1));
+            Assert.True(VmEnvironment.WaitFor(() => SectorsOf(device) == (256 << 20) / 512, TimeSpan.FromSeconds(20)), $"{device} did not take the export's size");
+            VmEnvironment.ShOk($"mkfs.ext4 -q -F {device} && e2fsck -f -n {device}", TimeSpan.FromMinutes(5));
+            var sums = VmEnvironment.ShOk(
+                $"mount {device} {mnt} && head -c 24M /dev/urandom > {mnt}/a && cp {mnt}/a {mnt}/b && mkdir {mnt}/d && " +
+                $"for i in $(seq 1 50); do echo $i > {mnt}/d/$i; done && sync && sha256sum {mnt}/a {mnt}/b | cut -c1-64 && umount {mnt}",
+                TimeSpan.FromMinutes(5)).Split('\n', StringSplitOptions.RemoveEmptyEntries);
+            Assert.Equal(2, sums.Length);
+            Assert.Equal(sums[0], sums[1]);
+            VmEnvironment.ShOk($"e2fsck -f -n {device}", TimeSpan.FromMinutes(5));
+            // Remount and read back through a cold cache.
+            VmEnvironment.ShOk($"echo 3 > /proc/sys/vm/drop_caches; mount {device} {mnt} && [ \"$(sha256sum < {mnt}/a | cut -c1-64)\" = {sums[0]} ] && [ $(ls {mnt}/d | wc -l) = 50 ] && umount {mnt}", TimeSpan.FromMinutes(5));
+            VmEnvironment.ShOk($"nbd-client -d {device}", TimeSpan.FromMinutes(1));
+            Assert.True(VmEnvironment.WaitFor(() => server.ActiveConnections == 0, TimeSpan.FromSeconds(20)), "the kernel's connections did not close");
+            Assert.True(server.ConnectionsAccepted >= 2, $"{server.ConnectionsAccepted} connections");
+            Assert.Equal(0, server.InternalErrors);
+            Assert.Equal(0, server.ProtocolErrors);
+        }
+        finally
+        {
+            if (VmEnvironment.IsMounted(mnt))
+            {
+                VmEnvironment.Sh($"umount -l {mnt}");
+            }
+            VmEnvironment.Sh($"nbd-client -d {device}");
+            Directory.Delete(mnt);
+        }
+    }
+
+    [Fact]
+    public void NbdTargetInFrontOfNbdkitPassesFioVerify()
+    {
+        VmEnvironment.RequireDriver();
+        var socket = $"/tmp/ublksharp-kit-{Guid.NewGuid():N}"[..30] + ".sock";
+        using var nbdkit = StartNbdkit(socket, "memory", "256M");
+        try
+        {
+            var dev = CliDevices.Add($"-t nbd --uri nbd+unix:///?socket={socket} -q 2");
+            var r = Fio.Verify(dev, "32M", TimeSpan.FromMinutes(6));
+            Assert.True(r.ExitCode == 0 && r.Error == 0, r.ToString());
+            Assert.True(r.WriteIos > 0 && r.ReadIos > 0, r.ToString());
+            CliDevices.Del(CliDevices.IdOf(dev));
+        }
+        finally
+        {
+            CliDevices.CleanUp();
+            Stop(nbdkit);
+        }
+    }
+
+    [Fact]
+    public void NbdTargetInFrontOfOurServerPassesFioVerifyAcrossAServerRestart()
+    {
+        VmEnvironment.RequireDriver();
+        using var memory = new MemoryTarget(256 << 20);
+        var socket = $"/tmp/ublksharp-our-{Guid.NewGuid():N}"[..30] + ".sock";
+        var server = NbdServer.Start(NbdAddress.Unix(socket), new NbdExport("disk", memory));
+        try
+        {
+            var dev = CliDevices.Add($"-t nbd --uri nbd+unix:///disk?socket={socket} -q 2");
+            var r = Fio.Verify(dev, "32M", TimeSpan.FromMinutes(6));
+            Assert.True(r.ExitCode == 0 && r.Error == 0, r.ToString());
+            // The server goes away for a second in the middle of a verify run: the nbd target
+            // reconnects and replays what was in flight, and fio sees no error.
+            var restart = new Thread(() =>
+            {
+                Thread.Sleep(3000);
+                server.Dispose();
+                Thread.Sleep(1000);
+                server = NbdServer.Start(NbdAddress.Unix(socket), new NbdExport("disk", memory));
+            });
+            restart.Start();
+            r = Fio.Verify(dev, "48M", TimeSpan.FromMinutes(8));
+            restart.Join();
+            Assert.True(r.ExitCode == 0 && r.Error == 0, r.ToString());
+            Assert.True(server.ConnectionsAccepted >= 1, "the nbd target never came back to the restarted server");
+            CliDevices.Del(CliDevices.IdOf(dev));
+        }
+        finally
+        {
+            CliDevices.CleanUp();
+            server.Dispose();
+        }
+    }
+
+    [Fact]
+    public void OneDaemonServesATargetAsUblkAndNbdAtOnce()
+    {
+        VmEnvironment.RequireDriver();
+        var socket = $"/tmp/ublksharp-both-{Guid.NewGuid():N}"[..30] + ".sock";
+        var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
+        foreach (var a in (string[])[VmEnvironment.CliDll, "serve", "-t", "mem", "--size", "64M", "--listen", $"unix://{socket}", "--export", "both", "--ublk", "-q", "2"])
+        {
+            psi.ArgumentList.Add(a);
+        }
+        using var daemon = Process.Start(psi)!;
+        var stderr = new System.Text.StringBuilder();
+        daemon.ErrorDataReceived += (_, e) =>
+        {
+            lock (stderr)
+            {
+                stderr.AppendLine(e.Data);
+            }
+        };
+        daemon.BeginErrorReadLine();
+        try
+        {
+            Assert.Equal($"unix://{socket}", daemon.StandardOutput.ReadLine());
+            var dev = daemon.StandardOutput.ReadLine();
+            Assert.True(dev is not null && dev.StartsWith("/dev/ublkb", StringComparison.Ordinal), $"no device path: {dev}");
+            Assert.True(File.Exists(dev), $"{dev} does not exist");
+            Assert.Contains(CliDevices.IdOf(dev), CliDevices.List().Keys);
+            var uri = $"nbd+unix:///both?socket={socket}";
+            // Written through the device (O_DIRECT), read over NBD; and the other way round.
+            QemuIo($"-n -c 'write -P 0xa5 0 4M' {dev}");
+            QemuIo($"-c 'read -P 0xa5 0 4M' '{uri}'");
+            QemuIo($"-c 'write -P 0x5a 8M 4M' -c 'write -z 12M 1M' '{uri}'");
+            QemuIo($"-n -c 'read -P 0x5a 8M 4M' -c 'read -P 0 12M 1M' {dev}");
+            // Both at once: fio verifies through the device while NBD clients read and write elsewhere.
+            var nbdLoad = new Thread(() =>
+            {
+                for (var i = 0; i < 5; i++)
+                {
+                    QemuIo($"-c 'write -P {i + 1} 40M 8M' -c 'read -P {i + 1} 40M 8M' '{uri}'");
+                }
+            });
+            nbdLoad.Start();
+            var r = Fio.Verify(dev, "16M", TimeSpan.FromMinutes(6));
+            nbdLoad.Join();
+            Assert.True(r.ExitCode == 0 && r.Error == 0, r.ToString());
+            Processes.Signal(daemon.Id, 15);
+            Assert.True(daemon.WaitForExit(60_000), "serve did not stop on SIGTERM");
+            Assert.Equal(0, daemon.ExitCode);
+            Assert.True(VmEnvironment.WaitFor(() => !File.Exists(dev), TimeSpan.FromSeconds(20)), $"{dev} is still there");
+            Assert.False(File.Exists(socket));
+        }
+        finally
+        {
+            if (!daemon.HasExited)
+            {
+                daemon.Kill();
+                daemon.WaitForExit(10_000);
+            }
+            lock (stderr)
+            {
+                VmEnvironment.Log(stderr.ToString());
+            }
+            CliDevices.CleanUp();
+        }
+    }
+
+    private static void QemuIo(string args)
+    {
+        var output = VmEnvironment.ShOk($"qemu-io -f raw {args}", TimeSpan.FromMinutes(3));
+        Assert.DoesNotContain("fail", output, StringComparison.OrdinalIgnoreCase);
+    }
+
+    private static string FreeNbdDevice()
+    {
+        for (var i = 0; i < 16; i++)
+        {
+            if (File.Exists($"/dev/nbd{i}") && !File.Exists($"/sys/block/nbd{i}/pid") && SectorsOf($"/dev/nbd{i}") == 0)
+            {
+                return $"/dev/nbd{i}";
+            }
+        }
+        Assert.Fail("no free /dev/nbdN (is the nbd module loaded?)");
+        return "";
+    }
+
+    private static long SectorsOf(string device)
+    {
+        var path = $"/sys/block/{Path.GetFileName(device)}/size";
+        return File.Exists(path) && long.TryParse(File.ReadAllText(path).Trim(), out var n) ? n : -1;
+    }
+
+    private static Process StartNbdkit(string socket, params string[] plugin)
+    {
+        var psi = new ProcessStartInfo("nbdkit") { RedirectStandardOutput = true, RedirectStandardError = true };
+        foreach (var a in (string[])["-f", "--exit-with-parent", "-U", socket, .. plugin])
+        {
+            psi.ArgumentList.Add(a);
+        }
+        var p = Process.Start(psi)!;
+        if (!VmEnvironment.WaitFor(() => File.Exists(socket) || p.HasExited, TimeSpan.FromSeconds(60)) || p.HasExited)
+        {
+            Assert.Fail($"nbdkit did not start: {(p.HasExited ? p.StandardError.ReadToEnd() : "timeout")}");
+        }
+        return p;
+    }
+
+    private static void Stop(Process p)
+    {
+        if (!p.HasExited)
+        {
+            p.Kill();
+            p.WaitForExit(10_000);
+        }
+    }
+}

@@ -1,0 +1,340 @@
+using System.Diagnostics;
+using System.Text;
+using UblkSharp.Interop;
+using UblkSharp.Runtime;
+using UblkSharp.Targets;
+using UblkSharp.Ublk;
+
+namespace UblkSharp.VmTests;
+
+/// <summary>
+/// Every refusal of recover, add and del says why and changes nothing; and every way a device is
+/// torn down (del of a mounted device, del --force, del of a quiesced device, SIGTERM to a daemon
+/// under load) ends promptly with the device gone and no IO left hanging.
+/// </summary>
+public class TeardownTests
+{
+    private const string Image = "/tmp/ublksharp-teardown.img";
+    private const string Mnt = "/tmp/ublksharp-teardown";
+
+    /// <summary>Runs a refusal test body with an image and no device before or after.</summary>
+    private static void Refusal(Action body)
+    {
+        VmEnvironment.RequireDriver();
+        Lifecycle.CreateImage(Image, 64 << 20);
+        var devices = VmEnvironment.DeviceIds();
+        try
+        {
+            body();
+            Assert.Equal(devices, VmEnvironment.DeviceIds());
+            Assert.True(VmEnvironment.WaitFor(() => VmEnvironment.CliProcesses().Length == 0, TimeSpan.FromSeconds(20)),
+                $"CLI processes left behind: {string.Join(' ', VmEnvironment.CliProcesses())}");
+        }
+        finally
+        {
+            Lifecycle.CleanUp();
+            File.Delete(Image);
+        }
+    }
+
+    /// <summary>A 64 KiB O_DIRECT write and read-back at <paramref name="offset"/>: the device serves.</summary>
+    private static void AssertServes(string dev, long offset)
+    {
+        var data = new byte[64 << 10];
+        new Random((int)offset).NextBytes(data);
+        DirectIo.Write(dev, offset, data);
+        Assert.Equal(data, DirectIo.Read(dev, offset, data.Length));
+    }
+
+    // The two recover refusals below look at a device this process serves with the library: the
+    // CLI's checks read only the kernel's view (flags, state, daemon pid), and an add and a del
+    // through the CLI would cost two process starts each under TCG.
+
+    [Fact]
+    public void RecoverOfALiveDeviceIsRefused() => Refusal(() =>
+    {
+        using var target = new LoopTarget(Image);
+        using var device = UblkDevice.Create(target, new DeviceOptions { Recovery = RecoveryMode.On });
+        Lifecycle.AssertRefused($"recover -n {device.Id}", "is live", $"pid {Environment.ProcessId}");
+        Assert.Equal(DeviceState.Live, Lifecycle.State(device.Id));
+        Assert.Equal(Environment.ProcessId, Lifecycle.DaemonPid(device.Id));
+        AssertServes(device.BlockPath, 1 << 20);
+    });
+
+    [Fact]
+    public void RecoverOfADeviceCreatedWithoutRecoveryIsRefused() => Refusal(() =>
+    {
+        using var target = new MemoryTarget(64 << 20);
+        using var device = UblkDevice.Create(target, new DeviceOptions());
+        Lifecycle.AssertRefused($"recover -n {device.Id}", "without recovery");
+        Assert.Equal(DeviceState.Live, Lifecycle.State(device.Id));
+        AssertServes(device.BlockPath, 1 << 20);
+    });
+
+    [Fact]
+    public void RecoverOfAnUnknownDeviceIsRefused() => Refusal(() => Lifecycle.AssertRefused("recover -n 4093", "no ublk device 4093"));
+
+    [Fact]
+    public void FailIoRecoveryIsRefusedOn612() => Refusal(() =>
+    {
+        Assert.True(VmEnvironment.Is612, $"this test is about Linux 6.12, which lacks USER_RECOVERY_FAIL_IO; the kernel is {VmEnvironment.KernelRelease}");
+        Lifecycle.AssertRefused($"add -t loop -f {Image} --recovery fail-io", "does not offer", "FAIL_IO", "6.13");
+    });
+
+    [Fact]
+    public void MemTargetWithRecoveryIsRefused() => Refusal(() => Lifecycle.AssertRefused("add -t mem --size 64M --recovery on", "mem", "--recovery"));
+
+    [Fact]
+    public void SuperviseWithoutRecoveryIsRefused() => Refusal(() => Lifecycle.AssertRefused($"add -t loop -f {Image} --supervise", "--supervise", "--recovery"));
+
+    [Fact]
+    public void DelOfAMountedDeviceIsRefusedAndTheDeviceKeepsWorking()
+    {
+        VmEnvironment.RequireDriver();
+        Lifecycle.CreateImage(Image, 64 << 20);
+        try
+        {
+            var dev = CliDevices.Add($"-t loop -f {Image} -q 2");
+            var id = CliDevices.IdOf(dev);
+            var pid = Lifecycle.DaemonPid(id);
+            VmEnvironment.ShOk($"mkfs.ext4 -q -F {dev}");
+            Lifecycle.Mount(dev, Mnt);
+            Lifecycle.AssertRefused($"del -n {id}", "busy");
+            Assert.Equal(pid, Lifecycle.DaemonPid(id));
+            Assert.Equal(DeviceState.Live, Lifecycle.State(id));
+            // The file system still works, through the device and back.
+            var data = new byte[1 << 20];
+            new Random(7).NextBytes(data);
+            File.WriteAllBytes(Path.Combine(Mnt, "after-refusal.bin"), data);
+            VmEnvironment.ShOk("sync && echo 3 > /proc/sys/vm/drop_caches");
+            Assert.Equal(data, File.ReadAllBytes(Path.Combine(Mnt, "after-refusal.bin")));
+            Lifecycle.Umount(Mnt);
+            CliDevices.Del(id);
+            Assert.False(Processes.IsAlive(pid), $"the daemon (pid {pid}) outlived del");
+        }
+        finally
+        {
+            Lifecycle.CleanUp(Mnt);
+            File.Delete(Image);
+        }
+    }
+
+    [Fact]
+    public void ForcedDelOfAMountedDeviceFailsItsIoAndFreesTheIdAfterUmount()
+    {
+        VmEnvironment.RequireDriver();
+        Lifecycle.CreateImage(Image, 64 << 20);
+        try
+        {
+            var dev = CliDevices.Add($"-t loop -f {Image} -q 2");
+            var id = CliDevices.IdOf(dev);
+            var pid = Lifecycle.DaemonPid(id);
+            VmEnvironment.ShOk($"mkfs.ext4 -q -F {dev}");
+            Lifecycle.Mount(dev, Mnt);
+            VmEnvironment.ShOk($"dd if=/dev/urandom of={Mnt}/before bs=64k count=16 conv=fsync status=none");
+
+            var sw = Stopwatch.StartNew();
+            var (code, output) = VmEnvironment.RunCli($"del -n {id} --force", TimeSpan.FromMinutes(2));
+            var delTime = sw.Elapsed;
+            Assert.True(code == 0, $"del --force exited {code}:\n{output}");
+            Assert.True(delTime < TimeSpan.FromSeconds(30), $"del --force of a mounted device took {Lifecycle.Seconds(delTime)}");
+            Assert.True(VmEnvironment.WaitFor(() => !Processes.IsAlive(pid), TimeSpan.FromSeconds(10)), $"the daemon (pid {pid}) outlived del --force");
+
+            // IO on the mount now fails, promptly, with EIO.
+            sw.Restart();
+            var (writeCode, writeOutput) = VmEnvironment.Sh($"dd if=/dev/zero of={Mnt}/after bs=64k count=16 oflag=direct conv=fsync", TimeSpan.FromMinutes(1));
+            var (readCode, readOutput) = VmEnvironment.Sh($"dd if={Mnt}/before of=/dev/null bs=64k iflag=direct", TimeSpan.FromMinutes(1));
+            var ioTime = sw.Elapsed;
+            VmEnvironment.Log($"del --force took {Lifecycle.Seconds(delTime)}; then write: exit {writeCode}: {writeOutput.Trim()}; read: exit {readCode}: {readOutput.Trim()} ({Lifecycle.Seconds(ioTime)})");
+            Assert.True(writeCode != 0 && writeOutput.Contains("Input/output error", StringComparison.Ordinal), $"a write on the mount of a deleted device did not fail with EIO: exit {writeCode}: {writeOutput}");
+            Assert.True(readCode != 0 && readOutput.Contains("Input/output error", StringComparison.Ordinal), $"a read on the mount of a deleted device did not fail with EIO: exit {readCode}: {readOutput}");
+
+            // The file system can be unmounted, and then the id is free again.
+            sw.Restart();
+            Lifecycle.Umount(Mnt);
+            Assert.True(VmEnvironment.WaitFor(() => !VmEnvironment.DeviceIds().Contains(id), TimeSpan.FromSeconds(30)), $"device {id} still exists 30 s after the umount");
+            VmEnvironment.Log($"umount took {Lifecycle.Seconds(sw.Elapsed)} with the id freed");
+            Assert.False(File.Exists(DeviceRecord.PathFor(id)), "the device record outlived del --force");
+            var again = CliDevices.Add($"-t loop -f {Image} -n {id}");
+            Assert.Equal($"/dev/ublkb{id}", again);
+            CliDevices.Del(id);
+        }
+        finally
+        {
+            Lifecycle.CleanUp(Mnt);
+            File.Delete(Image);
+        }
+    }
+
+    [Fact]
+    public async Task DelOfAQuiescedDeviceFailsItsHeldIoPromptly()
+    {
+        VmEnvironment.RequireDriver();
+        Lifecycle.CreateImage(Image, 64 << 20);
+        try
+        {
+            var dev = CliDevices.Add($"-t loop -f {Image} -q 2 --recovery on");
+            var id = CliDevices.IdOf(dev);
+            var pid = Lifecycle.DaemonPid(id);
+            Lifecycle.Kill9(pid);
+            Lifecycle.WaitForState(id, DeviceState.Quiesced, TimeSpan.FromSeconds(30));
+            var held = Task.Run(() => DirectIo.Read(dev, 1 << 20, 4096), TestContext.Current.CancellationToken);
+            await Task.Delay(1500, TestContext.Current.CancellationToken);
+            Assert.False(held.IsCompleted, $"a read of the quiesced device did not wait: {held.Exception?.InnerException?.Message ?? "it completed"}");
+
+            var sw = Stopwatch.StartNew();
+            var (code, output) = VmEnvironment.RunCli($"del -n {id}", TimeSpan.FromMinutes(2));
+            var delTime = sw.Elapsed;
+            Assert.True(code == 0, $"del of a quiesced device exited {code}:\n{output}");
+            Assert.True(delTime < TimeSpan.FromSeconds(30), $"del of a quiesced device took {Lifecycle.Seconds(delTime)}");
+            var failure = await Record.ExceptionAsync(() => held.WaitAsync(TimeSpan.FromSeconds(30), TestContext.Current.CancellationToken));
+            VmEnvironment.Log($"del of the quiesced device took {Lifecycle.Seconds(delTime)}; the held read ended {Lifecycle.Seconds(sw.Elapsed)} after del began: {failure?.Message ?? "it succeeded"}");
+            Assert.False(failure is TimeoutException, "the held read still hangs 30 s after del");
+            Assert.True(failure is IOException, $"the held read did not fail with an IO error: {failure?.ToString() ?? "it succeeded"}");
+            Assert.True(VmEnvironment.WaitFor(() => !VmEnvironment.DeviceIds().Contains(id), TimeSpan.FromSeconds(10)), $"device {id} outlived del");
+            Assert.False(File.Exists(dev), $"{dev} outlived del");
+            Assert.False(File.Exists(DeviceRecord.PathFor(id)), "the device record outlived del");
+        }
+        finally
+        {
+            Lifecycle.CleanUp();
+            File.Delete(Image);
+        }
+    }
+
+    [Theory]
+    [InlineData(true)]
+    [InlineData(false)]
+    public async Task SigtermToTheDaemonUnderFioStopsAndDeletesTheDevice(bool foreground)
+    {
+        VmEnvironment.RequireDriver();
+        Lifecycle.CreateImage(Image, 128 << 20);
+        ForegroundDaemon? child = null;
+        try
+        {
+            string dev;
+            int pid;
+            if (foreground)
+            {
+                child = ForegroundDaemon.Start("add", "-t", "loop", "-f", Image, "-q", "2");
+                dev = child.BlockPath;
+                pid = child.Pid;
+                Assert.Equal(pid, Lifecycle.DaemonPid(CliDevices.IdOf(dev)));
+            }
+            else
+            {
+                dev = CliDevices.Add($"-t loop -f {Image} -q 2");
+                pid = CliDevices.DaemonPid(CliDevices.IdOf(dev)); // from list --json
+            }
+            var id = CliDevices.IdOf(dev);
+            var fio = Task.Run(() => Fio.Run(dev, TimeSpan.FromMinutes(4), "--rw=randwrite", "--bsrange=4k-128k", "--size=32M", "--offset_increment=32M",
+                "--time_based", "--runtime=120"), TestContext.Current.CancellationToken);
+            var writes = Lifecycle.WaitForWrites(dev, 250, fio, TimeSpan.FromMinutes(2));
+            var sw = Stopwatch.StartNew();
+            Assert.True(Processes.Signal(pid, Processes.SIGTERM), $"SIGTERM to {pid} failed");
+            var exited = foreground ? child!.WaitForExit(TimeSpan.FromSeconds(60)) : Lifecycle.PollFor(() => !Processes.IsAlive(pid), TimeSpan.FromSeconds(60));
+            var exitTime = sw.Elapsed;
+            Assert.True(exited, $"the daemon (pid {pid}) did not exit within 60 s of SIGTERM\n{child?.Output}{CliDevices.DaemonLogs()}");
+            if (child is not null)
+            {
+                Assert.True(child.ExitCode == 0, $"the daemon exited {child.ExitCode} on SIGTERM:\n{child.Output}");
+            }
+            var r = await fio.WaitAsync(TimeSpan.FromSeconds(90), TestContext.Current.CancellationToken);
+            var fioTime = sw.Elapsed;
+            VmEnvironment.Log($"SIGTERM after {writes} writes: the daemon exited in {Lifecycle.Seconds(exitTime)}, fio ended at {Lifecycle.Seconds(fioTime)}: {r.Summary}");
+            // fio's IO completed (those in flight drain through the daemon) or failed cleanly once the device was stopped:
+            // del_gendisk sets the capacity to 0, so the block layer answers later writes with ENOSPC, or EIO.
+            Assert.True(r.Error is 0 or Errno.EIO or Errno.ENXIO or Errno.ENODEV or Errno.ENOSPC, $"fio failed with errno {r.Error}: {r}");
+            Assert.True(r.WriteIos >= writes / 2, $"fio counted only {r.WriteIos} writes: {r}");
+            Assert.True(VmEnvironment.WaitFor(() => !VmEnvironment.DeviceIds().Contains(id), TimeSpan.FromSeconds(30)), $"device {id} outlived its daemon's SIGTERM");
+            Assert.False(File.Exists(dev), $"{dev} outlived its daemon's SIGTERM");
+            Assert.False(File.Exists(DeviceRecord.PathFor(id)), "the device record outlived the daemon");
+            Assert.Empty(VmEnvironment.CliProcesses());
+        }
+        finally
+        {
+            child?.Dispose();
+            Lifecycle.CleanUp();
+            File.Delete(Image);
+        }
+    }
+
+    /// <summary>`ublksharp ... --foreground` as a child of the test: the daemon is this child.</summary>
+    private sealed class ForegroundDaemon : IDisposable
+    {
+        private readonly Process _process;
+        private readonly StringBuilder _output = new();
+        private volatile string _blockPath = "";
+
+        private ForegroundDaemon(Process process) => _process = process;
+
+        public int Pid => _process.Id;
+
+        public int ExitCode => _process.ExitCode;
+
+        public string BlockPath => _blockPath;
+
+        public string Output
+        {
+            get
+            {
+                lock (_output)
+                {
+                    return _output.ToString();
+                }
+            }
+        }
+
+        public static ForegroundDaemon Start(params string[] args)
+        {
+            var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
+            psi.ArgumentList.Add(VmEnvironment.CliDll);
+            foreach (var a in args)
+            {
+                psi.ArgumentList.Add(a);
+            }
+            psi.ArgumentList.Add("--foreground");
+            var daemon = new ForegroundDaemon(Process.Start(psi)!);
+            daemon._process.OutputDataReceived += (_, e) => daemon.Append(e.Data, stdout: true);
+            daemon._process.ErrorDataReceived += (_, e) => daemon.Append(e.Data, stdout: false);
+            daemon._process.BeginOutputReadLine();
+            daemon._process.BeginErrorReadLine();
+            var ready = VmEnvironment.WaitFor(() => daemon.BlockPath.Length > 0 || daemon._process.HasExited, TimeSpan.FromMinutes(2));
+            if (!ready || daemon.BlockPath.Length == 0)
+            {
+                var output = daemon.Output;
+                daemon.Dispose();
+                Assert.Fail($"ublksharp {string.Join(' ', args)} --foreground did not report a device: {output}");
+            }
+            return daemon;
+        }
+
+        private void Append(string? line, bool stdout)
+        {
+            if (line is null)
+            {
+                return;
+            }
+            lock (_output)
+            {
+                _output.AppendLine(line);
+            }
+            if (stdout && line.StartsWith("/dev/ublkb", StringComparison.Ordinal) && _blockPath.Length == 0)
+            {
+                _blockPath = line.Trim();
+            }
+        }
+
+        public bool WaitForExit(TimeSpan timeout) => _process.WaitForExit(timeout);
+
+        public void Dispose()
+        {
+            if (!_process.HasExited)
+            {
+                _process.Kill();
+                _process.WaitForExit(TimeSpan.FromSeconds(10));
+            }
+            _process.Dispose();
+        }
+    }
+}

@@ -1,0 +1,83 @@
+using System.Reflection;
+using System.Runtime.CompilerServices;
+using UblkSharp.Runtime;
+using UblkSharp.Targets;
+
+namespace UblkSharp.VmTests;
+
+/// <summary>
+/// The hot path allocates nothing: after its warm-up, a queue thread serving real IO (fio, 4 KiB
+/// random read/write) allocates 0 bytes; and nothing in the runtime is async, so nothing is awaited
+/// on a queue thread.
+/// </summary>
+public class ZeroAllocationTests
+{
+    private const string Image = "/tmp/ublksharp-zero-alloc.img";
+
+    [Theory]
+    [InlineData("mem")]
+    [InlineData("loop")]
+    public void SteadyStateServesWithoutAllocating(string kind)
+    {
+        VmEnvironment.RequireDriver();
+        using (var f = File.Create(Image))
+        {
+            f.SetLength(64 << 20);
+        }
+        try
+        {
+            Exception? fatal = null;
+            using BlockTarget target = kind == "mem" ? new MemoryTarget(64 << 20) : new LoopTarget(Image);
+            using var device = UblkDevice.Create(target, new DeviceOptions { Queues = 2, Depth = 64 }, e => fatal = e);
+            // 2 jobs × 12,288 IOs of 4 KiB, one job per CPU and so per queue.
+            var r = Fio.Run(device.BlockPath, TimeSpan.FromMinutes(4), "--rw=randrw", "--bs=4k", "--size=32M", "--offset_increment=32M", "--io_size=48M");
+            VmEnvironment.Log($"{kind}: {r.Summary}");
+            Assert.True(r.ExitCode == 0 && r.Error == 0, $"fio failed: {r}");
+            Assert.True(r.TotalIos >= 20_000, $"only {r.TotalIos} IOs: {r}");
+            Assert.Null(fatal);
+            Assert.Equal(0, device.Errors);
+
+            var queues = Queues(device);
+            var perQueue = string.Join(", ", queues.Select(q => $"queue {q.QueueId}: {q.Completed} requests, {q.SteadyStateAllocatedBytes} bytes"));
+            VmEnvironment.Log($"{kind}: {perQueue}");
+            Assert.True(device.Completed > UblkQueue.WarmUpRequests, $"{device.Completed} requests: the warm-up never ended");
+            // Each queue got past its warm-up, so each measured its steady state.
+            Assert.All(queues, q => Assert.True(q.Completed > UblkQueue.WarmUpRequests + 1000, $"too few requests to measure: {perQueue}"));
+            Assert.True(device.SteadyStateAllocatedBytes == 0, $"queue threads allocated in steady state: {perQueue}");
+        }
+        finally
+        {
+            File.Delete(Image);
+        }
+    }
+
+    private static UblkQueue[] Queues(UblkDevice device)
+    {
+        var field = typeof(UblkDevice).GetField("_queues", BindingFlags.NonPublic | BindingFlags.Instance);
+        Assert.NotNull(field);
+        var queues = (UblkQueue[])field.GetValue(device)!;
+        Assert.Equal(2, queues.Length);
+        return queues;
+    }
+
+    [Fact]
+    public void NothingInTheRuntimeIsAsync()
+    {
+        // The runtime namespace, and every target and backend type, whose methods run on queue threads.
+        var types = typeof(UblkDevice).Assembly.GetTypes()
+            .Where(t => t.Namespace == typeof(UblkDevice).Namespace || typeof(BlockTarget).IsAssignableFrom(t) || typeof(UringBackend).IsAssignableFrom(t)
+                || t == typeof(FaultInjector))
+            .ToArray();
+        Assert.Contains(typeof(UblkQueue), types);
+        Assert.Contains(typeof(LoopTarget), types);
+        const BindingFlags all = BindingFlags.Public | BindingFlags.NonPublic | BindingFlags.Instance | BindingFlags.Static | BindingFlags.DeclaredOnly;
+        var methods = types.SelectMany(t => t.GetMethods(all).Cast<MethodBase>().Concat(t.GetConstructors(all))).ToArray();
+        Assert.True(methods.Length > 50, $"only {methods.Length} methods found");
+        var async = methods
+            .Where(m => m.GetCustomAttribute<AsyncStateMachineAttribute>() is not null || m.GetCustomAttribute<AsyncIteratorStateMachineAttribute>() is not null
+                || (m is MethodInfo mi && (typeof(Task).IsAssignableFrom(mi.ReturnType) || mi.ReturnType.Name.StartsWith("ValueTask", StringComparison.Ordinal))))
+            .Select(m => $"{m.DeclaringType}.{m.Name}");
+        Assert.Empty(async);
+        Assert.DoesNotContain(types, t => typeof(IAsyncStateMachine).IsAssignableFrom(t));
+    }
+}
