@@ -31,7 +31,7 @@ count() { # name output-file
 
 log "prerequisites"
 need=()
-for p in gcc libc6-dev linux-libc-dev fio e2fsprogs util-linux user-mode-linux uml-utilities; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
+for p in gcc libc6-dev linux-libc-dev fio e2fsprogs util-linux user-mode-linux uml-utilities qemu-utils libnbd-bin python3-libnbd nbdkit nbd-client; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null || fail "apt-get install ${need[*]}"
 fi

@@ -61,7 +61,7 @@ internal sealed unsafe class AutoclearReader : IDisposable
         {
             var errors = OpenErrors;
             return $"{Reads} reads in {Passes} passes, {HalfTorn.Length} half-torn, failed opens: " +
-                (errors.Count == 0 ? "none" : string.Join(", ", errors.Order().Select(kv => $"errno {kv.Key} x{kv.Value}")));
+                (errors.Count == 0 ? "none" : string.Join(", ", errors.OrderBy(kv => kv.Key).Select(kv => $"errno {kv.Key} x{kv.Value}")));
         }
     }
 

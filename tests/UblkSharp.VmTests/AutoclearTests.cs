@@ -107,15 +107,20 @@ public partial class AutoclearTests
         var left = -1;
         Exception? error = null;
         var autoclear = new Autoclear(path);
+        var phase = "not started";
         var watcher = new Thread(() =>
         {
             try
             {
+                phase = "waiting for the mount to come and go";
                 if (autoclear.WaitUntilReleased(() => Volatile.Read(ref stop)))
                 {
+                    phase = "retiring (waiting for openers to go)";
                     left = autoclear.Retire(TimeSpan.FromSeconds(30));
+                    phase = "disposing";
                     device.Dispose();
                     deleted = true;
+                    phase = "done";
                 }
             }
 #pragma warning disable CA1031 // reported by the test thread
@@ -132,7 +137,12 @@ public partial class AutoclearTests
             Lifecycle.Mount(path, Mnt);
             WriteAndCheck(cycle);
             Lifecycle.Umount(Mnt);
-            Assert.True(watcher.Join(TimeSpan.FromSeconds(60)), $"cycle {cycle}: autoclear did not delete {path} within 60 s of umount");
+            if (!watcher.Join(TimeSpan.FromSeconds(60)))
+            {
+                var mounts = File.ReadAllLines("/proc/self/mountinfo").Where(l => l.Contains(Path.GetFileName(path), StringComparison.Ordinal) || l.Contains(Mnt, StringComparison.Ordinal));
+                Assert.Fail($"cycle {cycle}: autoclear did not delete {path} within 60 s of umount; its watcher is {Volatile.Read(ref phase)}; " +
+                    $"{path} exists: {File.Exists(path)}; mount table lines for it: [{string.Join("; ", mounts)}]");
+            }
             Assert.Null(error);
             Assert.True(deleted, $"cycle {cycle}: autoclear ended without deleting {path}");
             Assert.True(left == 0, $"cycle {cycle}: {left} openers still held {path} when autoclear stopped it");

@@ -51,7 +51,7 @@ public class FioVerifyTests
             var pid = CliDevices.DaemonPid(CliDevices.IdOf(dev));
             var before = CliDevices.QueueThreadSwitches(pid);
             var r = Fio.Run(dev, TimeSpan.FromMinutes(2), "--rw=randrw", "--bsrange=4k-128k", "--size=512M", "--offset_increment=512M",
-                "--runtime=8", "--time_based");
+                "--runtime=5", "--time_based");
             VmEnvironment.Log($"null: {r.Summary}");
             Assert.True(r.ExitCode == 0 && r.Error == 0, $"fio failed: {r}");
             Assert.True(r.ReadIos > 1000 && r.WriteIos > 1000, $"too little IO: {r}");

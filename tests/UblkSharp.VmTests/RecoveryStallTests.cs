@@ -91,10 +91,13 @@ public class RecoveryStallTests
                 }
                 var killed = Stopwatch.GetTimestamp();
                 Lifecycle.Kill9(pid);
-                var newPid = Lifecycle.WaitForNewDaemon(id, pid, StallBound);
+                var gone = Stopwatch.GetElapsedTime(killed);
+                // Watching the state costs the supervisor nothing, and checks the prober's figure.
+                var (quiesced, live, newPid) = WatchTakeover(id, pid, killed);
                 var stall = AwaitStall(prober, killed, $"add --supervise, kill {k}");
                 (isCold ? cold : warm).Add(stall.TotalSeconds);
-                VmEnvironment.Log($"add --supervise: kill {k} of daemon {pid} ({(isCold ? "spare killed first: cold start" : $"warm spare {spare}")}): IO stalled {Lifecycle.Seconds(stall)}; new daemon {newPid}");
+                VmEnvironment.Log($"add --supervise: kill {k} of daemon {pid} ({(isCold ? "spare killed first: cold start" : $"warm spare {spare}")}): IO stalled {Lifecycle.Seconds(stall)}; " +
+                    $"daemon gone at {Lifecycle.Seconds(gone)}, device seen not live at {Lifecycle.Seconds(quiesced)}, live with new daemon {newPid} at {Lifecycle.Seconds(live)}");
             }
             Report("add --supervise (warm spare)", prober, warm, "");
             Report("add --supervise (spare killed: cold start)", prober, cold, "");
@@ -153,6 +156,29 @@ public class RecoveryStallTests
             Lifecycle.CleanUp();
             File.Delete(Image);
         }
+    }
+
+    /// <summary>Polls the device's state after a kill: when it was first seen not live, and when live with a new daemon.</summary>
+    private static (TimeSpan NotLive, TimeSpan Live, int Pid) WatchTakeover(uint id, int oldPid, long killed)
+    {
+        TimeSpan? notLive = null;
+        var deadline = Stopwatch.GetTimestamp() + (long)(StallBound.TotalSeconds * Stopwatch.Frequency);
+        while (Stopwatch.GetTimestamp() < deadline)
+        {
+            var info = Lifecycle.Info(id);
+            var now = Stopwatch.GetElapsedTime(killed);
+            if (info is { } i && (DeviceState)i.state == DeviceState.Live && i.ublksrv_pid != oldPid && i.ublksrv_pid > 0)
+            {
+                return (notLive ?? TimeSpan.Zero, now, i.ublksrv_pid);
+            }
+            if (info is { } j && (DeviceState)j.state != DeviceState.Live)
+            {
+                notLive ??= now;
+            }
+            Thread.Sleep(2);
+        }
+        Assert.Fail($"device {id} was not live with a new daemon within {StallBound.TotalSeconds} s of the kill\n{CliDevices.DaemonLogs()}");
+        return default;
     }
 
     private static IoProber StartProber(string dev)

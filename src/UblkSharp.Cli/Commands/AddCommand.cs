@@ -55,6 +55,12 @@ internal static class AddCommand
                 {
                     throw new ArgumentException("--create makes a COW file: it goes with -t cow");
                 }
+                // Bad input first, then the driver, and only then a new file on disk.
+                if (recipe.TryGetValue("file", out var overlay) && recipe.TryGetValue("backing", out var backingFile))
+                {
+                    Targets.Cow.CowTarget.CheckCreate(overlay, backingFile);
+                    Preflight.RequireRootAndDriver();
+                }
                 TargetFactory.Create(kind, new Dictionary<string, string>(recipe) { ["create"] = "on" }).Dispose();
                 recipe.Remove("create");
                 args = WithoutOptions(args, "--create");

@@ -18,13 +18,17 @@ namespace UblkSharp.Nbd;
 /// </summary>
 internal sealed class NbdConnection : IDisposable
 {
-    private const int InputSize = 128 * 1024;
+    // Big enough for a batch of 4k requests, or a 128k write and the requests around it.
+    private const int InputSize = 256 * 1024;
     // A refused WRITE's payload is read and dropped up to this size; beyond it the client is cut off.
     private const uint SkipLimit = 2u * NbdExport.MaxPayload;
     private const int MaxDescriptors = 1024;
     private const int MaxRetries = 1000;
     private const uint BaseAllocationId = 1;
     private const int InlineMaxLength = 1 << 20;
+    // Replies of requests run inline go out once this much payload has been handled since the
+    // last send, rather than at the end of the batch: the client gets to work on them sooner.
+    private const int InlineFlushBytes = 32 * 1024;
 
     private readonly NbdServer _server;
     private readonly Socket _socket;
@@ -47,6 +51,7 @@ internal sealed class NbdConnection : IDisposable
     private int _start;
     private int _end;
     private long _ewmaTicks;
+    private long _inlineSinceFlush;
     private volatile bool _closing;
 
     public NbdConnection(NbdServer server, Socket socket, long id)
@@ -192,6 +197,32 @@ internal sealed class NbdConnection : IDisposable
             request.Flags = flags;
             request.Offset = (long)offset;
             request.Length = length;
+            var inline = ShouldInline(request);
+            if (type == CmdWrite && inline && length <= _in.Length / 2)
+            {
+                // Run the write from the input buffer itself: no copy, and the payload usually came
+                // in with the requests around it.
+                bool complete;
+                try
+                {
+                    complete = Fill((int)length);
+                }
+                catch
+                {
+                    Release(request);
+                    throw;
+                }
+                if (!complete)
+                {
+                    Release(request);
+                    return;
+                }
+                var payload = new ReadOnlySpan<byte>(_in, _start, (int)length);
+                _start += (int)length;
+                Execute(request, payload);
+                FlushAfterInline(length);
+                continue;
+            }
             if (bytes > 0)
             {
                 request.Buffer = ArrayPool<byte>.Shared.Rent((int)length);
@@ -215,14 +246,26 @@ internal sealed class NbdConnection : IDisposable
                     return;
                 }
             }
-            if (ShouldInline(request))
+            if (inline)
             {
                 Execute(request);
+                FlushAfterInline(length);
             }
             else
             {
                 _server.Workers.Enqueue(request);
             }
+        }
+    }
+
+    private void FlushAfterInline(uint length)
+    {
+        _inlineSinceFlush += Math.Max(length, 512);
+        if (_inlineSinceFlush >= InlineFlushBytes)
+        {
+            _inlineSinceFlush = 0;
+            _writer!.Uncork();
+            _writer.Cork();
         }
     }
 
@@ -320,7 +363,9 @@ internal sealed class NbdConnection : IDisposable
     }
 
     /// <summary>Runs one request's target call and replies. Called inline or on a worker.</summary>
-    internal void Execute(NbdRequest request)
+    internal void Execute(NbdRequest request) => Execute(request, request.Type == CmdWrite ? request.Buffer.AsSpan(0, (int)request.Length) : default);
+
+    private void Execute(NbdRequest request, ReadOnlySpan<byte> writeData)
     {
         var started = Stopwatch.GetTimestamp();
         int result;
@@ -339,7 +384,7 @@ internal sealed class NbdConnection : IDisposable
                     Thread.Sleep(delay);
                 }
             }
-            result = Run(request, out payload);
+            result = Run(request, writeData, out payload);
         }
         catch (Exception e) when (e is not OutOfMemoryException)
         {
@@ -361,7 +406,7 @@ internal sealed class NbdConnection : IDisposable
         }
     }
 
-    private int Run(NbdRequest request, out int payload)
+    private int Run(NbdRequest request, ReadOnlySpan<byte> writeData, out int payload)
     {
         payload = 0;
         var fua = (request.Flags & CmdFlagFua) != 0;
@@ -370,7 +415,7 @@ internal sealed class NbdConnection : IDisposable
             case CmdRead:
                 return Read(request.Buffer.AsSpan(0, (int)request.Length), request.Offset);
             case CmdWrite:
-                return Write(request.Buffer.AsSpan(0, (int)request.Length), request.Offset, fua);
+                return Write(writeData, request.Offset, fua);
             case CmdBlockStatus:
                 return BlockStatus(request, out payload);
             case CmdWriteZeroes when (request.Flags & CmdFlagFastZero) != 0 && !_export.CanFastZero:

@@ -15,6 +15,10 @@ internal sealed class NbdReplyWriter : IDisposable
 {
     private const int Capacity = 128 * 1024;
 
+    // A cork holds replies back only up to this much: past it they go, so the client can work on
+    // them while the rest of the batch is done (measured with fio: better than holding the whole batch).
+    private const int CorkLimit = 32 * 1024;
+
     /// <summary>Payloads at least this long are sent from their own buffer rather than copied.</summary>
     public const int DirectThreshold = 32 * 1024;
 
@@ -67,7 +71,7 @@ internal sealed class NbdReplyWriter : IDisposable
                 return false;
             }
             Append(header, payload);
-            if (_sending || _corked)
+            if (_sending || (_corked && _pendingLength < CorkLimit))
             {
                 return true; // the sender (or the uncork) takes it
             }
@@ -130,7 +134,7 @@ internal sealed class NbdReplyWriter : IDisposable
         }
     }
 
-    /// <summary>Holds replies back until <see cref="Uncork"/> (replies still go out if the buffer fills).</summary>
+    /// <summary>Holds replies back until <see cref="Uncork"/>, or until 32 KiB of them are waiting.</summary>
     public void Cork()
     {
         lock (_lock)

@@ -163,16 +163,7 @@ public sealed class CowTarget : BlockTarget
     /// </summary>
     public static CowHeader CreateOverlay(string overlayPath, string backingPath, int sectorSize = 512, int alignment = 4096)
     {
-        ArgumentNullException.ThrowIfNull(overlayPath);
-        ArgumentNullException.ThrowIfNull(backingPath);
-        if (!File.Exists(backingPath))
-        {
-            throw new FileNotFoundException($"{backingPath}: no such backing file", backingPath);
-        }
-        if (File.Exists(overlayPath))
-        {
-            throw new IOException($"{overlayPath} already exists: remove it first, or open it without --create");
-        }
+        CheckCreate(overlayPath, backingPath);
         var abs = FileCowStorage.Absolutize(backingPath);
         long size;
         using (var b = FileCowStorage.Open(abs, writable: false))
@@ -192,6 +183,21 @@ public sealed class CowTarget : BlockTarget
         Check(cow.Write(new byte[1], header.DataOffset + size - 1), $"extend {overlayPath}");
         Check(cow.Sync(), $"fdatasync {overlayPath}");
         return header;
+    }
+
+    /// <summary>The checks <see cref="CreateOverlay"/> makes before it touches anything: the backing file exists, the COW file does not.</summary>
+    public static void CheckCreate(string overlayPath, string backingPath)
+    {
+        ArgumentNullException.ThrowIfNull(overlayPath);
+        ArgumentNullException.ThrowIfNull(backingPath);
+        if (!File.Exists(backingPath))
+        {
+            throw new FileNotFoundException($"{backingPath}: no such backing file", backingPath);
+        }
+        if (File.Exists(overlayPath))
+        {
+            throw new IOException($"{overlayPath} already exists: remove it first, or open it without --create");
+        }
     }
 
     /// <summary>Reads the header of a COW file.</summary>
