@@ -9,9 +9,10 @@ namespace UblkSharp.VmTests;
 /// How long IO stalls when a daemon dies and the device is recovered (--recovery reissue): a prober
 /// reads 4 KiB O_DIRECT blocks one after another and timestamps each completion; the stall is the
 /// longest time after the kill -9 in which none completed. Measured for a manual `recover`, for
-/// `add --supervise` (automatic), and for a recovery in an already running process (the library's
-/// own cost, what a warm standby could reach). The figures go to the test output; the bounds only
-/// catch a hang. (For scale, on the same guest ublksrv's best stall was 0.50 s, its recover 0.25 s.)
+/// `add --supervise` (automatic: with its warm spare, and cold), and for a recovery by an already
+/// running, already warmed-up process (the library's own cost, the floor under the others). The
+/// figures go to the test output (lines starting STALL); the bounds only catch a hang. For scale:
+/// on the same guest, ublksrv's best stall was 0.50 s and its recover took 0.25 s.
 /// </summary>
 public class RecoveryStallTests
 {
