@@ -92,6 +92,9 @@ public class CowMergeTests
         }
 
         // The backing file changed, so the overlay now needs the override; merging again changes nothing.
+        // The header keeps mtime in whole seconds: a merge within the overlay's second would look
+        // unchanged, so make the change visible the way a later write would.
+        File.SetLastWriteTimeUtc(basePath, File.GetLastWriteTimeUtc(basePath).AddSeconds(10));
         Assert.Throws<CowBackingMismatchException>(() => CowMerge.Merge(overlay, null));
         CowMerge.Merge(overlay, null, new CowOpenOptions { IgnoreBackingMismatch = true });
         Assert.True(model.AsSpan().SequenceEqual(File.ReadAllBytes(basePath)));
