@@ -130,7 +130,12 @@ internal static partial class CliDevices
     }
 
     /// <summary>Asserts that each of the <paramref name="queues"/> queue threads served IO between two samples of <see cref="QueueThreadSwitches"/>.</summary>
-    public static void AssertEveryQueueServed(int queues, Dictionary<string, long> before, Dictionary<string, long> after, long atLeast = 50)
+    /// <remarks>
+    /// An idle queue thread sleeps in one io_uring_enter with no timeout, so it gains no switches at all; a busy one
+    /// reaps completions in batches and may sleep only a few dozen times for hundreds of requests (45 for ~700 IOs
+    /// on the fault target), so the bar is low.
+    /// </remarks>
+    public static void AssertEveryQueueServed(int queues, Dictionary<string, long> before, Dictionary<string, long> after, long atLeast = 10)
     {
         var detail = string.Join(", ", after.OrderBy(kv => kv.Key, StringComparer.Ordinal).Select(kv => $"{kv.Key}: {before.GetValueOrDefault(kv.Key)} -> {kv.Value}"));
         Assert.True(after.Count == queues, $"expected {queues} queue threads (ublk-qN), found {after.Count}: {detail}");
