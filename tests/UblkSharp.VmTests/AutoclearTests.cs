@@ -44,7 +44,7 @@ public partial class AutoclearTests
     private static void AssertReaderSawNoHalfTornDevice(AutoclearReader reader)
     {
         Assert.True(reader.Stop(TimeSpan.FromSeconds(30)), $"the udev-like reader hung in a read: {reader.Summary}");
-        VmEnvironment.Log($"udev-like reader: {reader.Summary}");
+        VmEnvironment.Figure($"udev-like reader: {reader.Summary}");
         Assert.True(reader.HalfTorn.Length == 0, $"the reader saw {reader.HalfTorn.Length} half-torn devices:\n{string.Join('\n', reader.HalfTorn.Take(20))}");
         Assert.True(reader.OpenErrors.Keys.All(GoneErrnos.Contains), $"opens failed other than with ENOENT/ENXIO/ENODEV: {reader.Summary}");
         Assert.True(reader.Reads > 0, $"the reader never read a device: {reader.Summary}");
@@ -71,7 +71,7 @@ public partial class AutoclearTests
             }
             total.Stop();
             AssertReaderSawNoHalfTornDevice(reader);
-            VmEnvironment.Log($"{InProcessCycles} in-process autoclear cycles (+1 warm-up), 0 failed mounts, in {Lifecycle.Seconds(total.Elapsed)}: " +
+            VmEnvironment.Figure($"{InProcessCycles} in-process autoclear cycles (+1 warm-up), 0 failed mounts, in {Lifecycle.Seconds(total.Elapsed)}: " +
                 $"cycle median {Lifecycle.Seconds(Lifecycle.Median(times))}, max {Lifecycle.Seconds(times.Max())}");
 
             Resources after = default!;

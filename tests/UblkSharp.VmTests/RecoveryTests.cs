@@ -38,7 +38,7 @@ public class RecoveryTests
             var recover = Lifecycle.Recover(id);
             var newPid = Lifecycle.WaitForNewDaemon(id, pid, TimeSpan.FromSeconds(30));
             var r = await fio;
-            VmEnvironment.Log($"killed daemon {pid} after {writes} writes; recover took {Lifecycle.Seconds(recover)}; new daemon {newPid}; fio: {r.Summary}");
+            VmEnvironment.Figure($"killed daemon {pid} after {writes} writes; recover took {Lifecycle.Seconds(recover)}; new daemon {newPid}; fio: {r.Summary}");
             Fio.AssertVerified(r);
             CliDevices.Del(id);
             Assert.False(Processes.IsAlive(newPid), $"the recovered daemon (pid {newPid}) outlived del");
@@ -82,7 +82,7 @@ public class RecoveryTests
 
             var r = await fio;
             var writesAtEnd = Lifecycle.IoCounts(dev).Writes;
-            VmEnvironment.Log($"killed daemon {pid} after {writesAtKill} writes; recover took {Lifecycle.Seconds(recover)}; new daemon {newPid}; " +
+            VmEnvironment.Figure($"killed daemon {pid} after {writesAtKill} writes; recover took {Lifecycle.Seconds(recover)}; new daemon {newPid}; " +
                 $"{writesAtEnd - writesAtRecover} writes after recovery; fio: {r.Summary}");
             // What the dead daemon held is at most what fio had in flight: 2 jobs x iodepth 32.
             Assert.True(r.TotalErrors is >= 1 and <= 64, $"expected 1 to 64 failed requests (the ones in flight in the dead daemon), got {r.TotalErrors}: {r.Summary}\n{r.Output}");
@@ -123,7 +123,7 @@ public class RecoveryTests
             var fioEnded = sw.Elapsed;
             Assert.True(VmEnvironment.WaitFor(() => !File.Exists(dev), TimeSpan.FromSeconds(30)), $"{dev} outlived its daemon by 30 s");
             var nodeGone = sw.Elapsed;
-            VmEnvironment.Log($"killed daemon {pid} after {writes} writes; fio ended {Lifecycle.Seconds(fioEnded)} later, {dev} was gone after {Lifecycle.Seconds(nodeGone)}; fio: {r.Summary}");
+            VmEnvironment.Figure($"killed daemon {pid} after {writes} writes; fio ended {Lifecycle.Seconds(fioEnded)} later, {dev} was gone after {Lifecycle.Seconds(nodeGone)}; fio: {r.Summary}");
             Assert.True(r.Error != 0 || r.ExitCode != 0, $"fio saw no error although the device died under it: {r}");
             Assert.True(fioEnded < TimeSpan.FromSeconds(60), $"fio took {Lifecycle.Seconds(fioEnded)} to fail");
 
@@ -175,7 +175,7 @@ public class RecoveryTests
                 recoverTimes.Add(recover.TotalSeconds);
                 VmEnvironment.Log($"cycle {cycle}: killed {pid} after {writes} writes, recover {Lifecycle.Seconds(recover)}, new daemon {newPid}, cycle {Lifecycle.Seconds(sw.Elapsed)}: {r.Summary}");
             }
-            VmEnvironment.Log($"20 kill/recover cycles in {Lifecycle.Seconds(total.Elapsed)}, 0 verify errors, {verified >> 20} MiB verified; " +
+            VmEnvironment.Figure($"20 kill/recover cycles in {Lifecycle.Seconds(total.Elapsed)}, 0 verify errors, {verified >> 20} MiB verified; " +
                 $"recover command: median {Lifecycle.Seconds(Lifecycle.Median(recoverTimes))}, max {Lifecycle.Seconds(recoverTimes.Max())}");
             CliDevices.Del(id);
             Assert.Empty(VmEnvironment.CliProcesses());

@@ -165,4 +165,11 @@ internal static class VmEnvironment
 
     /// <summary>Writes a line to the running test's output (shown with -showLiveOutput, and in result files).</summary>
     public static void Log(string message) => TestContext.Current.TestOutputHelper?.WriteLine(message);
+
+    /// <summary>A measured figure: goes to the test output and to the console, so that CI's log carries it even when the test passes.</summary>
+    public static void Figure(string message)
+    {
+        Log(message);
+        Console.WriteLine("FIGURE " + message);
+    }
 }
