@@ -48,7 +48,8 @@ start() { # name command...
   sock[$name]=$work/$name.sock
   "$@" >"$out/$name.log" 2>&1 &
   pid[$name]=$!; pids+=("$!")
-  for _ in $(seq 200); do [ -S "${sock[$name]}" ] && return; sleep 0.05; done
+  # Ready means accepting: a socket file exists from bind(), before listen().
+  for _ in $(seq 400); do [ -S "${sock[$name]}" ] && nbdinfo --size "nbd+unix:///?socket=${sock[$name]}" >/dev/null 2>&1 && return; sleep 0.05; done
   echo "bench/nbd.sh: $name did not start; its log:" >&2; cat "$out/$name.log" >&2; exit 1
 }
 start ours-mem dotnet "$cli" serve -t mem --size "$size" --listen "unix://$work/ours-mem.sock"

@@ -202,12 +202,14 @@ public class NbdVmTests
     private static Process StartNbdkit(string socket, params string[] plugin)
     {
         var psi = new ProcessStartInfo("nbdkit") { RedirectStandardOutput = true, RedirectStandardError = true };
-        foreach (var a in (string[])["-f", "--exit-with-parent", "-U", socket, .. plugin])
+        // nbdkit writes its pid file once it accepts connections (the socket file exists earlier).
+        var pidFile = socket + ".pid";
+        foreach (var a in (string[])["-f", "--exit-with-parent", "--pidfile", pidFile, "-U", socket, .. plugin])
         {
             psi.ArgumentList.Add(a);
         }
         var p = Process.Start(psi)!;
-        if (!VmEnvironment.WaitFor(() => File.Exists(socket) || p.HasExited, TimeSpan.FromSeconds(60)) || p.HasExited)
+        if (!VmEnvironment.WaitFor(() => (File.Exists(pidFile) && new FileInfo(pidFile).Length > 0) || p.HasExited, TimeSpan.FromSeconds(60)) || p.HasExited)
         {
             Assert.Fail($"nbdkit did not start: {(p.HasExited ? p.StandardError.ReadToEnd() : "timeout")}");
         }

@@ -139,6 +139,13 @@ internal sealed class NbdConnection : IDisposable
             ArrayPool<byte>.Shared.Return(_in);
             _in = [];
         }
+        lock (_gate)
+        {
+            for (var i = 0; i < _freeCount; i++)
+            {
+                _free[i].ReleaseOwned();
+            }
+        }
         _server.Remove(this);
     }
 
@@ -225,7 +232,7 @@ internal sealed class NbdConnection : IDisposable
             }
             if (bytes > 0)
             {
-                request.Buffer = ArrayPool<byte>.Shared.Rent((int)length);
+                request.TakeBuffer((int)length);
             }
             if (type == CmdWrite)
             {
@@ -532,7 +539,7 @@ internal sealed class NbdConnection : IDisposable
     private int BlockStatus(NbdRequest request, out int payload)
     {
         payload = 0;
-        var buffer = request.Buffer = ArrayPool<byte>.Shared.Rent(4 + (8 * MaxDescriptors));
+        var buffer = request.TakeBuffer(4 + (8 * MaxDescriptors));
         BinaryPrimitives.WriteUInt32BigEndian(buffer, BaseAllocationId);
         var max = (request.Flags & CmdFlagReqOne) != 0 ? 1 : MaxDescriptors;
         var position = request.Offset;
@@ -774,11 +781,7 @@ internal sealed class NbdConnection : IDisposable
 
     private void Release(NbdRequest request)
     {
-        if (request.Buffer is not null)
-        {
-            ArrayPool<byte>.Shared.Return(request.Buffer);
-            request.Buffer = null;
-        }
+        request.ReturnBuffer();
         lock (_gate)
         {
             _inFlight--;

@@ -224,13 +224,15 @@ internal sealed class Nbdkit : IDisposable
         Directory.CreateDirectory(_dir);
         SocketPath = Path.Combine(_dir, "nbdkit.sock");
         var psi = new ProcessStartInfo(Tools.Require("nbdkit")) { RedirectStandardError = true, RedirectStandardOutput = true };
-        foreach (var a in (string[])["-f", "--exit-with-parent", "-U", SocketPath, .. pluginArgs])
+        var pidFile = Path.Combine(_dir, "nbdkit.pid");
+        // nbdkit writes its pid file once it accepts connections (the socket file exists earlier).
+        foreach (var a in (string[])["-f", "--exit-with-parent", "--pidfile", pidFile, "-U", SocketPath, .. pluginArgs])
         {
             psi.ArgumentList.Add(a);
         }
         _process = Process.Start(psi)!;
         var clock = Stopwatch.StartNew();
-        while (!File.Exists(SocketPath))
+        while (!File.Exists(pidFile) || new FileInfo(pidFile).Length == 0)
         {
             if (_process.HasExited)
             {
