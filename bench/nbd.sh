@@ -6,19 +6,22 @@
 # queue depth 32, 128k sequential read and write at depth 32. Each repetition runs every
 # (workload, server) pair once, interleaved, so drift in machine load hits all servers alike; the
 # report is the median over repetitions, with ratios, and the servers' CPU time per IO.
+# Writes DIR/report.md (table) and DIR/nbd.json (rows for the benchmark suite). The defaults take
+# about 3-4 minutes; --quick (one repetition) about a minute and a half.
 #
-# usage: bench/nbd.sh [--out DIR] [--reps N] [--seconds S] [--size SIZE]
+# usage: bench/nbd.sh [--out DIR] [--reps N] [--seconds S] [--size SIZE] [--quick]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 out=/tmp/ublksharp-bench-nbd-$(date +%Y%m%d-%H%M%S)
-reps=3 seconds=10 size=512M
+reps=3 seconds=2 size=256M
 while [ $# -gt 0 ]; do
   case $1 in
     --out) out=$2; shift 2;;
     --reps) reps=$2; shift 2;;
     --seconds) seconds=$2; shift 2;;
     --size) size=$2; shift 2;;
-    *) echo "usage: bench/nbd.sh [--out DIR] [--reps N] [--seconds S] [--size SIZE]" >&2; exit 2;;
+    --quick) reps=1; shift;;
+    *) echo "usage: bench/nbd.sh [--out DIR] [--reps N] [--seconds S] [--size SIZE] [--quick]" >&2; exit 2;;
   esac
 done
 for t in fio nbdkit qemu-nbd nbdcopy python3 dotnet; do
@@ -62,7 +65,7 @@ for s in ours-mem nbdkit; do nbdcopy "$work/data.img" "nbd+unix:///?socket=${soc
 workloads=("randread 4k" "randwrite 4k" "read 128k" "write 128k")
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 results=$out/results.csv
-echo "rep,workload,server,iops,mib_s,server_cpu_us_per_io" >"$results"
+echo "rep,workload,server,iops,mib_s,server_cpu_us_per_io,p50_us,p99_us" >"$results"
 for rep in $(seq "$reps"); do
   for w in "${workloads[@]}"; do
     read -r rw bs <<<"$w"
@@ -81,22 +84,25 @@ ios = side["total_ios"]
 cpu_us = int(ticks) / int(hz) * 1e6
 # CPU time covers the ramp too: scale the IOs of the measured window to the whole run.
 ios_all = ios * (float(seconds) + 1) / float(seconds)
-print(f"{rep},{workload},{server},{side['iops']:.0f},{side['bw_bytes'] / 2**20:.1f},{cpu_us / ios_all if ios_all else 0:.1f}")
+pct = side["clat_ns"].get("percentile", {})
+p50, p99 = pct.get("50.000000", 0) / 1000, pct.get("99.000000", 0) / 1000
+print(f"{rep},{workload},{server},{side['iops']:.0f},{side['bw_bytes'] / 2**20:.1f},{cpu_us / ios_all if ios_all else 0:.1f},{p50:.1f},{p99:.1f}")
 EOF
       echo "rep $rep: $rw $bs $s: $(tail -1 "$results" | cut -d, -f4) IOPS" >&2
     done
   done
 done
 
-python3 - "$results" "$out/report.md" <<'EOF'
-import csv, statistics, sys
+python3 - "$results" "$out/report.md" "$out/nbd.json" <<'EOF'
+import csv, json, statistics, sys
 rows = list(csv.DictReader(open(sys.argv[1])))
-med = {}
+med, lat = {}, {}
 for w in dict.fromkeys(r["workload"] for r in rows):
     for s in dict.fromkeys(r["server"] for r in rows):
         sel = [r for r in rows if r["workload"] == w and r["server"] == s]
         med[w, s] = (statistics.median(float(r["iops"]) for r in sel), statistics.median(float(r["mib_s"]) for r in sel),
                      statistics.median(float(r["server_cpu_us_per_io"]) for r in sel))
+        lat[w, s] = (statistics.median(float(r["p50_us"]) for r in sel), statistics.median(float(r["p99_us"]) for r in sel))
 lines = ["| workload | ours-mem | nbdkit (memory) | ours ÷ nbdkit | ours-loop | qemu-nbd | ours-loop ÷ qemu-nbd | ours-mem ÷ qemu-nbd |",
          "|---|---|---|---|---|---|---|---|"]
 def cell(w, s):
@@ -111,5 +117,28 @@ text = "\n".join(lines) + f"\n\nMedians of {reps} interleaved repetitions; fio n
        "CPU/IO is the server process's user+system time per IO.\n"
 open(sys.argv[2], "w").write(text)
 print(text)
+
+# For the benchmark suite: per workload, ours over memory vs nbdkit's memory plugin, and ours over
+# a file vs qemu-nbd over the same kind of file. The bars (issue 5) apply at 4k.
+names = {"ours-mem": "ublksharp serve -t mem", "nbdkit": "nbdkit memory",
+         "ours-loop": "ublksharp serve -t loop (tmpfs file)", "qemu-nbd": "qemu-nbd (tmpfs file)"}
+def entry(w, s):
+    return {"name": names[s], "value": round(med[w, s][0]), "p50_us": lat[w, s][0], "p99_us": lat[w, s][1]}
+def case(w):
+    rw, bs = w.split()
+    return f"{bs} {rw} qd32" if bs == "4k" else f"{bs} sequential {rw} qd32"
+out_rows = []
+for w in dict.fromkeys(r["workload"] for r in rows):
+    small = w.endswith(" 4k")
+    for ours, peer, bar, suffix in (("ours-mem", "nbdkit", 1.0, ""), ("ours-loop", "qemu-nbd", 1.5, ", file")):
+        row = {"case": case(w) + suffix, "unit": "IOPS", "ours": entry(w, ours),
+               "peers": [dict(entry(w, peer), ratio=round(med[w, ours][0] / med[w, peer][0], 3))]}
+        # Also against qemu-nbd: ours over memory (the issue's "same data" comparison at 4k).
+        if ours == "ours-mem":
+            row["peers"].append(dict(entry(w, "qemu-nbd"), ratio=round(med[w, ours][0] / med[w, "qemu-nbd"][0], 3)))
+        if small:
+            row["bar"] = {names[peer]: bar} if ours == "ours-loop" else {"nbdkit memory": 1.0, names["qemu-nbd"]: 1.5}
+        out_rows.append(row)
+json.dump({"section": "nbd", "repetitions": reps, "rows": out_rows}, open(sys.argv[3], "w"), indent=1)
 EOF
-echo "results: $out (results.csv, report.md, fio JSON, server logs)" >&2
+echo "results: $out (results.csv, report.md, nbd.json, fio JSON, server logs)" >&2

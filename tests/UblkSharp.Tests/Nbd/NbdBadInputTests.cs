@@ -376,12 +376,44 @@ public class NbdBadInputTests
             }
         }
         var before = Interlocked.Read(ref otherReads);
-        Thread.Sleep(200);
+        WaitFor(() => Interlocked.Read(ref otherReads) > before + 10 || Volatile.Read(ref otherFailed) is not null, "the other client to keep being served");
         Volatile.Write(ref stop, true);
         Assert.True(other.Join(TimeSpan.FromSeconds(10)));
         Assert.Null(otherFailed);
         Assert.True(Interlocked.Read(ref otherReads) > before, "the other client stopped being served");
         Assert.Equal(0, s.Server.InternalErrors);
+    }
+
+    [Theory]
+    [InlineData(NbdExecution.Inline)]
+    [InlineData(NbdExecution.Workers)]
+    public void FuaIsHonouredAndFlushReachesTheTarget(NbdExecution execution)
+    {
+        using var target = new RecordingTarget(1 << 20);
+        using var s = new TestServer(target, options: new NbdServerOptions { Execution = execution });
+        using var c = new RawNbd(s.SocketPath).Connect();
+        Assert.NotEqual(0, c.TransmissionFlags & FlagSendFua);
+        Assert.NotEqual(0, c.TransmissionFlags & FlagSendFlush);
+        string Do(ushort type, ushort flags, uint length, byte[]? payload = null)
+        {
+            lock (target.Log)
+            {
+                target.Log.Clear();
+            }
+            c.Request(type, 1, type == CmdFlush ? 0u : 4096u, length, flags, payload);
+            Assert.Equal((0u, 1ul), c.ReadSimpleReply());
+            // The reply is sent after the target's calls return: the log is complete.
+            lock (target.Log)
+            {
+                return string.Join(",", target.Log);
+            }
+        }
+        Assert.Equal("write", Do(CmdWrite, 0, 4096, new byte[4096]));
+        Assert.Equal("writefua", Do(CmdWrite, CmdFlagFua, 4096, new byte[4096]));
+        Assert.Equal("zeroes,flush", Do(CmdWriteZeroes, CmdFlagFua, 4096));
+        Assert.Equal("discard,flush", Do(CmdTrim, CmdFlagFua, 4096));
+        Assert.Equal("discard", Do(CmdTrim, 0, 4096));
+        Assert.Equal("flush", Do(CmdFlush, 0, 0));
     }
 
     [Fact]
@@ -478,6 +510,45 @@ public class NbdBadInputTests
         }
 
         public override int Write(ReadOnlySpan<byte> data, long offset) => _inner.Write(data, offset);
+
+        protected override void Dispose(bool disposing)
+        {
+            _inner.Dispose();
+            base.Dispose(disposing);
+        }
+    }
+
+    /// <summary>A memory target that logs which of its write-side calls the server made.</summary>
+    private sealed class RecordingTarget(long size) : BlockTarget
+    {
+        private readonly MemoryTarget _inner = new(size);
+
+        public List<string> Log { get; } = [];
+
+        public override long Size => _inner.Size;
+
+        public override string Kind => "recording";
+
+        public override int Read(Span<byte> buffer, long offset) => _inner.Read(buffer, offset);
+
+        public override int Write(ReadOnlySpan<byte> data, long offset) => Note("write", _inner.Write(data, offset));
+
+        public override int WriteFua(ReadOnlySpan<byte> data, long offset) => Note("writefua", _inner.Write(data, offset));
+
+        public override int Flush() => Note("flush", 0);
+
+        public override int Discard(long offset, long length) => Note("discard", _inner.Discard(offset, length));
+
+        public override int WriteZeroes(long offset, long length, bool mayUnmap) => Note("zeroes", _inner.WriteZeroes(offset, length, mayUnmap));
+
+        private int Note(string what, int result)
+        {
+            lock (Log)
+            {
+                Log.Add(what);
+            }
+            return result;
+        }
 
         protected override void Dispose(bool disposing)
         {

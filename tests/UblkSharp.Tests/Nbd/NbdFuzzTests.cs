@@ -63,7 +63,6 @@ public class NbdFuzzTests
             Assert.Contains("\"export-size\": 16777216", Tools.Ok("nbdinfo", "--json", s.Uri), StringComparison.Ordinal);
         }
         Assert.True(sent >= 100_000, $"{sent} messages");
-        Assert.True(clock.Elapsed < TimeSpan.FromSeconds(120), $"the fuzz took {clock.Elapsed}");
         // Disposed servers leave no threads or fds behind (a little slack for the runtime's own).
         NbdBadInputTests.WaitFor(() => Threads() <= threadsBefore + 3, $"threads to go back to {threadsBefore} (now {Threads()})");
         NbdBadInputTests.WaitFor(() => Sockets() <= socketsBefore, $"sockets to go back to {socketsBefore} (now {Sockets()})");
