@@ -38,7 +38,10 @@ public sealed record NbdServerOptions
 
     public NbdExecution Execution { get; init; } = NbdExecution.Auto;
 
-    /// <summary>Target calls slower than this on average (per connection) move to the workers (Auto).</summary>
+    /// <summary>
+    /// Target calls slower than this on average (per connection, not counting the time to copy
+    /// their payload) move to the workers (Auto).
+    /// </summary>
     public TimeSpan InlineThreshold { get; init; } = TimeSpan.FromMicroseconds(30);
 
     /// <summary>Where to report connection problems and internal errors; null to stay quiet.</summary>

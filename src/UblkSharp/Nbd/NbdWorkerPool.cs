@@ -48,7 +48,9 @@ internal sealed class NbdWorkerPool : IDisposable
             {
                 Monitor.Pulse(_lock);
             }
-            else if (_threads.Count < _max)
+            // A pulsed thread counts as idle until it runs: more work waiting than idle threads to
+            // take it needs another thread (else a slow call would hold up the work queued behind it).
+            if (_queue.Count > _idle && _threads.Count < _max)
             {
                 var t = new Thread(Run, 256 * 1024) { IsBackground = true, Name = $"nbd-worker{_threads.Count}" };
                 _threads.Add(t);

@@ -303,6 +303,24 @@ public class NbdBadInputTests
     }
 
     [Fact]
+    public void AutoMovesASlowTargetToTheWorkers()
+    {
+        using var s = new TestServer(new SlowAtZeroTarget(1 << 20, TimeSpan.FromMilliseconds(500)));
+        using var c = new RawNbd(s.SocketPath).Connect(structured: true);
+        // A few slow calls, one at a time: they run on the connection's thread and teach it the target is slow.
+        for (ulong i = 1; i <= 4; i++)
+        {
+            c.Request(CmdRead, i, 0, 4096);
+            Assert.Equal(i, c.ReadAnyReply().Cookie);
+        }
+        // Now a slow request no longer holds up the fast one behind it.
+        c.Request(CmdRead, 10, 0, 4096);
+        c.Request(CmdRead, 11, 8192, 4096);
+        Assert.Equal(11ul, c.ReadAnyReply().Cookie);
+        Assert.Equal(10ul, c.ReadAnyReply().Cookie);
+    }
+
+    [Fact]
     public void DisconnectFinishesRequestsInFlightFirst()
     {
         using var s = new TestServer(new SlowAtZeroTarget(1 << 20, TimeSpan.FromMilliseconds(300)), options: new NbdServerOptions { Execution = NbdExecution.Workers });
