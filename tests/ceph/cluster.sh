@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# A throwaway single-node Ceph cluster on loopback for the rbd target's tests and benchmark: one
+# monitor and one BlueStore OSD on a sparse file, no auth, no manager (RBD IO does not need one),
+# and an "rbd" pool. Built by hand from the Debian packages (vstart.sh is not packaged; see
+# /work/shared/notes/ceph-single-node.md). Works on the host and inside the VM guest.
+#
+# usage: cluster.sh start DIR [--block-size SIZE]   prints "cluster up in N.N s" and DIR/ceph.conf
+#        cluster.sh stop DIR                        stops every daemon and removes DIR
+#        cluster.sh kill-osd DIR                    SIGKILLs the OSD (fault tests)
+#        cluster.sh start-osd DIR                   starts the OSD again and waits until it is up
+# Env: CEPH_TIMEOUT (seconds to wait for a step, default 120).
+set -euo pipefail
+
+die() { echo "cluster.sh: $*" >&2; exit 1; }
+[ $# -ge 2 ] || die "usage: cluster.sh start|stop|kill-osd|start-osd DIR"
+cmd=$1 dir=$2; shift 2
+block_size=2G
+while [ $# -gt 0 ]; do
+  case $1 in --block-size) block_size=$2; shift 2;; *) die "unknown option $1";; esac
+done
+timeout=${CEPH_TIMEOUT:-120}
+conf=$dir/ceph.conf
+
+now() { date +%s.%N; }
+ceph_() { timeout "$timeout" ceph -c "$conf" "$@"; }
+
+# Waits until the monitor reports the OSD up (and in).
+wait_osd_up() {
+  local deadline=$((SECONDS + timeout)) s
+  while :; do
+    s=$(ceph_ osd stat 2>/dev/null || true)
+    [[ $s =~ ([0-9]+)\ up ]] && [ "${BASH_REMATCH[1]}" -ge 1 ] && return 0
+    [ $SECONDS -lt $deadline ] || die "the OSD did not come up within $timeout s (log: $dir/log/osd.0.log): $s"
+    sleep 0.2
+  done
+}
+
+start_osd() {
+  ceph-osd -c "$conf" -i 0 || die "ceph-osd did not start (log: $dir/log/osd.0.log)"
+  wait_osd_up
+}
+
+daemon_pids() { cat "$dir"/run/*.pid 2>/dev/null || true; }
+
+case $cmd in
+start)
+  t0=$(now)
+  command -v ceph-mon >/dev/null && command -v ceph-osd >/dev/null && command -v rbd >/dev/null \
+    || die "ceph-mon, ceph-osd and rbd are needed: apt-get install ceph-mon ceph-osd ceph-common"
+  # The guest's loopback interface starts down.
+  if ! ip -o link show lo 2>/dev/null | grep -q 'UP'; then ip link set lo up || die "cannot bring up the loopback interface"; fi
+  [ ! -e "$dir/ceph.conf" ] || die "$dir already holds a cluster"
+  mkdir -p "$dir"/{log,run,mon,osd.0}
+  dir=$(cd "$dir" && pwd) conf=$dir/ceph.conf
+  port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  fsid=$(cat /proc/sys/kernel/random/uuid)
+  cat >"$conf" <<EOF
+[global]
+fsid = $fsid
+mon_host = v2:127.0.0.1:$port
+public_addr = 127.0.0.1
+cluster_addr = 127.0.0.1
+auth_cluster_required = none
+auth_service_required = none
+auth_client_required = none
+ms_mon_client_mode = crc
+osd_pool_default_size = 1
+osd_pool_default_min_size = 1
+mon_allow_pool_size_one = true
+mon_warn_on_pool_no_redundancy = false
+mon_warn_on_insecure_global_id_reclaim_allowed = false
+osd_crush_chooseleaf_type = 0
+mon_data_avail_warn = 1
+mon_data_avail_crit = 1
+log_file = $dir/log/\$name.log
+run_dir = $dir/run
+admin_socket = $dir/run/\$name.asok
+pid_file = $dir/run/\$name.pid
+lockdep = false
+[mon]
+mon_data = $dir/mon
+[osd]
+osd_data = $dir/osd.0
+osd_objectstore = bluestore
+bluestore_block_path = $dir/block-0
+bluestore_block_create = true
+bluestore_block_size = $block_size
+bluestore_fsck_on_mkfs = false
+bluestore_cache_autotune = false
+bluestore_cache_size = 128M
+osd_memory_target = 1G
+osd_op_num_shards = 1
+osd_op_num_threads_per_shard = 2
+EOF
+  monmaptool --create --clobber --fsid "$fsid" --addv a "[v2:127.0.0.1:$port]" "$dir/monmap" >/dev/null
+  ceph-mon -c "$conf" --mkfs -i a --monmap "$dir/monmap" || die "ceph-mon --mkfs failed"
+  ceph-mon -c "$conf" -i a || die "ceph-mon did not start (log: $dir/log/mon.a.log)"
+  uuid=$(cat /proc/sys/kernel/random/uuid)
+  id=$(ceph_ osd new "$uuid") || die "the monitor did not answer 'osd new' (log: $dir/log/mon.a.log)"
+  [ "$id" = 0 ] || die "unexpected OSD id $id"
+  ceph-osd -c "$conf" -i 0 --mkfs --osd-uuid "$uuid" >/dev/null 2>&1 || die "ceph-osd --mkfs failed (log: $dir/log/osd.0.log)"
+  start_osd
+  ceph_ osd pool create rbd 8 8 >/dev/null 2>&1 || die "could not create the rbd pool"
+  timeout "$timeout" rbd -c "$conf" pool init rbd || die "rbd pool init failed"
+  printf 'cluster up in %.1f s (%s)\n' "$(echo "$(now) - $t0" | bc)" "$conf"
+  ;;
+stop)
+  [ -d "$dir" ] || exit 0
+  pids=$(daemon_pids)
+  [ -z "$pids" ] || kill $pids 2>/dev/null || true
+  for _ in $(seq 100); do
+    alive=0; for p in $pids; do kill -0 "$p" 2>/dev/null && alive=1; done
+    [ $alive = 0 ] && break; sleep 0.1
+  done
+  for p in $pids; do kill -9 "$p" 2>/dev/null || true; done
+  rm -rf "$dir"
+  ;;
+kill-osd)
+  p=$(cat "$dir/run/osd.0.pid") || die "no OSD pid file in $dir/run"
+  kill -9 "$p"
+  while kill -0 "$p" 2>/dev/null; do sleep 0.1; done
+  ;;
+start-osd)
+  start_osd
+  ;;
+*) die "unknown command $cmd" ;;
+esac
