@@ -36,7 +36,7 @@ wait_osd_up() {
 }
 
 start_osd() {
-  ceph-osd -c "$conf" -i 0 || die "ceph-osd did not start (log: $dir/log/osd.0.log)"
+  ceph-osd -c "$conf" -i 0 2>>"$dir/log/osd.0.stderr" || die "ceph-osd did not start (log: $dir/log/osd.0.log)"
   wait_osd_up
 }
 
@@ -91,10 +91,12 @@ bluestore_cache_size = 128M
 osd_memory_target = 1G
 osd_op_num_shards = 1
 osd_op_num_threads_per_shard = 2
+# A fixed CRUSH host: the guest's hostname is "(none)", which is no valid CRUSH name.
+crush_location = root=default host=ublksharp-ceph
 EOF
   monmaptool --create --clobber --fsid "$fsid" --addv a "[v2:127.0.0.1:$port]" "$dir/monmap" >/dev/null
-  ceph-mon -c "$conf" --mkfs -i a --monmap "$dir/monmap" || die "ceph-mon --mkfs failed"
-  ceph-mon -c "$conf" -i a || die "ceph-mon did not start (log: $dir/log/mon.a.log)"
+  ceph-mon -c "$conf" --mkfs -i a --monmap "$dir/monmap" 2>>"$dir/log/mon.a.stderr" || die "ceph-mon --mkfs failed"
+  ceph-mon -c "$conf" -i a 2>>"$dir/log/mon.a.stderr" || die "ceph-mon did not start (log: $dir/log/mon.a.log)"
   uuid=$(cat /proc/sys/kernel/random/uuid)
   id=$(ceph_ osd new "$uuid") || die "the monitor did not answer 'osd new' (log: $dir/log/mon.a.log)"
   [ "$id" = 0 ] || die "unexpected OSD id $id"
