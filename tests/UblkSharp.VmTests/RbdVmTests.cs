@@ -134,7 +134,7 @@ public class RbdVmTests(GuestCephCluster cluster) : IClassFixture<GuestCephClust
         var osdDown = false;
         try
         {
-            var dev = CliDevices.Add($"-t rbd --pool rbd --image fault --conf {cluster.Conf} --timeout 5");
+            var dev = CliDevices.Add($"-t rbd --pool rbd --image fault --conf {cluster.Conf} --timeout 10");
             VmEnvironment.ShOk($"dd if=/dev/urandom of={dev} bs=1M count=8 oflag=direct status=none");
             cluster.Script_("kill-osd");
             osdDown = true;
@@ -144,7 +144,7 @@ public class RbdVmTests(GuestCephCluster cluster) : IClassFixture<GuestCephClust
             Assert.True(code != 0 && output.Contains("Input/output error", StringComparison.Ordinal), $"a read with the OSD down: exit {code}: {output}");
             (code, output) = VmEnvironment.Sh($"dd if=/dev/zero of={dev} bs=64k count=4 seek=90 oflag=direct,dsync status=none", TimeSpan.FromMinutes(2));
             Assert.True(code != 0 && output.Contains("Input/output error", StringComparison.Ordinal), $"a write with the OSD down: exit {code}: {output}");
-            VmEnvironment.Figure($"rbd fault in the guest: a read and a write to a dead OSD failed with EIO after {sw.Elapsed.TotalSeconds:F1} s (timeout 5 s each)");
+            VmEnvironment.Figure($"rbd fault in the guest: a read and a write to a dead OSD failed with EIO after {sw.Elapsed.TotalSeconds:F1} s (timeout 10 s each)");
 
             cluster.Script_("start-osd");
             osdDown = false;
