@@ -18,7 +18,7 @@ internal sealed class TargetOptions
 
     public Option<bool> DirectIo { get; } = new("--direct-io") { Description = "loop: open the backing file with O_DIRECT" };
 
-    public Option<bool> ReadOnly { get; } = new("--read-only") { Description = "loop, cow: a read-only device (serve: a read-only export)" };
+    public Option<bool> ReadOnly { get; } = new("--read-only") { Description = "loop, cow, rbd: a read-only device (serve: a read-only export)" };
 
     public Option<string?> Base { get; } = new("--base") { Description = "fault: the target type to wrap (null, mem, loop)" };
 
@@ -42,8 +42,21 @@ internal sealed class TargetOptions
 
     public Option<string?> Uri { get; } = new("--uri") { Description = "nbd: the remote export, nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH" };
 
+    public Option<string?> Pool { get; } = new("--pool") { Description = "rbd: the Ceph pool" };
+
+    public Option<string?> Image { get; } = new("--image") { Description = "rbd: the RBD image" };
+
+    public Option<string?> Conf { get; } = new("--conf") { Description = "rbd: the ceph.conf to use (default: librados' search, e.g. /etc/ceph/ceph.conf)" };
+
+    public Option<string?> ClientId { get; } = new("--id") { Description = "rbd: the Ceph client id (default admin)" };
+
+    public Option<string?> Snap { get; } = new("--snap") { Description = "rbd: serve this snapshot of the image (read-only)" };
+
+    public Option<string?> Timeout { get; } = new("--timeout") { Description = "rbd: seconds connecting or one IO may wait for the cluster before failing (default 30)" };
+
     public IEnumerable<Option> All =>
-        [Type, File, Size, DirectIo, ReadOnly, Base, Seed, ShortIo, Again, Eio, Delay, DelayMs, Backing, Create, IgnoreBackingMismatch, Uri];
+        [Type, File, Size, DirectIo, ReadOnly, Base, Seed, ShortIo, Again, Eio, Delay, DelayMs, Backing, Create, IgnoreBackingMismatch, Uri,
+            Pool, Image, Conf, ClientId, Snap, Timeout];
 
     public void AddTo(Command command)
     {
@@ -82,6 +95,13 @@ internal sealed class TargetOptions
         Put("create", r.GetValue(Create) ? "on" : null);
         Put("ignore-backing-mismatch", r.GetValue(IgnoreBackingMismatch) ? "on" : null);
         Put("uri", r.GetValue(Uri));
+        Put("pool", r.GetValue(Pool));
+        Put("image", r.GetValue(Image));
+        // Absolute: the daemon (and a later recovery) may run from another directory.
+        Put("conf", r.GetValue(Conf) is { Length: > 0 } conf ? Path.GetFullPath(conf) : null);
+        Put("id", r.GetValue(ClientId));
+        Put("snap", r.GetValue(Snap));
+        Put("timeout", r.GetValue(Timeout));
         return recipe;
     }
 }

@@ -14,13 +14,15 @@ namespace UblkSharp.Runtime;
 /// </summary>
 internal sealed unsafe class UblkQueue : IDisposable
 {
-    // user_data: tag in bits 0-15, kind in bits 16-17.
+    // user_data: tag in bits 0-15, kind in bits 16-18.
     private const ulong KindCommand = 0;
     private const ulong KindBackend = 1ul << 16;
     private const ulong KindDelay = 2ul << 16;
     private const ulong KindIgnore = 3ul << 16;
-    private const ulong KindMask = 3ul << 16;
+    private const ulong KindNotify = 4ul << 16;
+    private const ulong KindMask = 7ul << 16;
     private const int MaxRetries = 1000;
+    private const int ReapBatch = 32;
 
     private readonly int _queueId;
     private readonly int _depth;
@@ -44,6 +46,12 @@ internal sealed unsafe class UblkQueue : IDisposable
     private FaultInjector? _faults;
     private int _finishedTags;
     private int _backendInFlight;
+    // Backends that complete outside the ring (librbd): the fd read on the ring, its 8-byte buffer
+    // (owned here, since the READ stays pending until the ring is gone) and the reap batch.
+    private int _completionFd = -1;
+    private ulong* _notifyBuffer;
+    private int[] _reapTags = [];
+    private int[] _reapResults = [];
 
     public UblkQueue(int queueId, int depth, int maxIo, int charFd, BlockTarget target, int[]? cpus, Action<Exception> onFatal)
     {
@@ -185,6 +193,14 @@ internal sealed unsafe class UblkQueue : IDisposable
         _tags = new TagState[_depth];
         _delays = (KernelTimespec*)NativeMemory.AllocZeroed((nuint)(_depth * sizeof(KernelTimespec)));
         _faults = (_target as FaultTarget)?.CreateInjector(_queueId);
+        _completionFd = _backend?.CompletionFd ?? -1;
+        if (_completionFd >= 0)
+        {
+            _notifyBuffer = (ulong*)NativeMemory.AllocZeroed(sizeof(ulong));
+            _reapTags = new int[ReapBatch];
+            _reapResults = new int[ReapBatch];
+            ArmNotification();
+        }
 
         for (var tag = 0; tag < _depth; tag++)
         {
@@ -226,6 +242,9 @@ internal sealed unsafe class UblkQueue : IDisposable
                     case KindDelay:
                         _backendInFlight--;
                         StartBackend(tag);
+                        break;
+                    case KindNotify:
+                        OnNotification(cqe.res);
                         break;
                     default:
                         _backendInFlight--;
@@ -280,10 +299,67 @@ internal sealed unsafe class UblkQueue : IDisposable
         StartBackend(tag);
     }
 
+    private void ArmNotification()
+        => _ring!.GetSqe().PrepareRead(_completionFd, _notifyBuffer, sizeof(ulong), 0, KindNotify);
+
+    /// <summary>The completion fd was readable: takes every finished request, then reads it again.</summary>
+    private void OnNotification(int res)
+    {
+        if (res < 0 && res is not (-Errno.EINTR or -Errno.EAGAIN))
+        {
+            throw new ErrnoException(-res, $"reading the backend's completion fd (queue {_queueId})");
+        }
+        // Re-armed first: a completion that lands while this drains makes the new READ finish at
+        // once, so none is missed.
+        ArmNotification();
+        int n;
+        do
+        {
+            n = _backend!.Reap(_reapTags, _reapResults);
+            for (var i = 0; i < n; i++)
+            {
+                var tag = _reapTags[i];
+                _backendInFlight--;
+                if (Progress(ref _tags[tag], tag, _reapResults[i]))
+                {
+                    StartBackend(tag);
+                }
+            }
+        }
+        while (n == ReapBatch);
+    }
+
     /// <summary>Starts (or continues) the backend work for a tag: on the ring, or synchronously here.</summary>
     private void StartBackend(int tag)
     {
         ref var t = ref _tags[tag];
+        if (_completionFd >= 0)
+        {
+            // The backend's own submission; its completion comes back through the fd on the ring.
+            do
+            {
+                int r;
+                try
+                {
+                    r = _backend!.Submit(tag, new BackendRequest(t.Op, t.Flags, t.Offset + t.Done, t.Remaining, t.Buffer + t.Done));
+                }
+                catch (Exception e) when (e is not OutOfMemoryException)
+                {
+                    Console.Error.WriteLine($"ublksharp: queue {_queueId}: target failed to submit {t.Op}: {e.Message}");
+                    r = -Errno.EIO;
+                }
+                if (r >= 0)
+                {
+                    _backendInFlight++;
+                    return;
+                }
+                if (!Progress(ref t, tag, r))
+                {
+                    return;
+                }
+            }
+            while (true);
+        }
         if (_backend is not null)
         {
             ref var sqe = ref _ring!.GetSqe();
@@ -427,6 +503,11 @@ internal sealed unsafe class UblkQueue : IDisposable
         _ring?.Dispose();
         _descMap?.Dispose();
         _buffers?.Dispose();
+        if (_notifyBuffer != null)
+        {
+            NativeMemory.Free(_notifyBuffer); // the ring, and with it the pending READ, is gone
+            _notifyBuffer = null;
+        }
         if (_delays != null)
         {
             NativeMemory.Free(_delays);

@@ -9,7 +9,7 @@ namespace UblkSharp.Targets;
 /// </summary>
 public static class TargetFactory
 {
-    public static IReadOnlyList<string> Kinds { get; } = ["null", "mem", "loop", "fault", "cow", "nbd"];
+    public static IReadOnlyList<string> Kinds { get; } = ["null", "mem", "loop", "fault", "cow", "nbd", "rbd"];
 
     public static BlockTarget Create(string kind, IReadOnlyDictionary<string, string> options)
     {
@@ -22,6 +22,7 @@ public static class TargetFactory
             "fault" => CreateFault(options),
             "cow" => CreateCow(options),
             "nbd" => CreateNbd(options),
+            "rbd" => CreateRbd(options),
             _ => throw new ArgumentException($"unknown target type '{kind}': use one of {string.Join(", ", Kinds)}"),
         };
     }
@@ -34,6 +35,38 @@ public static class TargetFactory
         }
         // Parsing throws ArgumentException; a server that cannot be reached, IOException naming it.
         return new NbdTarget(Nbd.NbdUri.Parse(uri));
+    }
+
+    /// <summary>
+    /// An RBD image: "pool", "image", optional "conf", "id", "snap", "read-only" and "timeout"
+    /// (seconds). A cluster, pool or image that cannot be reached or found is an IOException naming it.
+    /// </summary>
+    private static RbdTarget CreateRbd(IReadOnlyDictionary<string, string> o)
+    {
+        string Need(string key, string example)
+            => o.TryGetValue(key, out var v) && !string.IsNullOrEmpty(v) ? v : throw new ArgumentException($"the rbd target needs --{key} {example}");
+        var pool = Need("pool", "POOL");
+        var image = Need("image", "IMAGE");
+        var conf = o.TryGetValue("conf", out var c) && !string.IsNullOrEmpty(c) ? c : null;
+        if (conf is not null && !File.Exists(conf))
+        {
+            throw new ArgumentException($"{conf}: no such Ceph configuration file");
+        }
+        var timeout = Number(o, "timeout", 30);
+        if (timeout < 1)
+        {
+            throw new ArgumentException("bad --timeout '0': give at least 1 second");
+        }
+        return new RbdTarget(new RbdTargetOptions
+        {
+            Pool = pool,
+            Image = image,
+            ConfigFile = conf is null ? null : Path.GetFullPath(conf),
+            ClientId = o.TryGetValue("id", out var id) && !string.IsNullOrEmpty(id) ? id : "admin",
+            Snapshot = o.TryGetValue("snap", out var snap) && !string.IsNullOrEmpty(snap) ? snap : null,
+            ReadOnly = Flag(o, "read-only"),
+            Timeout = TimeSpan.FromSeconds(timeout),
+        });
     }
 
     private static LoopTarget CreateLoop(IReadOnlyDictionary<string, string> o)

@@ -51,6 +51,28 @@ public abstract class UringBackend : IDisposable
     /// <summary>Fills <paramref name="sqe"/> (zeroed) for the request; the runtime sets its user_data.</summary>
     public abstract void Prepare(ref Sqe sqe, in BackendRequest request);
 
+    /// <summary>
+    /// For backends whose IO completes outside the ring, in a library with its own threads (librbd):
+    /// a descriptor, normally an eventfd, that becomes readable when submitted work has finished.
+    /// The runtime keeps one 8-byte READ of it on the queue's ring and, when that completes, calls
+    /// <see cref="Reap"/> on the queue thread. -1 (the default): the backend uses <see cref="Prepare"/>.
+    /// </summary>
+    public virtual int CompletionFd => -1;
+
+    /// <summary>
+    /// With a <see cref="CompletionFd"/>: starts the request that <paramref name="tag"/> holds.
+    /// Returns 0 once it is under way (its result then comes from <see cref="Reap"/>), or the
+    /// request's result at once (a negative errno).
+    /// </summary>
+    public virtual int Submit(int tag, in BackendRequest request) => -Interop.Errno.EOPNOTSUPP;
+
+    /// <summary>
+    /// With a <see cref="CompletionFd"/>: takes up to <paramref name="tags"/>.Length finished
+    /// requests, their tags and results (bytes done, or a negative errno), and returns how many.
+    /// The runtime calls it until it returns less than the span's length.
+    /// </summary>
+    public virtual int Reap(Span<int> tags, Span<int> results) => 0;
+
     public void Dispose()
     {
         Dispose(true);

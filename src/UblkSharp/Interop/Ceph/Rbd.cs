@@ -1,0 +1,69 @@
+using System.Runtime.InteropServices;
+
+namespace UblkSharp.Interop.Ceph;
+
+/// <summary>
+/// librbd's C API (<c>rbd/librbd.h</c>; the librbd.so.1 ABI is stable across Ceph releases).
+/// Images, synchronous and asynchronous IO, eventfd completion notification, the exclusive lock
+/// and header watches. Errors are negative errnos.
+/// </summary>
+internal static unsafe partial class Rbd
+{
+    private const string Lib = "librbd.so.1";
+
+    public const ulong FeatureExclusiveLock = 1ul << 2;
+
+    /// <summary>rbd_image_notification type: librbd writes to an eventfd when an AIO completes.</summary>
+    public const int EventTypeEventfd = 2;
+
+    public const int LockModeExclusive = 0;
+
+    /// <summary>rbd_write_zeroes flag: keep the zeroed extent allocated (no hole).</summary>
+    public const int WriteZeroesThickProvision = 1;
+
+    [LibraryImport(Lib, EntryPoint = "rbd_open", StringMarshalling = StringMarshalling.Utf8)]
+    public static partial int rbd_open(nint ioctx, string name, out nint image, string? snapName);
+
+    [LibraryImport(Lib, EntryPoint = "rbd_open_read_only", StringMarshalling = StringMarshalling.Utf8)]
+    public static partial int rbd_open_read_only(nint ioctx, string name, out nint image, string? snapName);
+
+    [LibraryImport(Lib, EntryPoint = "rbd_close")]
+    public static partial int rbd_close(nint image);
+
+    [LibraryImport(Lib, EntryPoint = "rbd_get_size")]
+    public static partial int rbd_get_size(nint image, out ulong size);
+
+    [LibraryImport(Lib, EntryPoint = "rbd_get_features")]
+    public static partial int rbd_get_features(nint image, out ulong features);
+
+    [LibraryImport(Lib, EntryPoint = "rbd_lock_acquire")]
+    public static partial int rbd_lock_acquire(nint image, int lockMode);
+
+    [LibraryImport(Lib, EntryPoint = "rbd_lock_release")]
+    public static partial int rbd_lock_release(nint image);
+
+    [LibraryImport(Lib, EntryPoint = "rbd_is_exclusive_lock_owner")]
+    public static partial int rbd_is_exclusive_lock_owner(nint image, out int isOwner);
+
+    [LibraryImport(Lib, EntryPoint = "rbd_update_watch")]
+    public static partial int rbd_update_watch(nint image, out ulong handle, delegate* unmanaged<nint, void> callback, nint arg);
+
+    [LibraryImport(Lib, EntryPoint = "rbd_update_unwatch")]
+    public static partial int rbd_update_unwatch(nint image, ulong handle);
+
+    // Synchronous IO (the NBD export's worker threads): returns bytes done or a negative errno.
+    [LibraryImport(Lib, EntryPoint = "rbd_read2")]
+    public static partial nint rbd_read2(nint image, ulong offset, nuint length, byte* buffer, int opFlags);
+
+    [LibraryImport(Lib, EntryPoint = "rbd_write2")]
+    public static partial nint rbd_write2(nint image, ulong offset, nuint length, byte* buffer, int opFlags);
+
+    [LibraryImport(Lib, EntryPoint = "rbd_discard")]
+    public static partial int rbd_discard(nint image, ulong offset, ulong length);
+
+    [LibraryImport(Lib, EntryPoint = "rbd_write_zeroes")]
+    public static partial nint rbd_write_zeroes(nint image, ulong offset, nuint length, int zeroFlags, int opFlags);
+
+    [LibraryImport(Lib, EntryPoint = "rbd_flush")]
+    public static partial int rbd_flush(nint image);
+}

@@ -1,0 +1,404 @@
+using System.Runtime.InteropServices;
+using UblkSharp.Interop;
+using UblkSharp.Interop.Ceph;
+
+namespace UblkSharp.Targets;
+
+/// <summary>Which RBD image an <see cref="RbdTarget"/> serves, and how it reaches the cluster.</summary>
+public sealed record RbdTargetOptions
+{
+    public required string Pool { get; init; }
+
+    public required string Image { get; init; }
+
+    /// <summary>The ceph.conf to read; null for librados' default search ($CEPH_CONF, /etc/ceph/ceph.conf, ...).</summary>
+    public string? ConfigFile { get; init; }
+
+    /// <summary>The client id ("admin" is client.admin).</summary>
+    public string ClientId { get; init; } = "admin";
+
+    /// <summary>A snapshot to serve (read-only); null for the image head.</summary>
+    public string? Snapshot { get; init; }
+
+    public bool ReadOnly { get; init; }
+
+    /// <summary>
+    /// How long connecting, and each IO, may wait for the cluster: a request the cluster does not
+    /// answer in that time fails (with EIO) instead of hanging the device.
+    /// </summary>
+    public TimeSpan Timeout { get; init; } = TimeSpan.FromSeconds(30);
+}
+
+/// <summary>
+/// A Ceph RBD image through librbd (like rbd-nbd and qemu's rbd driver). A ublk queue submits
+/// librbd's asynchronous IO from its own thread and learns of completions through librbd's
+/// eventfd notification, read by an io_uring READ on the queue's ring; the NBD export uses the
+/// synchronous calls from its worker threads. A writable image is opened with its exclusive lock
+/// taken and held (not handed over on request), so a second writer is refused rather than
+/// interleaved. Size comes from the image; a resize is noticed (a header watch) and reported.
+/// </summary>
+public sealed unsafe class RbdTarget : BlockTarget
+{
+    private const int SyncChunk = 1 << 30;
+
+    private readonly RbdTargetOptions _options;
+    private readonly bool _readOnly;
+    private nint _cluster;
+    private nint _ioctx;
+    private nint _image;
+    private ulong _watchHandle;
+    private GCHandle _self;
+    private long _imageSize;
+    private long _size;
+    private int _backends;
+    private int _eventFd = -1;
+    private bool _disposed;
+
+    public RbdTarget(RbdTargetOptions options)
+    {
+        ArgumentNullException.ThrowIfNull(options);
+        _options = options;
+        _readOnly = options.ReadOnly || options.Snapshot is not null;
+        try
+        {
+            Open();
+        }
+        catch
+        {
+            Close();
+            throw;
+        }
+    }
+
+    public RbdTargetOptions Options => _options;
+
+    /// <summary>"pool/image" or "pool/image@snap", for messages.</summary>
+    public string Name => $"{_options.Pool}/{_options.Image}{(_options.Snapshot is null ? "" : "@" + _options.Snapshot)}";
+
+    /// <summary>The image's size when it was opened: a device cannot follow a resize on 6.12.</summary>
+    public override long Size => _size;
+
+    /// <summary>The image's size as last seen: it differs from <see cref="Size"/> after a resize.</summary>
+    public long ImageSize => Volatile.Read(ref _imageSize);
+
+    /// <summary>Called (on a librbd thread) with the old and new image size when the image is resized.</summary>
+    public event Action<long, long>? Resized;
+
+    /// <summary>Where resize reports go; the default is stderr (the daemon's log).</summary>
+    public Action<string> Log { get; init; } = message => Console.Error.WriteLine($"ublksharp: {message}");
+
+    public override string Kind => "rbd";
+
+    public override IReadOnlyDictionary<string, string> Recipe
+    {
+        get
+        {
+            var r = new Dictionary<string, string> { ["pool"] = _options.Pool, ["image"] = _options.Image, ["id"] = _options.ClientId };
+            if (_options.ConfigFile is not null)
+            {
+                r["conf"] = _options.ConfigFile;
+            }
+            if (_options.Snapshot is not null)
+            {
+                r["snap"] = _options.Snapshot;
+            }
+            if (_options.ReadOnly)
+            {
+                r["read-only"] = "on";
+            }
+            r["timeout"] = ((long)_options.Timeout.TotalSeconds).ToString(System.Globalization.CultureInfo.InvariantCulture);
+            return r;
+        }
+    }
+
+    public override bool IsReadOnly => _readOnly;
+
+    public override bool HasVolatileCache => !_readOnly;
+
+    public override bool CanDiscard => !_readOnly;
+
+    private void Open()
+    {
+        var o = _options;
+        var seconds = Math.Max(1, (long)Math.Ceiling(o.Timeout.TotalSeconds)).ToString(System.Globalization.CultureInfo.InvariantCulture);
+        int r;
+        try
+        {
+            r = Rados.rados_create2(out _cluster, "ceph", "client." + o.ClientId, 0);
+        }
+        catch (DllNotFoundException e)
+        {
+            throw new IOException("the rbd target needs librados.so.2 and librbd.so.1: install librados2 and librbd1", e);
+        }
+        Check(r, "creating a librados handle");
+        r = Rados.rados_conf_read_file(_cluster, o.ConfigFile);
+        if (r < 0)
+        {
+            throw new IOException(o.ConfigFile is null
+                ? $"no Ceph configuration found ({Errno.Describe(r)}): give one with --conf"
+                : $"cannot read the Ceph configuration {o.ConfigFile}: {Errno.Describe(r)}");
+        }
+        // Bounded waits: connecting, monitor commands and every OSD op give up after the timeout,
+        // so an unreachable or silent cluster fails requests (and `add`) instead of hanging them.
+        foreach (var option in new[] { "client_mount_timeout", "rados_mon_op_timeout", "rados_osd_op_timeout" })
+        {
+            Check(Rados.rados_conf_set(_cluster, option, seconds), $"setting {option}");
+        }
+        r = Rados.rados_connect(_cluster);
+        if (r < 0)
+        {
+            throw new IOException($"cannot connect to the Ceph cluster{(o.ConfigFile is null ? "" : " of " + o.ConfigFile)} as client.{o.ClientId}: "
+                + (r == -Errno.ETIMEDOUT ? $"no monitor answered within {seconds} s" : Errno.Describe(r)));
+        }
+        r = Rados.rados_ioctx_create(_cluster, o.Pool, out _ioctx);
+        if (r < 0)
+        {
+            throw new IOException(r == -Errno.ENOENT ? $"the Ceph cluster has no pool '{o.Pool}'" : $"cannot open pool '{o.Pool}': {Errno.Describe(r)}");
+        }
+        r = _readOnly
+            ? Rbd.rbd_open_read_only(_ioctx, o.Image, out _image, o.Snapshot)
+            : Rbd.rbd_open(_ioctx, o.Image, out _image, null);
+        if (r < 0)
+        {
+            _image = 0;
+            throw new IOException(r == -Errno.ENOENT
+                ? (o.Snapshot is null ? $"pool '{o.Pool}' has no image '{o.Image}'" : $"no image '{o.Pool}/{o.Image}' with a snapshot '{o.Snapshot}'")
+                : $"cannot open the image {Name}: {Errno.Describe(r)}");
+        }
+        Check(Rbd.rbd_get_size(_image, out var size), $"reading the size of {Name}");
+        _imageSize = (long)size;
+        _size = (long)size & ~511L;
+        if (_size == 0)
+        {
+            throw new IOException($"the image {Name} is {size} bytes; a device needs at least 512");
+        }
+        if (!_readOnly)
+        {
+            AcquireLock();
+        }
+        _self = GCHandle.Alloc(this);
+        Check(Rbd.rbd_update_watch(_image, out _watchHandle, &OnHeaderUpdate, GCHandle.ToIntPtr(_self)), $"watching {Name} for resizes");
+    }
+
+    // Taken explicitly, librbd's exclusive lock is kept when another client asks for it (automatic
+    // transitions are off), so two writers never interleave: the second one is refused here.
+    private void AcquireLock()
+    {
+        Check(Rbd.rbd_get_features(_image, out var features), $"reading the features of {Name}");
+        if ((features & Rbd.FeatureExclusiveLock) == 0)
+        {
+            return; // nothing to take: the image was made without exclusive-lock
+        }
+        var r = Rbd.rbd_lock_acquire(_image, Rbd.LockModeExclusive);
+        if (r < 0)
+        {
+            throw new IOException($"the image {Name} is in use: another client holds its exclusive lock, and a second writer is refused "
+                + $"({Errno.Describe(r)}). Stop the other writer, or serve it with --read-only or --snap");
+        }
+    }
+
+    [UnmanagedCallersOnly]
+    private static void OnHeaderUpdate(nint arg)
+    {
+        try
+        {
+            if (GCHandle.FromIntPtr(arg).Target is RbdTarget t)
+            {
+                t.CheckSize();
+            }
+        }
+        catch (Exception e)
+        {
+            // Nothing may unwind into librbd.
+            Console.Error.WriteLine($"ublksharp: rbd: header watch: {e.Message}");
+        }
+    }
+
+    private void CheckSize()
+    {
+        if (_image == 0 || Rbd.rbd_get_size(_image, out var size) < 0)
+        {
+            return;
+        }
+        var old = Interlocked.Exchange(ref _imageSize, (long)size);
+        if (old == (long)size)
+        {
+            return;
+        }
+        var grown = (long)size > Size;
+        Log($"rbd: the image {Name} was resized from {old} to {size} bytes; the device keeps its size of {Size} bytes"
+            + (grown
+                ? ": growing a ublk device needs UPDATE_SIZE (Linux 6.14 or later)" + (KernelBefore614() ? $", and this kernel is {Environment.OSVersion.Version}" : "")
+                : (long)size < Size ? ": IO past the image's new end fails" : ""));
+        Resized?.Invoke(old, (long)size);
+    }
+
+    private static bool KernelBefore614()
+    {
+        var v = Environment.OSVersion.Version;
+        return v.Major < 6 || (v.Major == 6 && v.Minor < 14);
+    }
+
+    public override int Read(Span<byte> buffer, long offset)
+    {
+        fixed (byte* p = buffer)
+        {
+            return MapError((int)Rbd.rbd_read2(_image, (ulong)offset, (nuint)Math.Min(buffer.Length, SyncChunk), p, 0));
+        }
+    }
+
+    public override int Write(ReadOnlySpan<byte> data, long offset)
+    {
+        if (_readOnly)
+        {
+            return -Errno.EROFS;
+        }
+        fixed (byte* p = data)
+        {
+            return MapError((int)Rbd.rbd_write2(_image, (ulong)offset, (nuint)Math.Min(data.Length, SyncChunk), p, 0));
+        }
+    }
+
+    public override int Flush() => _readOnly ? 0 : MapError(Rbd.rbd_flush(_image));
+
+    public override int Discard(long offset, long length)
+    {
+        if (_readOnly)
+        {
+            return -Errno.EROFS;
+        }
+        while (length > 0)
+        {
+            var chunk = Math.Min(length, SyncChunk);
+            var r = Rbd.rbd_discard(_image, (ulong)offset, (ulong)chunk);
+            if (r < 0)
+            {
+                return MapError(r);
+            }
+            offset += chunk;
+            length -= chunk;
+        }
+        return 0;
+    }
+
+    public override int WriteZeroes(long offset, long length, bool mayUnmap)
+    {
+        if (_readOnly)
+        {
+            return -Errno.EROFS;
+        }
+        while (length > 0)
+        {
+            var chunk = Math.Min(length, SyncChunk);
+            var r = (int)Rbd.rbd_write_zeroes(_image, (ulong)offset, (nuint)chunk, mayUnmap ? 0 : Rbd.WriteZeroesThickProvision, 0);
+            if (r < 0)
+            {
+                return MapError(r);
+            }
+            offset += chunk;
+            length -= chunk;
+        }
+        return 0;
+    }
+
+    /// <summary>
+    /// Errors the block layer or an NBD client can act on keep their meaning; the rest (a cluster
+    /// that timed out, a connection that was shut down) are EIO.
+    /// </summary>
+    internal static int MapError(int r) => r >= 0 || r is -Errno.EINVAL or -Errno.EROFS or -Errno.ENOSPC or -Errno.EOPNOTSUPP ? r : -Errno.EIO;
+
+    /// <summary>
+    /// librbd notifies one eventfd per image, so one queue carries the image's IO (librbd spreads
+    /// it over its own threads anyway).
+    /// </summary>
+    public override UringBackend? CreateUringBackend(int queueId)
+    {
+        if (Interlocked.Increment(ref _backends) > 1)
+        {
+            Interlocked.Decrement(ref _backends);
+            throw new NotSupportedException("the rbd target serves its image from one queue (librbd notifies one eventfd per image): use -q 1");
+        }
+        try
+        {
+            if (_eventFd < 0)
+            {
+                // Kept until the image is closed: librbd writes it for as long as the image is open.
+                var fd = Libc.eventfd(0, Libc.EFD_CLOEXEC);
+                if (fd < 0)
+                {
+                    throw new ErrnoException(Marshal.GetLastPInvokeError(), "eventfd");
+                }
+                var r = RbdAio.rbd_set_image_notification(_image, fd, Rbd.EventTypeEventfd);
+                if (r < 0)
+                {
+                    _ = Libc.close(fd);
+                    throw new ErrnoException(-r, $"rbd_set_image_notification on {Name}");
+                }
+                _eventFd = fd;
+            }
+            return new RbdUringBackend(this, _image, _eventFd);
+        }
+        catch
+        {
+            Interlocked.Decrement(ref _backends);
+            throw;
+        }
+    }
+
+    internal void BackendClosed() => Interlocked.Decrement(ref _backends);
+
+    private static void Check(int r, string what)
+    {
+        if (r < 0)
+        {
+            throw new ErrnoException(-r, what);
+        }
+    }
+
+    protected override void Dispose(bool disposing)
+    {
+        if (!_disposed)
+        {
+            _disposed = true;
+            Close();
+        }
+        base.Dispose(disposing);
+    }
+
+    private void Close()
+    {
+        if (_image != 0)
+        {
+            if (_watchHandle != 0)
+            {
+                _ = Rbd.rbd_update_unwatch(_image, _watchHandle);
+                _watchHandle = 0;
+            }
+            if (!_readOnly)
+            {
+                _ = Rbd.rbd_flush(_image);
+            }
+            _ = Rbd.rbd_close(_image); // releases the exclusive lock
+            _image = 0;
+        }
+        if (_eventFd >= 0)
+        {
+            _ = Libc.close(_eventFd);
+            _eventFd = -1;
+        }
+        if (_self.IsAllocated)
+        {
+            _self.Free();
+        }
+        if (_ioctx != 0)
+        {
+            Rados.rados_ioctx_destroy(_ioctx);
+            _ioctx = 0;
+        }
+        if (_cluster != 0)
+        {
+            Rados.rados_shutdown(_cluster);
+            _cluster = 0;
+        }
+    }
+}

@@ -1,0 +1,174 @@
+using UblkSharp.Interop;
+using UblkSharp.Targets;
+using UblkSharp.Tests.Targets;
+
+namespace UblkSharp.Tests.Rbd;
+
+/// <summary>The rbd target's synchronous methods (what the NBD export calls) on a real cluster.</summary>
+[Collection(nameof(CephCollection))]
+public class RbdTargetTests(CephCluster cluster)
+{
+    private const int MiB = 1 << 20;
+
+    [Fact]
+    public void Size_kind_and_recipe_come_from_the_image()
+    {
+        var name = cluster.CreateImage(64 * MiB);
+        using var t = cluster.Open(name);
+        Assert.Equal(64L * MiB, t.Size);
+        Assert.Equal(64L * MiB, t.ImageSize);
+        Assert.Equal("rbd", t.Kind);
+        Assert.False(t.IsReadOnly);
+        Assert.True(t.HasVolatileCache);
+        Assert.True(t.CanDiscard);
+        Assert.Equal("rbd", t.Recipe["pool"]);
+        Assert.Equal(name, t.Recipe["image"]);
+        Assert.Equal(cluster.Conf, t.Recipe["conf"]);
+        // The recipe rebuilds the same target (what a daemon does with it).
+        t.Dispose();
+        using var again = TargetFactory.Create("rbd", t.Recipe);
+        Assert.Equal(64L * MiB, again.Size);
+    }
+
+    [Fact]
+    public void Write_patterns_read_back_across_object_boundaries()
+    {
+        var name = cluster.CreateImage(64 * MiB);
+        using (var t = cluster.Open(name))
+        {
+            // 4 MiB objects: these straddle boundaries, hit the first and last sectors, and overlap.
+            (long Offset, int Length, int Seed)[] writes =
+            [
+                (0, 4096, 1), (4 * MiB - 2048, 8192, 2), (64L * MiB - 512, 512, 3), (10 * MiB + 512, 3 * MiB, 4), (11 * MiB, 4096, 5),
+            ];
+            foreach (var (offset, length, seed) in writes)
+            {
+                Assert.Equal(length, t.Write(LoopTargetTests.Pattern(length, seed), offset));
+            }
+            Assert.Equal(0, t.Flush());
+            var expected = new byte[64 * MiB];
+            foreach (var (offset, length, seed) in writes)
+            {
+                LoopTargetTests.Pattern(length, seed).CopyTo(expected, offset);
+            }
+            AssertImage(t, expected);
+        }
+        // And through another client: the data is in the cluster, not in our cache.
+        var exported = Path.Combine(cluster.Directory, $"{name}.raw");
+        cluster.RbdCli("export", $"rbd/{name}", exported);
+        var onCluster = File.ReadAllBytes(exported);
+        File.Delete(exported);
+        using var check = cluster.Open(name, readOnly: true);
+        var back = new byte[onCluster.Length];
+        Assert.Equal(back.Length, check.Read(back, 0));
+        Assert.True(back.AsSpan().SequenceEqual(onCluster));
+    }
+
+    [Fact]
+    public void Discard_and_write_zeroes_read_back_as_zeros()
+    {
+        var name = cluster.CreateImage(32 * MiB);
+        using var t = cluster.Open(name);
+        var data = LoopTargetTests.Pattern(16 * MiB, 7);
+        Assert.Equal(data.Length, t.Write(data, 0));
+        Assert.Equal(0, t.Discard(4 * MiB, 4 * MiB));         // a whole object
+        // Inside one object: librbd skips a partial discard (rbd_skip_partial_discard), which
+        // discard allows, so only its success is checked.
+        Assert.Equal(0, t.Discard(MiB + 512, 4096));
+        Assert.Equal(0, t.WriteZeroes(9 * MiB, 3 * MiB, mayUnmap: true));
+        Assert.Equal(0, t.WriteZeroes(13 * MiB + 4096, 8192, mayUnmap: false));
+        Assert.Equal(0, t.Flush());
+        var expected = new byte[32 * MiB];
+        data.CopyTo(expected, 0);
+        Array.Clear(expected, 4 * MiB, 4 * MiB);
+        Array.Clear(expected, 9 * MiB, 3 * MiB);
+        Array.Clear(expected, 13 * MiB + 4096, 8192);
+        AssertImage(t, expected, ignore: (MiB + 512, 4096));
+    }
+
+    [Fact]
+    public void Out_of_range_IO_fails_and_changes_nothing()
+    {
+        var name = cluster.CreateImage(8 * MiB);
+        using var t = cluster.Open(name);
+        var buffer = new byte[8192];
+        Assert.True(t.Write(LoopTargetTests.Pattern(4096, 9), 8 * MiB) < 0);
+        Assert.True(t.Read(buffer, 9 * MiB) < 0);
+        Assert.True(t.Discard(16 * MiB, 4096) < 0);
+        Assert.Equal(8L * MiB, t.Size);
+        // A request that starts inside and runs past the end: librbd clips it, never writes past it.
+        var n = t.Write(LoopTargetTests.Pattern(8192, 10), 8 * MiB - 4096);
+        Assert.True(n is 4096 or < 0, $"a write across the end returned {n}");
+        Assert.Equal(8L * MiB, long.Parse(cluster.RbdCli("info", "--format", "json", $"rbd/{name}").Split("\"size\":")[1].Split(',')[0], System.Globalization.CultureInfo.InvariantCulture));
+    }
+
+    [Fact]
+    public void Read_only_and_snapshot_opens_refuse_writes_and_read_the_data()
+    {
+        var name = cluster.CreateImage(8 * MiB);
+        var before = LoopTargetTests.Pattern(MiB, 11);
+        using (var t = cluster.Open(name))
+        {
+            Assert.Equal(MiB, t.Write(before, 0));
+            Assert.Equal(0, t.Flush());
+        }
+        cluster.RbdCli("snap", "create", $"rbd/{name}@s1");
+        using (var t = cluster.Open(name))
+        {
+            Assert.Equal(MiB, t.Write(LoopTargetTests.Pattern(MiB, 12), 0));
+        }
+        using var snap = cluster.Open(name, snapshot: "s1");
+        Assert.True(snap.IsReadOnly);
+        Assert.Equal(-Errno.EROFS, snap.Write(before, 0));
+        var back = new byte[MiB];
+        Assert.Equal(MiB, snap.Read(back, 0));
+        Assert.True(back.AsSpan().SequenceEqual(before), "the snapshot reads what was written before it");
+        using var ro = cluster.Open(name, readOnly: true);
+        Assert.True(ro.IsReadOnly);
+        Assert.Equal(-Errno.EROFS, ro.Write(before, 0));
+        Assert.Equal(MiB, ro.Read(back, 0));
+        Assert.True(back.AsSpan().SequenceEqual(LoopTargetTests.Pattern(MiB, 12)), "the head reads the later write");
+    }
+
+    [Fact]
+    public void A_resize_is_noticed_and_reported_and_the_device_keeps_its_size()
+    {
+        var name = cluster.CreateImage(16 * MiB);
+        var messages = new System.Collections.Concurrent.ConcurrentQueue<string>();
+        using var resized = new ManualResetEventSlim();
+        using var t = cluster.Open(name, log: messages.Enqueue);
+        t.Resized += (_, _) => resized.Set();
+        cluster.RbdCli("resize", "--size", "32M", $"rbd/{name}");
+        Assert.True(resized.Wait(TimeSpan.FromSeconds(60), TestContext.Current.CancellationToken), "no resize notification within 60 s");
+        Assert.Equal(32L * MiB, t.ImageSize);
+        Assert.Equal(16L * MiB, t.Size);
+        var report = Assert.Single(messages);
+        Assert.Contains("resized from 16777216 to 33554432 bytes", report, StringComparison.Ordinal);
+        Assert.Contains("6.14", report, StringComparison.Ordinal);
+        // IO inside the old size still works after the resize.
+        Assert.Equal(4096, t.Write(LoopTargetTests.Pattern(4096, 13), 16 * MiB - 4096));
+    }
+
+    private static void AssertImage(RbdTarget t, byte[] expected, (int Offset, int Length) ignore = default)
+    {
+        var back = new byte[expected.Length];
+        var done = 0;
+        while (done < back.Length)
+        {
+            var n = t.Read(back.AsSpan(done), done);
+            Assert.True(n > 0, $"read at {done} returned {n}");
+            done += n;
+        }
+        for (var i = 0; i < expected.Length; i += 512)
+        {
+            if (i >= ignore.Offset && i < ignore.Offset + ignore.Length)
+            {
+                continue;
+            }
+            if (!back.AsSpan(i, 512).SequenceEqual(expected.AsSpan(i, 512)))
+            {
+                Assert.Fail($"sector at byte {i} differs");
+            }
+        }
+    }
+}
