@@ -1,23 +1,38 @@
 using System.Diagnostics;
 using System.Runtime.InteropServices;
+using BenchmarkDotNet.Columns;
+using BenchmarkDotNet.Configs;
+using BenchmarkDotNet.Diagnosers;
+using BenchmarkDotNet.Exporters;
+using BenchmarkDotNet.Exporters.Json;
+using BenchmarkDotNet.Jobs;
+using BenchmarkDotNet.Loggers;
+using BenchmarkDotNet.Running;
+using BenchmarkDotNet.Toolchains.InProcess.Emit;
 using UblkSharp.Interop;
 using UblkSharp.Interop.IoUring;
 
 namespace UblkSharp.Bench;
 
 /// <summary>
-/// Host micro-benchmarks of the io_uring binding: NOP batches and 4 KiB random reads from a tmpfs
-/// file at a fixed queue depth. The same loops exist in C over liburing (peers/liburing-bench.c),
-/// so the two can be compared as a ratio in one run.
+/// Host benchmarks. `binding`: the io_uring binding's NOP batches and 4 KiB random reads from a
+/// tmpfs file at a fixed queue depth; the same loops exist in C over liburing
+/// (peers/liburing-bench.c), so the two can be compared as a ratio in one run. `micro`:
+/// BenchmarkDotNet over the per-IO hot path (<see cref="HotPath"/>), with allocation columns.
 /// usage: UblkSharp.Bench binding [--seconds N] [--file PATH]
+///        UblkSharp.Bench micro [--quick] [--artifacts DIR]
 /// </summary>
 public static unsafe class Program
 {
     public static int Main(string[] args)
     {
+        if (args.Length > 0 && args[0] == "micro")
+        {
+            return Micro(args);
+        }
         if (args.Length == 0 || args[0] != "binding")
         {
-            Console.Error.WriteLine("usage: UblkSharp.Bench binding [--seconds N] [--file PATH]");
+            Console.Error.WriteLine("usage: UblkSharp.Bench binding [--seconds N] [--file PATH]\n       UblkSharp.Bench micro [--quick] [--artifacts DIR]");
             return 2;
         }
         var seconds = 3.0;
@@ -32,18 +47,7 @@ public static unsafe class Program
             }
         }
         const long fileSize = 64L << 20;
-        using (var fs = new FileStream(path, FileMode.OpenOrCreate))
-        {
-            if (fs.Length < fileSize)
-            {
-                var chunk = new byte[1 << 20];
-                Random.Shared.NextBytes(chunk);
-                for (var written = 0L; written < fileSize; written += chunk.Length)
-                {
-                    fs.Write(chunk);
-                }
-            }
-        }
+        EnsureDataFile(path, fileSize);
         var fd = Libc.OpenOrThrow(path, Libc.O_RDONLY);
         try
         {
@@ -59,6 +63,50 @@ public static unsafe class Program
             _ = Libc.close(fd);
         }
         return 0;
+    }
+
+    /// <summary>Creates (or tops up) a file of random bytes at least <paramref name="size"/> long.</summary>
+    public static void EnsureDataFile(string path, long size)
+    {
+        using var fs = new FileStream(path, FileMode.OpenOrCreate);
+        if (fs.Length < size)
+        {
+            var chunk = new byte[1 << 20];
+            Random.Shared.NextBytes(chunk);
+            for (var written = 0L; written < size; written += chunk.Length)
+            {
+                fs.Write(chunk);
+            }
+        }
+    }
+
+    private static int Micro(string[] args)
+    {
+        var quick = false;
+        var artifacts = Path.Combine(Path.GetTempPath(), "ublksharp-bench-micro");
+        for (var i = 1; i < args.Length; i++)
+        {
+            switch (args[i])
+            {
+                case "--quick": quick = true; break;
+                case "--artifacts" when i + 1 < args.Length: artifacts = args[++i]; break;
+                default: Console.Error.WriteLine($"unknown option {args[i]}"); return 2;
+            }
+        }
+        // In-process: no per-benchmark project build (minutes on this machine), and the
+        // MemoryDiagnoser works the same. A short job: the run is one section of bench/run.sh.
+        var job = Job.ShortRun.WithToolchain(InProcessEmitToolchain.Instance).WithId("hotpath");
+        job = quick ? job.WithWarmupCount(2).WithIterationCount(3) : job.WithWarmupCount(3).WithIterationCount(7);
+        var config = ManualConfig.CreateEmpty()
+            .AddJob(job)
+            .AddDiagnoser(MemoryDiagnoser.Default)
+            .AddColumnProvider(DefaultColumnProviders.Instance)
+            .AddLogger(ConsoleLogger.Default)
+            .AddExporter(MarkdownExporter.Console, JsonExporter.Full)
+            .WithArtifactsPath(artifacts)
+            .WithOptions(ConfigOptions.DisableLogFile);
+        var summary = BenchmarkRunner.Run<HotPath>(config);
+        return summary.HasCriticalValidationErrors || summary.Reports.Any(r => !r.Success) ? 1 : 0;
     }
 
     private static double Nop(double seconds)
