@@ -68,7 +68,7 @@ def vm_sections(path):
     prof = ["{} ({})".format(names.get(d, d), ", ".join(f"{n} {v:.0f} s" for n, v in sorted(t.items(), key=lambda kv: -kv[1]) if v >= 0.5))
             for d, t in sorted(j.get("threads_cpu_s", {}).items())]
     if prof:
-        vm["note"] += "; daemon CPU by thread over the run: " + "; ".join(prof)
+        vm["note"] += "; daemon CPU by thread over warm-up and runs (iou-wrk: io_uring's io-wq workers; dotnet: the main thread): " + "; ".join(prof)
     mem_rows = []
     for dev, r in sorted(j.get("rss_kib", {}).items()):
         if dev.startswith("ublksrv") or r.get("idle") is None:
@@ -141,7 +141,7 @@ def load(d):
 def num(x, unit=""):
     if x is None:
         return "-"
-    if unit in ("IOPS", "ops/s"):
+    if unit in ("IOPS", "ops/s", "ops/CPU-s"):
         return f"{x:,.0f}"
     if abs(x) >= 100:
         return f"{x:,.0f}"

@@ -118,6 +118,29 @@ run() {  # rep workload device rw bs qd
   log "rep $1 $2 $3: $(python3 -c 'import json,sys; j=json.load(open(sys.argv[1]))["jobs"][0]; print(round(j["read"]["iops"] + j["write"]["iops"]), "IOPS")' "$f")"
 }
 
+# The profile: CPU time of each daemon's threads, io_uring's io-wq workers (iou-wrk-*, where the
+# kernel punts IO it cannot do inline) summed as one. Sampled before the warm-up and after the
+# runs; the host reports the difference (start-up's JIT under TCG is not the IO path's).
+threads() {  # file
+  local d
+  for d in "${ours[@]}" "${peers[@]}"; do
+    python3 - "$d" "${pid[$d]}" >>"$1" <<'PY'
+import collections, glob, re, sys
+dev, pid = sys.argv[1:]
+ticks = collections.Counter()
+for t in glob.glob(f"/proc/{pid}/task/*"):
+    try:
+        name = re.sub(r"^iou-wrk-\d+$", "iou-wrk", open(f"{t}/comm").read().strip()).replace(" ", "_")
+        f = open(f"{t}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        continue  # the thread ended meanwhile
+    ticks[name] += int(f[11]) + int(f[12])  # utime + stime
+for name, n in ticks.most_common():
+    print(dev, name, n)
+PY
+  done
+}
+threads "$out/threads0.txt"
 printf 'hz %s\ncpus %s\nkernel %s\n' "$(getconf CLK_TCK)" "$(nproc)" "$(uname -r)" >"$out/meta.txt"
 # Warm-up, not recorded: the daemons' JIT tiers and qemu's translation cache fill here, not in rep 1.
 for d in "${!dev[@]}"; do fio_run "$d" randread 4k 64 2 0 /dev/null; done
@@ -132,22 +155,5 @@ for rep in $(seq "$reps"); do
 done
 log "fio matrix took $(($(date +%s) - start)) s"
 echo "after the runs:" >>"$out/affinity.txt"; affinity >>"$out/affinity.txt"
-# The profile: CPU time of each daemon's threads over the whole run, io_uring's io-wq workers
-# (iou-wrk-*, where the kernel punts IO it cannot do inline) summed as one.
-for d in "${ours[@]}" "${peers[@]}"; do
-  python3 - "$d" "${pid[$d]}" >>"$out/threads.txt" <<'PY'
-import collections, glob, re, sys
-dev, pid = sys.argv[1:]
-ticks = collections.Counter()
-for t in glob.glob(f"/proc/{pid}/task/*"):
-    try:
-        name = re.sub(r"^iou-wrk-\d+$", "iou-wrk", open(f"{t}/comm").read().strip()).replace(" ", "_")
-        f = open(f"{t}/stat").read().rsplit(")", 1)[1].split()
-    except OSError:
-        continue  # the thread ended meanwhile
-    ticks[name] += int(f[11]) + int(f[12])  # utime + stime
-for name, n in ticks.most_common():
-    print(dev, name, n)
-PY
-done
+threads "$out/threads.txt"
 # No teardown: the guest is thrown away when this returns.

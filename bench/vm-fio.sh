@@ -101,11 +101,12 @@ for line in read("rss.txt").splitlines():
         r["load"].append(int(kib))
 for r in result["rss_kib"].values():
     r["load_median"], r["load_max"] = med(r["load"]), max(r["load"], default=None)
-# Where each daemon's CPU went, by thread (whole run, warm-up included).
+# Where each daemon's CPU went, by thread, from before the warm-up to the end of the runs.
 result["threads_cpu_s"] = {}
+t0 = {tuple(l.split()[:2]): int(l.split()[2]) for l in read("threads0.txt").splitlines()}
 for line in read("threads.txt").splitlines():
     dev, name, ticks = line.split()
-    result["threads_cpu_s"].setdefault(dev, {})[name] = int(ticks) / hz
+    result["threads_cpu_s"].setdefault(dev, {})[name] = (int(ticks) - t0.get((dev, name), 0)) / hz
 print(f"\n{'case':24}{'device':11}{'IOPS|MiB/s':>11}{'p50 us':>9}{'p99 us':>9}{'cpu/IO':>8}{'cpu0/IO':>8}{'daemon%':>8}"
       "   ratio to peer: throughput; p50")
 for title, wl, ours, peers in CASES:
@@ -136,7 +137,7 @@ guest timer stretch median {med(stretch):.2f}, max {stretch[-1]:.2f}{' -- a busy
 print("daemon RSS (MiB): " + "; ".join(f"{d} idle {fmt(r['idle'] and r['idle'] / 1024, '.1f')}, under load {fmt(r['load_max'] and r['load_max'] / 1024, '.1f')}"
                                       for d, r in sorted(result["rss_kib"].items())))
 for d, t in sorted(result["threads_cpu_s"].items()):
-    print(f"{d} CPU by thread (s, whole run): " + ", ".join(f"{n} {v:.1f}" for n, v in sorted(t.items(), key=lambda kv: -kv[1]) if v))
+    print(f"{d} CPU by thread (s, warm-up and runs): " + ", ".join(f"{n} {v:.1f}" for n, v in sorted(t.items(), key=lambda kv: -kv[1]) if v))
 with open(out, "w") as f:
     json.dump(result, f, indent=1)
 print(f"JSON: {out}")
