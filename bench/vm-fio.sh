@@ -25,9 +25,9 @@ while [ $# -gt 0 ]; do
 done
 [[ $reps =~ ^[1-9][0-9]*$ && $runtime =~ ^[0-9]+$ && $runtime -ge 3 ]] || { echo "vm-fio: --reps >= 1, --runtime >= 3" >&2; exit 2; }
 [ -d "$out" ] && out=$out/vm-fio-$(date +%Y%m%d-%H%M%S).json
-# 15 fio runs a repetition, each about runtime + 3 s under TCG on a quiet host (more when it is
-# busy), plus boot, device set-up and warm-up.
-timeout=${timeout:-$((reps * 15 * (runtime + 8) + 300))}
+# 15 fio runs a repetition (20 with ublksrv), each about runtime + 3 s under TCG on a quiet host
+# (several times that when it is busy), plus boot, device set-up and warm-up.
+timeout=${timeout:-$((reps * (${UBLKSRV:+5} + 15) * (runtime + 12) + 600))}
 
 dll=$root/src/UblkSharp.Cli/bin/Release/net10.0/UblkSharp.Cli.dll
 if [ ! -f "$dll" ] || { [ "$build" = 1 ] && [ -n "$(find "$root/src" -name '*.cs' -newer "$dll" -print -quit)" ]; }; then
