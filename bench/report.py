@@ -190,6 +190,8 @@ def markdown(report):
     for name, why in report["missing"].items():
         rows.append(f"| {name} | (missing) | {why} | | | | |")
     rows.append("")
+    rows.append("- ratio: ours / peer within each repetition, median over the repetitions (so it need not equal the "
+                "ratio of the medians shown); bars as in the issue, rows without one are for information")
     for name in sorted(report["sections"], key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER)):
         if report["sections"][name].get("note"):
             rows.append(f"- {name}: {report['sections'][name]['note']}")
@@ -199,8 +201,8 @@ def markdown(report):
 def svg(report):
     """Horizontal bars of every ratio with a bar to meet or for information; a dashed line at 1.0."""
     items = []
-    for ln_section, s in report["sections"].items():
-        for r in s["rows"]:
+    for name in sorted(report["sections"], key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER)):
+        for r in report["sections"][name]["rows"]:
             if r.get("lower_is_better"):
                 continue
             for p in r["peers"]:
@@ -307,7 +309,12 @@ def main(argv):
     wall = int(argv[argv.index("--wall") + 1]) if "--wall" in argv else None
     sections, missing = load(d)
     timings = json.load(open(os.path.join(d, "timings.json"))) if os.path.exists(os.path.join(d, "timings.json")) else {}
-    report = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
+    # The run's date: when its last section finished (so regenerating the report does not move it).
+    inputs = [p for p in glob.glob(os.path.join(d, "*.json")) + glob.glob(os.path.join(d, "micro", "results", "*.json"))
+              if os.path.basename(p) != "bench.json"]
+    when = max((os.path.getmtime(p) for p in inputs), default=None)
+    when = datetime.datetime.fromtimestamp(when, datetime.timezone.utc) if when else datetime.datetime.now(datetime.timezone.utc)
+    report = {"date": when.strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
               "wall_s": wall, "section_wall_s": timings, "sections": sections, "missing": missing}
     json.dump(report, open(os.path.join(d, "bench.json"), "w"), indent=1)
     md = markdown(report)
