@@ -51,6 +51,10 @@ passed=$((passed + 1))
 log "format"
 if dotnet format UblkSharp.slnx --verify-no-changes --no-restore -v quiet; then passed=$((passed + 1)); else fail "dotnet format (run 'dotnet format UblkSharp.slnx')"; fi
 
+# The benchmark report generator (bench/run.sh's table, JSON and chart) on made-up figures; no benchmark runs.
+log "bench report self-test"
+if python3 bench/report.py --self-test; then passed=$((passed + 1)); else fail "bench/report.py --self-test"; fi
+
 log "host tests"
 out=$(mktemp); trap 'rm -f "$out"' EXIT
 dotnet tests/UblkSharp.Tests/bin/Release/net10.0/UblkSharp.Tests.dll -noColor 2>&1 | tee "$out"

@@ -1,21 +1,17 @@
 #!/bin/bash
 # The guest half of bench/vm-fio.sh, run inside tools/ublksharp-vm: sets up the ublk devices and
 # their peers over one tmpfs file, runs the fio matrix REPS times (interleaved, order rotated each
-# repetition) and leaves each run's fio JSON plus CPU counters in OUT for the host to summarise.
-# usage: bench/vm-fio-guest.sh OUT REPS RUNTIME ENGINE
+# repetition) and leaves each run's fio JSON plus CPU counters and the daemons' RSS in OUT for the
+# host to summarise. UBLKSRV, when given, is a ublksrv `ublk` binary that joins as a peer (its null
+# and loop targets); it is only run, never built.
+# usage: bench/vm-fio-guest.sh OUT REPS RUNTIME ENGINE [UBLKSRV]
 set -euo pipefail
-out=$1 reps=$2 rt=$3 engine=$4
+out=$1 reps=$2 rt=$3 engine=$4 ublksrv=${5:-}
 root=$(cd "$(dirname "$0")/.." && pwd)
 cli=(dotnet "$root/src/UblkSharp.Cli/bin/Release/net10.0/UblkSharp.Cli.dll")
 img=/tmp/vm-fio.img
 log() { echo "vm-fio: $*"; }
 
-# Workloads: name rw bs iodepth, then the devices that run it (one run of each per repetition).
-W=("rr4k-qd1 randread 4k 1 ublk-null kloop file"
-   "rr4k-qd64 randread 4k 64 ublk-null ublk-loop ublk-mem kloop file"
-   "rw4k-qd64 randwrite 4k 64 ublk-loop ublk-mem kloop"
-   "sr128k-qd16 read 128k 16 ublk-loop kloop"
-   "sw128k-qd16 write 128k 16 ublk-loop kloop")
 
 # Fairness: with 2+ CPUs every server (our daemons, the kernel loop workers) lives on CPU 0 and
 # fio on CPU 1. With one CPU nothing is pinned.
@@ -31,16 +27,53 @@ add() { "${pin[@]}" "${cli[@]}" add "$@" -q 1 -d 128; }
 dev[ublk-null]=$(add -t null -s 256M)
 dev[ublk-mem]=$(add -t mem -s 256M)
 dev[ublk-loop]=$(add -t loop -f $img)
-dd if=$img of="${dev[ublk-mem]}" bs=1M oflag=direct status=none
 ours=(ublk-null ublk-mem ublk-loop)
 for d in "${ours[@]}"; do
   id=${dev[$d]#/dev/ublkb}
   pid[$d]=$(grep -o '"pid": *[0-9]*' "/run/ublksharp/$id.json" | grep -o '[0-9]*$')
 done
-for d in "${ours[@]}" kloop; do echo none >"/sys/block/${dev[$d]#/dev/}/queue/scheduler"; done
+rss() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }  # KiB
+# Memory per idle device: each device is its own daemon (1 queue, depth 128), before any IO.
+for d in "${ours[@]}"; do echo "idle $d $(rss "${pid[$d]}")" >>"$out/rss.txt"; done
+dd if=$img of="${dev[ublk-mem]}" bs=1M oflag=direct status=none
+
+# The optional ublksrv peer: its null and loop targets, buffered like kernel loop (--direct-io=off).
+peers=()
+if [ -n "$ublksrv" ]; then
+  ublksrv_pid() {  # the process holding the device's char device open
+    local f
+    for f in /proc/[0-9]*/fd/*; do
+      if [ "$(readlink "$f" 2>/dev/null)" = "/dev/ublkc$1" ]; then f=${f#/proc/}; echo "${f%%/*}"; return; fi
+    done
+  }
+  ublksrv_add() {  # name id args...
+    local name=$1 id=$2; shift 2
+    if "${pin[@]}" "$ublksrv" add -n "$id" -q 1 -d 128 "$@" >"$out/$name.log" 2>&1 && [ -b "/dev/ublkb$id" ]; then
+      dev[$name]=/dev/ublkb$id pid[$name]=$(ublksrv_pid "$id")
+      peers+=("$name")
+      echo "idle $name $(rss "${pid[$name]}")" >>"$out/rss.txt"
+      return 0
+    fi
+    return 1
+  }
+  ublksrv_add ublksrv-null 90 -t null || log "ublksrv: 'add -t null' failed: $(tail -3 "$out/ublksrv-null.log")"
+  ublksrv_add ublksrv-loop 91 -t loop -f $img --buffered_io || ublksrv_add ublksrv-loop 91 -t loop -f $img ||
+    log "ublksrv: 'add -t loop' failed: $(tail -3 "$out/ublksrv-loop.log")"
+  printf '%s\n' "${peers[@]}" >"$out/ublksrv.txt"
+fi
+has() { [ -n "${dev[$1]:-}" ]; }
+for d in "${ours[@]}" "${peers[@]}" kloop; do echo none >"/sys/block/${dev[$d]#/dev/}/queue/scheduler"; done
+
+# Workloads: name rw bs iodepth, then the devices that run it (one run of each per repetition).
+un=$(has ublksrv-null && echo ublksrv-null || true) ul=$(has ublksrv-loop && echo ublksrv-loop || true)
+W=("rr4k-qd1 randread 4k 1 ublk-null kloop file $un"
+   "rr4k-qd64 randread 4k 64 ublk-null ublk-loop ublk-mem kloop file $un $ul"
+   "rw4k-qd64 randwrite 4k 64 ublk-loop ublk-mem kloop $ul"
+   "sr128k-qd16 read 128k 16 ublk-loop kloop $ul"
+   "sw128k-qd16 write 128k 16 ublk-loop kloop $ul")
 
 affinity() {  # every daemon thread's CPU list, as "name=cpus"
-  for d in "${ours[@]}"; do
+  for d in "${ours[@]}" "${peers[@]}"; do
     printf '%s (pid %s):' "$d" "${pid[$d]}"
     for t in /proc/"${pid[$d]}"/task/*; do  # a thread may end meanwhile (the JIT's tiering thread does)
       awk -F'\t' '/^Name:/ {n = $2} /^Cpus_allowed_list:/ {c = $2} END {gsub(/ /, "_", n); if (c != "") printf " %s=%s", n, c}' \
@@ -55,7 +88,7 @@ affinity() {  # every daemon thread's CPU list, as "name=cpus"
   if [ ${#pin[@]} -gt 0 ]; then
     # The queue thread re-pins itself to GET_QUEUE_AFFINITY (all CPUs for one queue): force CPU 0
     # on every thread, and keep the kernel's unbound workqueues (loop's workers) on CPU 0 too.
-    for d in "${ours[@]}"; do taskset -a -p -c 0 "${pid[$d]}" >/dev/null; done
+    for d in "${ours[@]}" "${peers[@]}"; do taskset -a -p -c 0 "${pid[$d]}" >/dev/null; done
     echo 1 >/sys/devices/virtual/workqueue/cpumask
     echo "after 'taskset -a -p -c 0 PID':"; affinity
     echo "unbound workqueue cpumask: $(cat /sys/devices/virtual/workqueue/cpumask)"
@@ -79,11 +112,35 @@ run() {  # rep workload device rw bs qd
   # fio's start-up takes 1-3 s under TCG: sample CPU from 0.5 s after the ramp to 0.5 s before the end.
   while [ ! -e /tmp/vm-fio.go ] && kill -0 $fp 2>/dev/null && [ $((i += 1)) -lt 600 ]; do sleep 0.05; done
   sleep 1.5; a=$(sample "$p"); sleep "$((rt > 2 ? rt - 1 : 1))"; b=$(sample "$p")
+  [ -z "$p" ] || echo "load $3 $(rss "$p")" >>"$out/rss.txt"  # the daemon's RSS under this load
   wait $fp
   echo "$1 $2 $3 $a $b" >>"$out/runs.txt"
   log "rep $1 $2 $3: $(python3 -c 'import json,sys; j=json.load(open(sys.argv[1]))["jobs"][0]; print(round(j["read"]["iops"] + j["write"]["iops"]), "IOPS")' "$f")"
 }
 
+# The profile: CPU time of each daemon's threads, io_uring's io-wq workers (iou-wrk-*, where the
+# kernel punts IO it cannot do inline) summed as one. Sampled before the warm-up and after the
+# runs; the host reports the difference (start-up's JIT under TCG is not the IO path's).
+threads() {  # file
+  local d
+  for d in "${ours[@]}" "${peers[@]}"; do
+    python3 - "$d" "${pid[$d]}" >>"$1" <<'PY'
+import collections, glob, re, sys
+dev, pid = sys.argv[1:]
+ticks = collections.Counter()
+for t in glob.glob(f"/proc/{pid}/task/*"):
+    try:
+        name = re.sub(r"^iou-wrk-\d+$", "iou-wrk", open(f"{t}/comm").read().strip()).replace(" ", "_")
+        f = open(f"{t}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        continue  # the thread ended meanwhile
+    ticks[name] += int(f[11]) + int(f[12])  # utime + stime
+for name, n in ticks.most_common():
+    print(dev, name, n)
+PY
+  done
+}
+threads "$out/threads0.txt"
 printf 'hz %s\ncpus %s\nkernel %s\n' "$(getconf CLK_TCK)" "$(nproc)" "$(uname -r)" >"$out/meta.txt"
 # Warm-up, not recorded: the daemons' JIT tiers and qemu's translation cache fill here, not in rep 1.
 for d in "${!dev[@]}"; do fio_run "$d" randread 4k 64 2 0 /dev/null; done
@@ -98,4 +155,5 @@ for rep in $(seq "$reps"); do
 done
 log "fio matrix took $(($(date +%s) - start)) s"
 echo "after the runs:" >>"$out/affinity.txt"; affinity >>"$out/affinity.txt"
+threads "$out/threads.txt"
 # No teardown: the guest is thrown away when this returns.

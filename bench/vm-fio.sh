@@ -3,7 +3,11 @@
 # ublk targets and their peers on the same data -- the kernel loop driver over a tmpfs file, and fio
 # on that file itself -- in interleaved repetitions. Prints medians of IOPS (MiB/s for 128k), p50/p99
 # completion latency, CPU per IO and the ratio to each peer; writes the figures as JSON to --out (a
-# file, or a directory to get vm-fio-DATE.json in; default /tmp, so nothing lands in the repo).
+# file, or a directory to get vm-fio-DATE.json in; default /tmp, so nothing lands in the repo),
+# with each daemon's RSS idle and under load.
+# UBLKSRV=/path/to/ublk: a ublksrv binary (built by you; this script never builds fetched code)
+# joins as a peer with its null and loop targets. It must run in the guest as it is (the guest
+# sees the host's root read-only): a static build, or one whose libraries are installed.
 # usage: bench/vm-fio.sh [--reps N] [--runtime SECONDS] [--engine io_uring|libaio] [--out PATH]
 #                   [--timeout SECONDS] [--no-build]
 set -euo pipefail
@@ -21,9 +25,9 @@ while [ $# -gt 0 ]; do
 done
 [[ $reps =~ ^[1-9][0-9]*$ && $runtime =~ ^[0-9]+$ && $runtime -ge 3 ]] || { echo "vm-fio: --reps >= 1, --runtime >= 3" >&2; exit 2; }
 [ -d "$out" ] && out=$out/vm-fio-$(date +%Y%m%d-%H%M%S).json
-# 15 fio runs a repetition, each about runtime + 3 s under TCG on a quiet host (more when it is
-# busy), plus boot, device set-up and warm-up.
-timeout=${timeout:-$((reps * 15 * (runtime + 8) + 300))}
+# 15 fio runs a repetition (20 with ublksrv), each about runtime + 3 s under TCG on a quiet host
+# (several times that when it is busy), plus boot, device set-up and warm-up.
+timeout=${timeout:-$((reps * (${UBLKSRV:+5} + 15) * (runtime + 12) + 600))}
 
 dll=$root/src/UblkSharp.Cli/bin/Release/net10.0/UblkSharp.Cli.dll
 if [ ! -f "$dll" ] || { [ "$build" = 1 ] && [ -n "$(find "$root/src" -name '*.cs' -newer "$dll" -print -quit)" ]; }; then
@@ -31,9 +35,17 @@ if [ ! -f "$dll" ] || { [ "$build" = 1 ] && [ -n "$(find "$root/src" -name '*.cs
 fi
 # The guest writes its results into a host temp dir shared read-write (the repo stays read-only).
 raw=$(mktemp -d /tmp/vm-fio.XXXXXX); trap 'rm -rf "$raw"' EXIT
+ublksrv=''
+if [ -n "${UBLKSRV:-}" ]; then
+  [ -x "$UBLKSRV" ] && [ -f "$UBLKSRV" ] || { echo "vm-fio: UBLKSRV=$UBLKSRV is not an executable file" >&2; exit 2; }
+  # A copy in the shared directory: the guest's /tmp is its own, so a host path there would not show.
+  cp "$UBLKSRV" "$raw/ublk"; ublksrv=$raw/ublk
+else
+  echo "vm-fio: UBLKSRV not set, so no ublksrv peer (UBLKSRV=/path/to/ublk adds one; it is never built here)"
+fi
 # The host's load is kept with the results: TCG figures move with whatever else the host runs.
 load0=$(cut -d' ' -f1-3 /proc/loadavg) start=$(date +%s) rc=0
-"$root/tools/ublksharp-vm" -t "$timeout" --rw "$raw" -- "bash $root/bench/vm-fio-guest.sh $raw $reps $runtime $engine" || rc=$?
+"$root/tools/ublksharp-vm" -t "$timeout" --rw "$raw" -- "bash $root/bench/vm-fio-guest.sh $raw $reps $runtime $engine $ublksrv" || rc=$?
 wall=$(($(date +%s) - start)) load1=$(cut -d' ' -f1-3 /proc/loadavg)
 [ "$rc" = 0 ] || echo "vm-fio: the guest failed (exit $rc); summarising what it finished" >&2
 
@@ -42,12 +54,13 @@ import datetime, json, os, statistics as st, sys
 raw, out, wall, reps, runtime, engine, ncpu, load0, load1 = sys.argv[1:]
 wall, reps, runtime = int(wall), int(reps), int(runtime)
 # (title, workload, ours, peers); workloads as in vm-fio-guest.sh. A peer run serves several cases.
-CASES = [("null 4k randread qd1", "rr4k-qd1", "ublk-null", ["kloop", "file"]),
-         ("null 4k randread qd64", "rr4k-qd64", "ublk-null", ["kloop", "file"]),
-         ("loop 4k randread qd64", "rr4k-qd64", "ublk-loop", ["kloop"]),
-         ("loop 4k randwrite qd64", "rw4k-qd64", "ublk-loop", ["kloop"]),
-         ("loop 128k read qd16", "sr128k-qd16", "ublk-loop", ["kloop"]),
-         ("loop 128k write qd16", "sw128k-qd16", "ublk-loop", ["kloop"]),
+# ublksrv-null / ublksrv-loop are there only when UBLKSRV was given.
+CASES = [("null 4k randread qd1", "rr4k-qd1", "ublk-null", ["kloop", "file", "ublksrv-null"]),
+         ("null 4k randread qd64", "rr4k-qd64", "ublk-null", ["kloop", "file", "ublksrv-null"]),
+         ("loop 4k randread qd64", "rr4k-qd64", "ublk-loop", ["kloop", "ublksrv-loop"]),
+         ("loop 4k randwrite qd64", "rw4k-qd64", "ublk-loop", ["kloop", "ublksrv-loop"]),
+         ("loop 128k read qd16", "sr128k-qd16", "ublk-loop", ["kloop", "ublksrv-loop"]),
+         ("loop 128k write qd16", "sw128k-qd16", "ublk-loop", ["kloop", "ublksrv-loop"]),
          ("mem 4k randread qd64", "rr4k-qd64", "ublk-mem", ["kloop"]),
          ("mem 4k randwrite qd64", "rw4k-qd64", "ublk-mem", ["kloop"])]
 path = lambda name: os.path.join(raw, name)
@@ -77,10 +90,27 @@ stretch = sorted(v["stretch"] for r in runs.values() for v in r.values()) or [0]
 result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "wall_s": wall, "reps": reps,
           "runtime_s": runtime, "engine": engine, "guest": meta, "affinity": read("affinity.txt"),
           "host": {"cpus": int(ncpu), "loadavg_before": load0, "loadavg_after": load1},
-          "stretch": {"median": med(stretch), "max": stretch[-1]}, "cases": []}
+          "stretch": {"median": med(stretch), "max": stretch[-1]}, "cases": [], "rss_kib": {}}
+# RSS: each daemon right after 'add' (idle, 1 queue, depth 128), and the median and peak over its fio runs.
+for line in read("rss.txt").splitlines():
+    kind, dev, kib = line.split()
+    r = result["rss_kib"].setdefault(dev, {"idle": None, "load": []})
+    if kind == "idle":
+        r["idle"] = int(kib)
+    else:
+        r["load"].append(int(kib))
+for r in result["rss_kib"].values():
+    r["load_median"], r["load_max"] = med(r["load"]), max(r["load"], default=None)
+# Where each daemon's CPU went, by thread, from before the warm-up to the end of the runs.
+result["threads_cpu_s"] = {}
+t0 = {tuple(l.split()[:2]): int(l.split()[2]) for l in read("threads0.txt").splitlines()}
+for line in read("threads.txt").splitlines():
+    dev, name, ticks = line.split()
+    result["threads_cpu_s"].setdefault(dev, {})[name] = (int(ticks) - t0.get((dev, name), 0)) / hz
 print(f"\n{'case':24}{'device':11}{'IOPS|MiB/s':>11}{'p50 us':>9}{'p99 us':>9}{'cpu/IO':>8}{'cpu0/IO':>8}{'daemon%':>8}"
       "   ratio to peer: throughput; p50")
 for title, wl, ours, peers in CASES:
+    peers = [p for p in peers if (wl, p) in runs or not p.startswith("ublksrv")]
     key = "mibs" if wl.startswith("s") else "iops"  # sequential 128k: MiB/s
     case = {"case": title, "workload": wl, "metric": key, "devices": {}, "ratios": {}}
     for dev in [ours] + peers:
@@ -104,6 +134,10 @@ medians of {reps} interleaved repetitions of {runtime} s, fio {engine} direct=1;
 cpu/IO: busy us of all guest CPUs (fio too) per IO; cpu0/IO: of CPU 0 alone (the server's: our daemon or loop's
 workers); daemon%: our daemon's CPU. Wall time {wall} s; host load {load0} before, {load1} after ({ncpu} CPUs);
 guest timer stretch median {med(stretch):.2f}, max {stretch[-1]:.2f}{' -- a busy host: read with care' if med(stretch) > 1.2 else ''}""")
+print("daemon RSS (MiB): " + "; ".join(f"{d} idle {fmt(r['idle'] and r['idle'] / 1024, '.1f')}, under load {fmt(r['load_max'] and r['load_max'] / 1024, '.1f')}"
+                                      for d, r in sorted(result["rss_kib"].items())))
+for d, t in sorted(result["threads_cpu_s"].items()):
+    print(f"{d} CPU by thread (s, warm-up and runs): " + ", ".join(f"{n} {v:.1f}" for n, v in sorted(t.items(), key=lambda kv: -kv[1]) if v))
 with open(out, "w") as f:
     json.dump(result, f, indent=1)
 print(f"JSON: {out}")

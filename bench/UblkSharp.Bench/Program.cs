@@ -1,23 +1,38 @@
 using System.Diagnostics;
 using System.Runtime.InteropServices;
+using BenchmarkDotNet.Columns;
+using BenchmarkDotNet.Configs;
+using BenchmarkDotNet.Diagnosers;
+using BenchmarkDotNet.Exporters;
+using BenchmarkDotNet.Exporters.Json;
+using BenchmarkDotNet.Jobs;
+using BenchmarkDotNet.Loggers;
+using BenchmarkDotNet.Running;
+using BenchmarkDotNet.Toolchains.InProcess.Emit;
 using UblkSharp.Interop;
 using UblkSharp.Interop.IoUring;
 
 namespace UblkSharp.Bench;
 
 /// <summary>
-/// Host micro-benchmarks of the io_uring binding: NOP batches and 4 KiB random reads from a tmpfs
-/// file at a fixed queue depth. The same loops exist in C over liburing (peers/liburing-bench.c),
-/// so the two can be compared as a ratio in one run.
+/// Host benchmarks. `binding`: the io_uring binding's NOP batches and 4 KiB random reads from a
+/// tmpfs file at a fixed queue depth; the same loops exist in C over liburing
+/// (peers/liburing-bench.c), so the two can be compared as a ratio in one run. `micro`:
+/// BenchmarkDotNet over the per-IO hot path (<see cref="HotPath"/>), with allocation columns.
 /// usage: UblkSharp.Bench binding [--seconds N] [--file PATH]
+///        UblkSharp.Bench micro [--quick] [--artifacts DIR]
 /// </summary>
 public static unsafe class Program
 {
     public static int Main(string[] args)
     {
+        if (args.Length > 0 && args[0] == "micro")
+        {
+            return Micro(args);
+        }
         if (args.Length == 0 || args[0] != "binding")
         {
-            Console.Error.WriteLine("usage: UblkSharp.Bench binding [--seconds N] [--file PATH]");
+            Console.Error.WriteLine("usage: UblkSharp.Bench binding [--seconds N] [--file PATH]\n       UblkSharp.Bench micro [--quick] [--artifacts DIR]");
             return 2;
         }
         var seconds = 3.0;
@@ -32,27 +47,19 @@ public static unsafe class Program
             }
         }
         const long fileSize = 64L << 20;
-        using (var fs = new FileStream(path, FileMode.OpenOrCreate))
-        {
-            if (fs.Length < fileSize)
-            {
-                var chunk = new byte[1 << 20];
-                Random.Shared.NextBytes(chunk);
-                for (var written = 0L; written < fileSize; written += chunk.Length)
-                {
-                    fs.Write(chunk);
-                }
-            }
-        }
+        EnsureDataFile(path, fileSize);
         var fd = Libc.OpenOrThrow(path, Libc.O_RDONLY);
         try
         {
-            Nop(0.3);
+            // Longer than the C peer's 0.3 s: the JIT's tiering settles here, not in the measured loop.
+            Nop(1.0);
             var nop = Nop(seconds);
-            Read(fd, fileSize, 0.3);
+            Read(fd, fileSize, 1.0);
             var read = Read(fd, fileSize, seconds);
-            Console.WriteLine($"nop_batch32_ops_per_s {nop:F0}");
-            Console.WriteLine($"read4k_qd32_ops_per_s {read:F0}");
+            Console.WriteLine($"nop_batch32_ops_per_s {nop.Wall:F0}");
+            Console.WriteLine($"nop_batch32_ops_per_cpu_s {nop.Cpu:F0}");
+            Console.WriteLine($"read4k_qd32_ops_per_s {read.Wall:F0}");
+            Console.WriteLine($"read4k_qd32_ops_per_cpu_s {read.Cpu:F0}");
         }
         finally
         {
@@ -61,11 +68,65 @@ public static unsafe class Program
         return 0;
     }
 
-    private static double Nop(double seconds)
+    /// <summary>Creates (or tops up) a file of random bytes at least <paramref name="size"/> long.</summary>
+    public static void EnsureDataFile(string path, long size)
+    {
+        using var fs = new FileStream(path, FileMode.OpenOrCreate);
+        if (fs.Length < size)
+        {
+            var chunk = new byte[1 << 20];
+            Random.Shared.NextBytes(chunk);
+            for (var written = 0L; written < size; written += chunk.Length)
+            {
+                fs.Write(chunk);
+            }
+        }
+    }
+
+    private static int Micro(string[] args)
+    {
+        var quick = false;
+        var artifacts = Path.Combine(Path.GetTempPath(), "ublksharp-bench-micro");
+        for (var i = 1; i < args.Length; i++)
+        {
+            switch (args[i])
+            {
+                case "--quick": quick = true; break;
+                case "--artifacts" when i + 1 < args.Length: artifacts = args[++i]; break;
+                default: Console.Error.WriteLine($"unknown option {args[i]}"); return 2;
+            }
+        }
+        // In-process: no per-benchmark project build (minutes on this machine), and the
+        // MemoryDiagnoser works the same. A short job: the run is one section of bench/run.sh.
+        var job = Job.ShortRun.WithToolchain(InProcessEmitToolchain.Instance).WithId("hotpath");
+        job = quick ? job.WithWarmupCount(2).WithIterationCount(3) : job.WithWarmupCount(3).WithIterationCount(7);
+        var config = ManualConfig.CreateEmpty()
+            .AddJob(job)
+            .AddDiagnoser(MemoryDiagnoser.Default)
+            .AddColumnProvider(DefaultColumnProviders.Instance)
+            .AddLogger(ConsoleLogger.Default)
+            .AddExporter(MarkdownExporter.Console, JsonExporter.Full)
+            .WithArtifactsPath(artifacts)
+            .WithOptions(ConfigOptions.DisableLogFile);
+        var summary = BenchmarkRunner.Run<HotPath>(config);
+        return summary.HasCriticalValidationErrors || summary.Reports.Any(r => !r.Success) ? 1 : 0;
+    }
+
+    /// <summary>
+    /// Operations per wall-clock second and per second of process CPU time (io-wq workers
+    /// included): the latter does not drop when other load on a shared host takes the CPU away.
+    /// </summary>
+    private readonly record struct Rate(double Wall, double Cpu)
+    {
+        public static Rate Of(long ops, Stopwatch wall, TimeSpan cpu0) => new(ops / wall.Elapsed.TotalSeconds, ops / (Environment.CpuUsage.TotalTime - cpu0).TotalSeconds);
+    }
+
+    private static Rate Nop(double seconds)
     {
         const int batch = 32;
         using var ring = Ring.Create(new RingOptions { Entries = 64, SingleIssuer = true, DeferTaskrun = true });
         long ops = 0;
+        var cpu0 = Environment.CpuUsage.TotalTime;
         var sw = Stopwatch.StartNew();
         var limit = (long)(seconds * Stopwatch.Frequency);
         while (sw.ElapsedTicks < limit)
@@ -83,10 +144,10 @@ public static unsafe class Program
                 }
             }
         }
-        return ops / sw.Elapsed.TotalSeconds;
+        return Rate.Of(ops, sw, cpu0);
     }
 
-    private static double Read(int fd, long fileSize, double seconds)
+    private static Rate Read(int fd, long fileSize, double seconds)
     {
         const int depth = 32, block = 4096;
         using var ring = Ring.Create(new RingOptions { Entries = depth * 2, SingleIssuer = true, DeferTaskrun = true });
@@ -100,6 +161,7 @@ public static unsafe class Program
             {
                 ring.GetSqe().PrepareRead(fd, buf + (i * block), block, NextOffset(ref rng, blocks), (ulong)i);
             }
+            var cpu0 = Environment.CpuUsage.TotalTime;
             var sw = Stopwatch.StartNew();
             var limit = (long)(seconds * Stopwatch.Frequency);
             while (sw.ElapsedTicks < limit)
@@ -116,7 +178,7 @@ public static unsafe class Program
                     ring.GetSqe().PrepareRead(fd, buf + (slot * block), block, NextOffset(ref rng, blocks), cqe.user_data);
                 }
             }
-            var rate = ops / sw.Elapsed.TotalSeconds;
+            var rate = Rate.Of(ops, sw, cpu0);
             // Drain what is still in flight before the buffers go.
             for (var left = depth; left > 0;)
             {

@@ -1,0 +1,152 @@
+using System.Runtime.InteropServices;
+using BenchmarkDotNet.Attributes;
+using UblkSharp.Interop;
+using UblkSharp.Interop.IoUring;
+using UblkSharp.Targets;
+using UblkSharp.Ublk;
+
+namespace UblkSharp.Bench;
+
+/// <summary>
+/// BenchmarkDotNet micro-benchmarks of what a queue thread does per IO, on the host's real
+/// io_uring (the host has no ublk driver, so the ublk commands go to /dev/null, which fails them
+/// at once with EOPNOTSUPP: the SQE is built, submitted and reaped exactly as for the driver).
+/// Every figure is per IO; the allocation column must read 0 bytes (the bar).
+/// </summary>
+[MemoryDiagnoser]
+[System.Diagnostics.CodeAnalysis.SuppressMessage("Design", "CA1001", Justification = "BenchmarkDotNet's [GlobalCleanup] disposes them")]
+public unsafe class HotPath
+{
+    /// <summary>IOs per invocation: a batch, as a busy queue sees them.</summary>
+    public const int Batch = 32;
+    private const int Block = 4096;
+    private const long FileSize = 64L << 20;
+
+    private Ring _ring = null!;
+    private int _nullFd = -1;
+    private int _fileFd = -1;
+    private byte* _buffers;
+    private LoopTarget _loop = null!;
+    private UringBackend _backend = null!;
+    private MemoryTarget _mem = null!;
+    private NullTarget _null = null!;
+    private ulong _rng = 0x9e3779b97f4a7c15ul;
+
+    /// <summary>The tmpfs file the loop benchmark reads (created once, 64 MiB of random bytes).</summary>
+    public static string DataPath { get; set; } = "/dev/shm/ublksharp-bench-micro.dat";
+
+    [GlobalSetup]
+    public void Setup()
+    {
+        Program.EnsureDataFile(DataPath, FileSize);
+        _ring = Ring.Create(new RingOptions { Entries = Batch * 2, CompletionEntries = Batch * 4, SingleIssuer = true, DeferTaskrun = true });
+        _nullFd = Libc.OpenOrThrow("/dev/null", Libc.O_RDWR);
+        _loop = new LoopTarget(DataPath);
+        _backend = _loop.CreateUringBackend(0);
+        // Fixed file 0 stands for the ublk char device, the loop target's file follows, as in UblkQueue.
+        _ring.RegisterFiles([_nullFd, .. _backend.Files]);
+        _fileFd = _backend.Files[0];
+        _buffers = (byte*)NativeMemory.AlignedAlloc(Batch * Block, 4096);
+        _mem = new MemoryTarget(FileSize);
+        _null = new NullTarget(FileSize);
+        new Span<byte>(_buffers, Batch * Block).Fill(0x5a);
+    }
+
+    [GlobalCleanup]
+    public void Cleanup()
+    {
+        _backend.Dispose();
+        _loop.Dispose();
+        _mem.Dispose();
+        _null.Dispose();
+        _ring.Dispose();
+        _ = Libc.close(_nullFd);
+        NativeMemory.AlignedFree(_buffers);
+    }
+
+    /// <summary>The ring alone: an SQE prepared, submitted and its CQE reaped.</summary>
+    [Benchmark(OperationsPerInvoke = Batch)]
+    public int RingNop()
+    {
+        for (var i = 0; i < Batch; i++)
+        {
+            _ring.GetSqe().PrepareNop((ulong)i);
+        }
+        return Reap();
+    }
+
+    /// <summary>
+    /// The ring work of one loop-target 4k read: the backend's read SQE (fixed file), its
+    /// completion, then the COMMIT_AND_FETCH_REQ uring_cmd, as UblkQueue issues them.
+    /// </summary>
+    [Benchmark(OperationsPerInvoke = Batch)]
+    public int LoopRead4kCycle()
+    {
+        var blocks = (ulong)(FileSize / Block);
+        for (var i = 0; i < Batch; i++)
+        {
+            ref var sqe = ref _ring.GetSqe();
+            _backend.Prepare(ref sqe, new BackendRequest(IoOp.Read, 0, (long)NextOffset(blocks), Block, _buffers + (i * Block)));
+            sqe.user_data = (1ul << 16) | (ulong)i;
+        }
+        var n = Reap();
+        for (var i = 0; i < Batch; i++)
+        {
+            var cmd = new IoCmd { q_id = 0, tag = (ushort)i, result = Block, addr = (ulong)(_buffers + (i * Block)) };
+            _ring.PrepareUringCmd(0, UblkCommands.CommitAndFetchReq, cmd, (ulong)i).flags |= SqeFlags.FixedFile;
+        }
+        return n + Reap();
+    }
+
+    /// <summary>The mem target's 4k read, called as the queue calls synchronous targets.</summary>
+    [Benchmark(OperationsPerInvoke = Batch)]
+    public int MemRead4k() => Sync(_mem, IoOp.Read);
+
+    /// <summary>The mem target's 4k write.</summary>
+    [Benchmark(OperationsPerInvoke = Batch)]
+    public int MemWrite4k() => Sync(_mem, IoOp.Write);
+
+    /// <summary>The null target's 4k read (no copy).</summary>
+    [Benchmark(OperationsPerInvoke = Batch)]
+    public int NullRead4k() => Sync(_null, IoOp.Read);
+
+    private int Sync(BlockTarget target, IoOp op)
+    {
+        var blocks = (ulong)(FileSize / Block);
+        var total = 0;
+        for (var i = 0; i < Batch; i++)
+        {
+            var offset = (long)NextOffset(blocks);
+            total += op == IoOp.Read
+                ? target.Read(new Span<byte>(_buffers + (i * Block), Block), offset)
+                : target.Write(new ReadOnlySpan<byte>(_buffers + (i * Block), Block), offset);
+        }
+        return total;
+    }
+
+    private int Reap()
+    {
+        _ring.SubmitAndWait(Batch);
+        var n = 0;
+        while (n < Batch)
+        {
+            while (_ring.TryGetCompletion(out _))
+            {
+                n++;
+            }
+            if (n < Batch)
+            {
+                _ring.SubmitAndWait(1);
+            }
+        }
+        return n;
+    }
+
+    private ulong NextOffset(ulong blocks)
+    {
+        _rng ^= _rng << 13;
+        _rng ^= _rng >> 7;
+        _rng ^= _rng << 17;
+        return _rng % blocks * Block;
+    }
+}

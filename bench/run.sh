@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The whole benchmark suite in one command. Every figure is a ratio against a peer measured in the
+# same run (the same VM boot for the ublk devices), median of 3+ interleaved repetitions:
+#   vm       ublk null/loop/mem targets vs kernel loop over a tmpfs file and fio on the file
+#            (bench/vm-fio.sh; UBLKSRV=/path/to/ublk adds a ublksrv peer), plus the daemons' RSS
+#   binding  the io_uring binding vs liburing in C (bench/binding.sh)
+#   micro    BenchmarkDotNet over the per-IO hot path, bytes allocated per IO (bar: 0)
+#   nbd      the NBD server vs nbdkit and qemu-nbd (bench/nbd.sh, when it writes nbd.json)
+# Prints one table and writes DIR/bench.json, DIR/bench.md and DIR/bench.svg (bench/report.py).
+# --update-readme also refreshes README.md's Performance table and docs/bench/latest.{svg,json}.
+# usage: bench/run.sh [--quick] [--out DIR] [--skip vm,binding,micro,nbd] [--update-readme]
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+quick=0 out=/tmp/ublksharp-bench-$(date +%Y%m%d-%H%M%S) skip=, update=()
+usage() { sed -n 's/^# usage: //p' "$0" >&2; exit 2; }
+while [ $# -gt 0 ]; do
+  case $1 in
+    --quick) quick=1; shift;;
+    --update-readme) update=(--update-readme); shift;;
+    --out|--skip) [ $# -ge 2 ] || usage; [ "$1" = --out ] && out=$2 || skip=,$2,; shift 2;;
+    *) usage;;
+  esac
+done
+mkdir -p "$out"; out=$(cd "$out" && pwd)
+rm -f "$out/missing.txt"
+# The VM's fio runs are 3 s either way (each costs several more in fio start-up under TCG); the NBD
+# section takes its own defaults' 3 repetitions of 2 s (about 3-4 minutes), which --quick keeps too.
+if [ "$quick" = 1 ]; then
+  binding=(3 1) micro=(--quick) vm=(--reps 3 --runtime 3) nbd=(--reps 3 --seconds 2)
+else
+  binding=(5 2) micro=() vm=(--reps 3 --runtime 3) nbd=(--reps 3 --seconds 2)
+fi
+start=$(date +%s)
+declare -A took
+section() {  # name command...: runs one section; a failure is noted and the others still run
+  local name=$1 t0 rc=0; shift
+  if [[ $skip == *,$name,* ]]; then echo "$name: skipped (--skip)" >>"$out/missing.txt"; return; fi
+  echo "=== $name: $*" >&2
+  t0=$(date +%s)
+  "$@" >"$out/$name.log" 2>&1 || rc=$?
+  took[$name]=$(($(date +%s) - t0))
+  tail -n 25 "$out/$name.log" >&2
+  [ "$rc" = 0 ] || echo "$name: failed (exit $rc), see $out/$name.log" >>"$out/missing.txt"
+  echo "=== $name: ${took[$name]} s" >&2
+}
+
+echo "bench/run.sh: results in $out" >&2
+log=$(dotnet build "$root/src/UblkSharp.Cli" -c Release -nologo -v quiet 2>&1) &&
+  log=$(dotnet build "$root/bench/UblkSharp.Bench" -c Release -nologo -v quiet 2>&1) || { echo "$log"; exit 1; }
+
+section binding "$root/bench/binding.sh" "${binding[@]}" --out "$out"
+rm -rf "$out/micro"
+section micro dotnet "$root/bench/UblkSharp.Bench/bin/Release/net10.0/UblkSharp.Bench.dll" micro "${micro[@]}" --artifacts "$out/micro"
+section vm "$root/bench/vm-fio.sh" --no-build "${vm[@]}" --out "$out/vm-fio.json"
+if [[ $skip == *,nbd,* ]]; then
+  echo "nbd: skipped (--skip)" >>"$out/missing.txt"
+elif [ -x "$root/bench/nbd.sh" ] && grep -q 'nbd\.json' "$root/bench/nbd.sh"; then
+  rm -f "$out/nbd.json"
+  section nbd "$root/bench/nbd.sh" --out "$out/nbd" "${nbd[@]}"
+  if [ -f "$out/nbd/nbd.json" ]; then cp "$out/nbd/nbd.json" "$out/nbd.json"
+  else echo "nbd: bench/nbd.sh wrote no nbd.json" >>"$out/missing.txt"; fi
+else
+  # The NBD branch's bench/nbd.sh writes DIR/nbd.json; an older one only prints, so it is not run.
+  echo "nbd: this bench/nbd.sh writes no nbd.json yet (the NBD branch adds it)" >>"$out/missing.txt"
+fi
+
+wall=$(($(date +%s) - start))
+python3 -c 'import json, sys; print(json.dumps(dict(zip(sys.argv[1::2], map(int, sys.argv[2::2])))))' \
+  $(for k in "${!took[@]}"; do echo "$k ${took[$k]}"; done) >"$out/timings.json"
+python3 "$root/bench/report.py" "$out" --wall "$wall" "${update[@]}"
