@@ -5,10 +5,11 @@
 #            (bench/vm-fio.sh; UBLKSRV=/path/to/ublk adds a ublksrv peer), plus the daemons' RSS
 #   binding  the io_uring binding vs liburing in C (bench/binding.sh)
 #   micro    BenchmarkDotNet over the per-IO hot path, bytes allocated per IO (bar: 0)
-#   nbd      the NBD server vs nbdkit and qemu-nbd (bench/nbd.sh, when it writes nbd.json)
+#   nbd      the NBD server vs nbdkit and qemu-nbd (bench/nbd.sh)
+#   rbd      serve -t rbd vs qemu-nbd rbd: and fio's rbd engine, on a throwaway Ceph cluster (bench/rbd.sh)
 # Prints one table and writes DIR/bench.json, DIR/bench.md and DIR/bench.svg (bench/report.py).
 # --update-readme also refreshes README.md's Performance table and docs/bench/latest.{svg,json}.
-# usage: bench/run.sh [--quick] [--out DIR] [--skip vm,binding,micro,nbd] [--update-readme]
+# usage: bench/run.sh [--quick] [--out DIR] [--skip vm,binding,micro,nbd,rbd] [--update-readme]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 quick=0 out=/tmp/ublksharp-bench-$(date +%Y%m%d-%H%M%S) skip=, update=()
@@ -26,9 +27,9 @@ rm -f "$out/missing.txt"
 # The VM's fio runs are 3 s either way (each costs several more in fio start-up under TCG); the NBD
 # section takes its own defaults' 3 repetitions of 2 s (about 3-4 minutes), which --quick keeps too.
 if [ "$quick" = 1 ]; then
-  binding=(3 1) micro=(--quick) vm=(--reps 3 --runtime 3) nbd=(--reps 3 --seconds 2)
+  binding=(3 1) micro=(--quick) vm=(--reps 3 --runtime 3) nbd=(--reps 3 --seconds 2) rbd=(--reps 3 --seconds 3)
 else
-  binding=(5 2) micro=() vm=(--reps 3 --runtime 3) nbd=(--reps 3 --seconds 2)
+  binding=(5 2) micro=() vm=(--reps 3 --runtime 3) nbd=(--reps 3 --seconds 2) rbd=(--reps 3 --seconds 5)
 fi
 start=$(date +%s)
 declare -A took
@@ -52,17 +53,14 @@ section binding "$root/bench/binding.sh" "${binding[@]}" --out "$out"
 rm -rf "$out/micro"
 section micro dotnet "$root/bench/UblkSharp.Bench/bin/Release/net10.0/UblkSharp.Bench.dll" micro "${micro[@]}" --artifacts "$out/micro"
 section vm "$root/bench/vm-fio.sh" --no-build "${vm[@]}" --out "$out/vm-fio.json"
-if [[ $skip == *,nbd,* ]]; then
-  echo "nbd: skipped (--skip)" >>"$out/missing.txt"
-elif [ -x "$root/bench/nbd.sh" ] && grep -q 'nbd\.json' "$root/bench/nbd.sh"; then
-  rm -f "$out/nbd.json"
-  section nbd "$root/bench/nbd.sh" --out "$out/nbd" "${nbd[@]}"
-  if [ -f "$out/nbd/nbd.json" ]; then cp "$out/nbd/nbd.json" "$out/nbd.json"
-  else echo "nbd: bench/nbd.sh wrote no nbd.json" >>"$out/missing.txt"; fi
-else
-  # The NBD branch's bench/nbd.sh writes DIR/nbd.json; an older one only prints, so it is not run.
-  echo "nbd: this bench/nbd.sh writes no nbd.json yet (the NBD branch adds it)" >>"$out/missing.txt"
-fi
+# nbd.sh and rbd.sh write DIR/NAME.json in the suite's row shape.
+for name in nbd rbd; do
+  rm -f "$out/$name.json"
+  args=("${nbd[@]}"); [ $name = rbd ] && args=("${rbd[@]}")
+  section $name "$root/bench/$name.sh" --out "$out/$name" "${args[@]}"
+  if [ -f "$out/$name/$name.json" ]; then cp "$out/$name/$name.json" "$out/$name.json"
+  elif [[ $skip != *,$name,* ]]; then echo "$name: bench/$name.sh wrote no $name.json" >>"$out/missing.txt"; fi
+done
 
 wall=$(($(date +%s) - start))
 python3 -c 'import json, sys; print(json.dumps(dict(zip(sys.argv[1::2], map(int, sys.argv[2::2])))))' \
