@@ -149,8 +149,10 @@ public unsafe class RingTests
         return n;
     }
 
-    [Fact]
-    public void CqOverflowLosesNoCompletion()
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)] // PeekCompletions/CompletionAt/AdvanceCompletions: read in place, one head release per batch
+    public void CqOverflowLosesNoCompletion(bool inPlace)
     {
         // 16 SQ / 32 CQ entries, 1000 NOPs submitted without reaping: the CQ overflows many times over.
         using var ring = Ring.Create(new RingOptions { Entries = 16, CompletionEntries = 32 });
@@ -175,9 +177,23 @@ public unsafe class RingTests
         Assert.True(sawBacklog, "the test never overflowed the CQ");
         while (true)
         {
-            while (ring.TryGetCompletion(out var cqe))
+            if (inPlace)
             {
-                Assert.True(seen.Add(cqe.user_data));
+                for (var n = ring.PeekCompletions(); n > 0; n = ring.PeekCompletions())
+                {
+                    for (var i = 0u; i < n; i++)
+                    {
+                        Assert.True(seen.Add(ring.CompletionAt(i).user_data));
+                    }
+                    ring.AdvanceCompletions(n);
+                }
+            }
+            else
+            {
+                while (ring.TryGetCompletion(out var cqe))
+                {
+                    Assert.True(seen.Add(cqe.user_data));
+                }
             }
             if (seen.Count == submitted && ring.Pending == 0)
             {

@@ -257,6 +257,7 @@ public sealed unsafe class Ring : IDisposable
     }
 
     /// <summary>Takes the next free SQE, submitting what is pending first if the SQ is full.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public ref Sqe GetSqe()
     {
         if (!TryGetSqe(out var sqe))
@@ -376,6 +377,31 @@ public sealed unsafe class Ring : IDisposable
         Volatile.Write(ref *_cqHead, head + 1);
         return true;
     }
+
+    /// <summary>
+    /// How many completions can be read in place with <see cref="CompletionAt"/> (liburing's
+    /// io_uring_for_each_cqe); consume them with <see cref="AdvanceCompletions"/>, which releases the
+    /// CQ head once per batch instead of once per completion. Flushes the overflow backlog when the CQ is dry.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public uint PeekCompletions()
+    {
+        var ready = Volatile.Read(ref *_cqTail) - *_cqHead;
+        if (ready == 0 && HasOverflowBacklog)
+        {
+            Enter(0, null);
+            ready = Volatile.Read(ref *_cqTail) - *_cqHead;
+        }
+        return ready;
+    }
+
+    /// <summary>The <paramref name="index"/>-th ready completion, in place; valid until <see cref="AdvanceCompletions"/>.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public ref readonly Cqe CompletionAt(uint index) => ref *(Cqe*)(_cqes + (((*_cqHead + index) & _cqMask) << _cqeShift));
+
+    /// <summary>Consumes <paramref name="count"/> completions read with <see cref="CompletionAt"/>.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public void AdvanceCompletions(uint count) => Volatile.Write(ref *_cqHead, *_cqHead + count); // release: slots are reused only after we read them
 
     /// <summary>Copies up to <paramref name="destination"/>.Length completions and consumes them.</summary>
     public int GetCompletions(Span<Cqe> destination)
