@@ -295,9 +295,9 @@ internal sealed unsafe class UblkQueue : IDisposable
     /// </summary>
     private bool TakeRequestData(ref TagState t, int tag)
     {
-        var position = UblkCommands.UserCopyOffset(_queueId, tag);
         if (_direct is not null)
         {
+            var position = UblkCommands.UserCopyOffset(_queueId, tag);
             var r = t.Op == IoOp.Read
                 ? _direct.ReadToRequest(_charFd, position, t.Offset, (int)t.Length)
                 : _direct.WriteFromRequest(_charFd, position, t.Offset, (int)t.Length, (t.Flags & IoFlags.Fua) != 0);
@@ -310,7 +310,7 @@ internal sealed unsafe class UblkQueue : IDisposable
         }
         if (t.Op == IoOp.Write)
         {
-            var r = CopyRequest(tag, t.Buffer, (int)t.Length, toRequest: false);
+            var r = CopyRequest(tag, t.Buffer, 0, (int)t.Length, toRequest: false);
             if (r < 0)
             {
                 Commit(tag, r);
@@ -320,10 +320,14 @@ internal sealed unsafe class UblkQueue : IDisposable
         return true;
     }
 
-    /// <summary>Moves a request's data between the tag's buffer and the request (USER_COPY); 0 or a negative errno.</summary>
-    private int CopyRequest(int tag, byte* buffer, int length, bool toRequest)
+    /// <summary>
+    /// Moves bytes [<paramref name="from"/>, + <paramref name="length"/>) of a request between the tag's
+    /// buffer and the request itself (USER_COPY); 0 or a negative errno.
+    /// </summary>
+    private int CopyRequest(int tag, byte* buffer, int from, int length, bool toRequest)
     {
-        var position = UblkCommands.UserCopyOffset(_queueId, tag);
+        var position = UblkCommands.UserCopyOffset(_queueId, tag) + from;
+        buffer += from;
         var done = 0;
         while (done < length)
         {
@@ -473,7 +477,7 @@ internal sealed unsafe class UblkQueue : IDisposable
         if (_userCopy && t.Op == IoOp.Read && result > 0 && t.InRequest < result)
         {
             // The data is still in the tag's buffer: under USER_COPY the driver copies nothing.
-            var r = CopyRequest(tag, t.Buffer + t.InRequest, result - (int)t.InRequest, toRequest: true);
+            var r = CopyRequest(tag, t.Buffer, (int)t.InRequest, result - (int)t.InRequest, toRequest: true);
             if (r < 0)
             {
                 result = r;

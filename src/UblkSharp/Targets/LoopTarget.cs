@@ -9,7 +9,8 @@ namespace UblkSharp.Targets;
 /// <summary>
 /// A file or block device as a disk, like the kernel's loop driver. IO goes on each queue's own
 /// io_uring with the backing file registered as a fixed file: flush is fdatasync, discard punches
-/// a hole, write-zeroes is FALLOC_FL_ZERO_RANGE and FUA is a RWF_DSYNC write.
+/// a hole, write-zeroes is FALLOC_FL_ZERO_RANGE and FUA is a RWF_DSYNC write. A file on tmpfs or
+/// ramfs is served on the queue thread instead, through its mapping (see <see cref="UsesRing"/>).
 /// </summary>
 public sealed unsafe class LoopTarget : BlockTarget, IUserCopyTarget
 {
