@@ -41,8 +41,9 @@ public unsafe class HotPath
         Program.EnsureDataFile(DataPath, FileSize);
         _ring = Ring.Create(new RingOptions { Entries = Batch * 2, CompletionEntries = Batch * 4, SingleIssuer = true, DeferTaskrun = true });
         _nullFd = Libc.OpenOrThrow("/dev/null", Libc.O_RDWR);
-        _loop = new LoopTarget(DataPath);
-        _backend = _loop.CreateUringBackend(0);
+        // The ring path is what this cycle measures (on tmpfs the loop target would otherwise serve synchronously).
+        _loop = new LoopTarget(DataPath, io: LoopIo.Ring);
+        _backend = _loop.CreateUringBackend(0)!;
         // Fixed file 0 stands for the ublk char device, the loop target's file follows, as in UblkQueue.
         _ring.RegisterFiles([_nullFd, .. _backend.Files]);
         _fileFd = _backend.Files[0];

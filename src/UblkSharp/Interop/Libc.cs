@@ -86,6 +86,29 @@ internal static unsafe partial class Libc
     [LibraryImport(Lib, EntryPoint = "fallocate", SetLastError = true)]
     public static partial int fallocate(int fd, int mode, long offset, long length);
 
+    [LibraryImport(Lib, EntryPoint = "pread64", SetLastError = true)]
+    public static partial nint pread(int fd, void* buf, nuint count, long offset);
+
+    [LibraryImport(Lib, EntryPoint = "pwrite64", SetLastError = true)]
+    public static partial nint pwrite(int fd, void* buf, nuint count, long offset);
+
+    [LibraryImport(Lib, EntryPoint = "pwritev2", SetLastError = true)]
+    public static partial nint pwritev2(int fd, IoUring.Iovec* iov, int iovcnt, long offset, int flags);
+
+    [LibraryImport(Lib, EntryPoint = "fdatasync", SetLastError = true)]
+    public static partial int fdatasync(int fd);
+
+    [LibraryImport(Lib, EntryPoint = "fstatfs", SetLastError = true)]
+    public static partial int fstatfs(int fd, void* buf);
+
+    /// <summary>times null: both to now, as a write would set them.</summary>
+    [LibraryImport(Lib, EntryPoint = "futimens", SetLastError = true)]
+    public static partial int futimens(int fd, void* times);
+
+    public const int RWF_DSYNC = 0x2;
+    public const long TMPFS_MAGIC = 0x01021994;
+    public const long RAMFS_MAGIC = 0x858458f6;
+
     public const short POLLPRI = 0x2;
     public const short POLLERR = 0x8;
 

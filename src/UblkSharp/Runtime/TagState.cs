@@ -14,6 +14,8 @@ internal unsafe struct TagState
     public long Length;
     /// <summary>Bytes of a READ/WRITE already done; only the rest is ever submitted again.</summary>
     public long Done;
+    /// <summary>Under USER_COPY, bytes of a READ already in the request (the rest is copied from the buffer at commit).</summary>
+    public long InRequest;
     public int Retries;
     public bool Busy;
     public byte* Buffer;

@@ -83,13 +83,14 @@ public sealed class UblkDevice : IDisposable
         {
             var wanted = options.Flags | options.Recovery.Flags();
             RequireFeatures(control, wanted);
+            var optional = WantsUserCopy(control, target, wanted) ? UblkFeatures.UserCopy : 0;
             var request = new DevInfo
             {
                 nr_hw_queues = (ushort)options.Queues,
                 queue_depth = (ushort)options.Depth,
                 max_io_buf_bytes = (uint)options.MaxIoBytes,
                 dev_id = options.DeviceId < 0 ? uint.MaxValue : (uint)options.DeviceId,
-                flags = (ulong)(wanted | UblkFeatures.CmdIoctlEncode),
+                flags = (ulong)(wanted | optional | UblkFeatures.CmdIoctlEncode),
             };
             var info = control.AddDevice(request);
             device = new UblkDevice(control, target, options, info);
@@ -201,6 +202,26 @@ public sealed class UblkDevice : IDisposable
         }
     }
 
+    /// <summary>
+    /// USER_COPY when the target moves request data itself (one copy instead of two) and the driver
+    /// offers it; it is for privileged devices only, and without it the target works as any other.
+    /// </summary>
+    private static bool WantsUserCopy(ControlDevice control, BlockTarget target, UblkFeatures wanted)
+    {
+        if (target is not IUserCopyTarget { WantsUserCopy: true } || (wanted & UblkFeatures.UnprivilegedDev) != 0)
+        {
+            return false;
+        }
+        try
+        {
+            return (control.GetFeatures() & UblkFeatures.UserCopy) != 0;
+        }
+        catch (ErrnoException)
+        {
+            return false;
+        }
+    }
+
     private static void ValidateTarget(BlockTarget target)
     {
         var lbs = target.LogicalBlockSize;
@@ -235,7 +256,9 @@ public sealed class UblkDevice : IDisposable
                     // Pinning is an optimisation; serve unpinned.
                 }
             }
-            _queues[q] = new UblkQueue(q, Info.queue_depth, (int)Info.max_io_buf_bytes, _charFd, _target, cpus, onFatal);
+            // A recovered device keeps the flags it was created with: USER_COPY is the kernel's say, not the target's.
+            var userCopy = (Info.flags & (ulong)UblkFeatures.UserCopy) != 0;
+            _queues[q] = new UblkQueue(q, Info.queue_depth, (int)Info.max_io_buf_bytes, _charFd, _target, userCopy, cpus, onFatal);
             _queues[q].Start(TimeSpan.FromSeconds(30));
         }
         if (recovering)

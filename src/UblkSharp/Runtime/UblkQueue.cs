@@ -29,6 +29,8 @@ internal sealed unsafe class UblkQueue : IDisposable
     private readonly int _maxIo;
     private readonly int _charFd;
     private readonly BlockTarget _target;
+    private readonly bool _userCopy;
+    private readonly IUserCopyTarget? _direct;
     private readonly int _blockSize;
     private readonly int[]? _cpus;
     private readonly Action<Exception> _onFatal;
@@ -53,8 +55,10 @@ internal sealed unsafe class UblkQueue : IDisposable
     private int[] _reapTags = [];
     private int[] _reapResults = [];
 
-    public UblkQueue(int queueId, int depth, int maxIo, int charFd, BlockTarget target, int[]? cpus, Action<Exception> onFatal)
+    public UblkQueue(int queueId, int depth, int maxIo, int charFd, BlockTarget target, bool userCopy, int[]? cpus, Action<Exception> onFatal)
     {
+        _userCopy = userCopy;
+        _direct = userCopy ? target as IUserCopyTarget : null;
         _queueId = queueId;
         _depth = depth;
         _maxIo = maxIo;
@@ -273,6 +277,7 @@ internal sealed unsafe class UblkQueue : IDisposable
         t.Offset = (long)desc.start_sector << 9;
         t.Length = (long)desc.nr_sectors << 9;
         t.Done = 0;
+        t.InRequest = 0;
         t.Retries = 0;
         t.Busy = true;
         if (t.Op is not (IoOp.Read or IoOp.Write or IoOp.Flush or IoOp.Discard or IoOp.WriteZeroes))
@@ -283,6 +288,10 @@ internal sealed unsafe class UblkQueue : IDisposable
         if (t.Op is IoOp.Read or IoOp.Write && t.Length > _maxIo)
         {
             Commit(tag, -Errno.EINVAL);
+            return;
+        }
+        if (_userCopy && t.Op is IoOp.Read or IoOp.Write && !TakeRequestData(ref t, tag))
+        {
             return;
         }
         if (_faults is not null)
@@ -327,6 +336,69 @@ internal sealed unsafe class UblkQueue : IDisposable
             }
         }
         while (n == ReapBatch);
+    }
+
+    /// <summary>
+    /// Under USER_COPY: a target that moves the data itself serves the whole request here; otherwise
+    /// a WRITE's data is read into the tag's buffer first. False when the request is already committed.
+    /// </summary>
+    private bool TakeRequestData(ref TagState t, int tag)
+    {
+        if (_direct is not null)
+        {
+            var position = UblkCommands.UserCopyOffset(_queueId, tag);
+            var r = t.Op == IoOp.Read
+                ? _direct.ReadToRequest(_charFd, position, t.Offset, (int)t.Length)
+                : _direct.WriteFromRequest(_charFd, position, t.Offset, (int)t.Length, (t.Flags & IoFlags.Fua) != 0);
+            if (r != IUserCopyTarget.NotDirect)
+            {
+                t.InRequest = t.Length;
+                Commit(tag, (int)t.Length);
+                return false;
+            }
+        }
+        if (t.Op == IoOp.Write)
+        {
+            var r = CopyRequest(tag, t.Buffer, 0, (int)t.Length, toRequest: false);
+            if (r < 0)
+            {
+                Commit(tag, r);
+                return false;
+            }
+        }
+        return true;
+    }
+
+    /// <summary>
+    /// Moves bytes [<paramref name="from"/>, + <paramref name="length"/>) of a request between the tag's
+    /// buffer and the request itself (USER_COPY); 0 or a negative errno.
+    /// </summary>
+    private int CopyRequest(int tag, byte* buffer, int from, int length, bool toRequest)
+    {
+        var position = UblkCommands.UserCopyOffset(_queueId, tag) + from;
+        buffer += from;
+        var done = 0;
+        while (done < length)
+        {
+            var n = toRequest
+                ? Libc.pwrite(_charFd, buffer + done, (nuint)(length - done), position + done)
+                : Libc.pread(_charFd, buffer + done, (nuint)(length - done), position + done);
+            if (n < 0)
+            {
+                var errno = Marshal.GetLastPInvokeError();
+                if (errno == Errno.EINTR)
+                {
+                    continue;
+                }
+                return -errno;
+            }
+            if (n == 0)
+            {
+                return -Errno.EIO;
+            }
+            done += (int)n;
+        }
+        return 0;
     }
 
     /// <summary>Starts (or continues) the backend work for a tag: on the ring, or synchronously here.</summary>
@@ -478,6 +550,15 @@ internal sealed unsafe class UblkQueue : IDisposable
     private void Commit(int tag, int result)
     {
         ref var t = ref _tags[tag];
+        if (_userCopy && t.Op == IoOp.Read && result > 0 && t.InRequest < result)
+        {
+            // The data is still in the tag's buffer: under USER_COPY the driver copies nothing.
+            var r = CopyRequest(tag, t.Buffer, (int)t.InRequest, result - (int)t.InRequest, toRequest: true);
+            if (r < 0)
+            {
+                result = r;
+            }
+        }
         t.Busy = false;
         Completed++;
         if (result < 0 && ++Errors <= 10)
@@ -490,7 +571,8 @@ internal sealed unsafe class UblkQueue : IDisposable
 
     private void QueueCommand(uint op, int tag, int result)
     {
-        var cmd = new IoCmd { q_id = (ushort)_queueId, tag = (ushort)tag, result = result, addr = (ulong)_tags[tag].Buffer };
+        // Under USER_COPY the driver wants no buffer (addr must be 0).
+        var cmd = new IoCmd { q_id = (ushort)_queueId, tag = (ushort)tag, result = result, addr = _userCopy ? 0 : (ulong)_tags[tag].Buffer };
         ref var sqe = ref _ring!.PrepareUringCmd(0, op, cmd, KindCommand | (ulong)tag);
         sqe.flags |= SqeFlags.FixedFile;
     }

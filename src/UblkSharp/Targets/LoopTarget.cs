@@ -1,3 +1,4 @@
+using System.Runtime.InteropServices;
 using Microsoft.Win32.SafeHandles;
 using UblkSharp.Interop;
 using UblkSharp.Interop.IoUring;
@@ -8,16 +9,25 @@ namespace UblkSharp.Targets;
 /// <summary>
 /// A file or block device as a disk, like the kernel's loop driver. IO goes on each queue's own
 /// io_uring with the backing file registered as a fixed file: flush is fdatasync, discard punches
-/// a hole, write-zeroes is FALLOC_FL_ZERO_RANGE and FUA is a RWF_DSYNC write.
+/// a hole, write-zeroes is FALLOC_FL_ZERO_RANGE and FUA is a RWF_DSYNC write. A file on tmpfs or
+/// ramfs is served on the queue thread instead, through its mapping (see <see cref="UsesRing"/>).
 /// </summary>
-public sealed unsafe class LoopTarget : BlockTarget
+public sealed unsafe class LoopTarget : BlockTarget, IUserCopyTarget
 {
     private const ulong BLKGETSIZE64 = 0x80081272;
+    private const int BounceAlignment = 4096;
+    private const int PageShift = 12;
+    // Above this the page bitmap (size / 32768 bytes) is not worth it: such files take the two-copy path.
+    private const long MaxMappedBytes = 64L << 30;
+    private readonly MappedMemory? _map;
+    private readonly long[] _present = [];
+    private long _lastTouch;
+    private int _untouchedWrites;
     private readonly int _fd;
     private readonly SafeFileHandle _handle;
     private readonly bool _readOnly;
 
-    public LoopTarget(string path, bool directIo = false, bool readOnly = false)
+    public LoopTarget(string path, bool directIo = false, bool readOnly = false, LoopIo io = LoopIo.Auto)
     {
         ArgumentNullException.ThrowIfNull(path);
         Path = path;
@@ -39,12 +49,31 @@ public sealed unsafe class LoopTarget : BlockTarget
         {
             bytes = (ulong)RandomAccess.GetLength(_handle);
         }
+        UsesRing = io switch
+        {
+            LoopIo.Ring => true,
+            LoopIo.Sync => false,
+            _ => IsBlockDevice || !IsMemoryFileSystem(_fd),
+        };
         // Like the loop driver, a tail shorter than a sector is not part of the device.
         Size = (long)bytes & ~511L;
         if (Size == 0)
         {
             _handle.Dispose();
             throw new ArgumentException($"{path} is {bytes} bytes: a loop device needs at least 512");
+        }
+        if (!UsesRing && !IsBlockDevice && Size <= MaxMappedBytes && IsMemoryFileSystem(_fd))
+        {
+            try
+            {
+                _map = MappedMemory.Map(_fd, 0, (nuint)Size, Libc.PROT_READ | (readOnly ? 0 : Libc.PROT_WRITE), Libc.MAP_SHARED, $"loop backing file {path}");
+                _present = new long[((Size >> PageShift) + 64) / 64];
+                FindData();
+            }
+            catch (ErrnoException)
+            {
+                _map = null; // the two-copy path serves as well
+            }
         }
     }
 
@@ -53,6 +82,15 @@ public sealed unsafe class LoopTarget : BlockTarget
     public bool DirectIo { get; }
 
     public bool IsBlockDevice { get; }
+
+    /// <summary>Whether ublk queues do this file's IO on their io_uring (else synchronously on the queue thread).</summary>
+    public bool UsesRing { get; }
+
+    private static bool IsMemoryFileSystem(int fd)
+    {
+        var buf = stackalloc long[16]; // struct statfs: f_type first, 120 bytes on 64-bit Linux
+        return Libc.fstatfs(fd, buf) == 0 && buf[0] is Libc.TMPFS_MAGIC or Libc.RAMFS_MAGIC;
+    }
 
     public override long Size { get; }
 
@@ -77,52 +115,103 @@ public sealed unsafe class LoopTarget : BlockTarget
 
     public override bool CanWriteZeroes => !_readOnly;
 
-    // The synchronous path serves callers outside a ublk queue (e.g. an NBD export); ublk queues use the ring.
+    // The synchronous path: ublk queues use it when the ring cannot serve the file inline (tmpfs),
+    // and callers outside a queue (an NBD export) always do.
     public override int Read(Span<byte> buffer, long offset)
     {
-        try
+        fixed (byte* p = buffer)
         {
-            return RandomAccess.Read(_handle, buffer, offset);
-        }
-        catch (IOException)
-        {
-            return -Errno.EIO;
+            if (NeedsBounce(p))
+            {
+                return Bounced(buffer.Length, offset, null, p);
+            }
+            var n = Libc.pread(_fd, p, (nuint)buffer.Length, offset);
+            return n >= 0 ? (int)n : -Marshal.GetLastPInvokeError();
         }
     }
 
-    public override int Write(ReadOnlySpan<byte> data, long offset)
+    public override int Write(ReadOnlySpan<byte> data, long offset) => Write(data, offset, 0);
+
+    /// <summary>A RWF_DSYNC write: durable on return, like the ring's FUA write.</summary>
+    public override int WriteFua(ReadOnlySpan<byte> data, long offset) => Write(data, offset, Libc.RWF_DSYNC);
+
+    private int Write(ReadOnlySpan<byte> data, long offset, int rwFlags)
     {
         if (_readOnly)
         {
-            // The fd is O_RDONLY: .NET would throw UnauthorizedAccessException (EBADF), not return an errno.
+            // The fd is O_RDONLY: EBADF would say less than this.
             return -Errno.EROFS;
         }
-        try
+        fixed (byte* p = data)
         {
-            RandomAccess.Write(_handle, data, offset);
-            return data.Length;
-        }
-        catch (IOException)
-        {
-            return -Errno.EIO;
+            if (NeedsBounce(p))
+            {
+                return Bounced(data.Length, offset, p, null, rwFlags);
+            }
+            return PWrite(p, data.Length, offset, rwFlags);
         }
     }
 
-    public override int Flush()
+    private int PWrite(byte* p, int length, long offset, int rwFlags)
     {
+        nint n;
+        if (rwFlags == 0)
+        {
+            n = Libc.pwrite(_fd, p, (nuint)length, offset);
+        }
+        else
+        {
+            var iov = new Iovec { iov_base = p, iov_len = (nuint)length };
+            n = Libc.pwritev2(_fd, &iov, 1, offset, rwFlags);
+        }
+        if (n > 0 && _map is not null && offset < Size)
+        {
+            SetPresent(offset, Math.Min(n, Size - offset), true);
+        }
+        return n >= 0 ? (int)n : -Marshal.GetLastPInvokeError();
+    }
+
+    // O_DIRECT wants aligned memory; a queue's buffers are page-aligned, a caller's managed array need not be.
+    private bool NeedsBounce(byte* p) => DirectIo && ((nuint)p & (BounceAlignment - 1)) != 0;
+
+    /// <summary>An O_DIRECT read or write through an aligned copy of the caller's unaligned buffer.</summary>
+    private int Bounced(int length, long offset, byte* from, byte* to, int rwFlags = 0)
+    {
+        var bounce = (byte*)NativeMemory.AlignedAlloc((nuint)Math.Max(length, 1), BounceAlignment);
         try
         {
-            RandomAccess.FlushToDisk(_handle);
-            return 0;
+            if (from != null)
+            {
+                Buffer.MemoryCopy(from, bounce, length, length);
+                return PWrite(bounce, length, offset, rwFlags);
+            }
+            var n = Libc.pread(_fd, bounce, (nuint)length, offset);
+            if (n < 0)
+            {
+                return -Marshal.GetLastPInvokeError();
+            }
+            Buffer.MemoryCopy(bounce, to, length, n);
+            return (int)n;
         }
-        catch (IOException)
+        finally
         {
-            return -Errno.EIO;
+            NativeMemory.AlignedFree(bounce);
         }
     }
+
+    public override int Flush() => Libc.fdatasync(_fd) == 0 ? 0 : -Marshal.GetLastPInvokeError();
 
     public override int Discard(long offset, long length)
         => _readOnly ? -Errno.EROFS : Fallocate(FallocateMode.PunchHole | FallocateMode.KeepSize, offset, length);
+
+    private void Punched(long offset, long length)
+    {
+        var n = Math.Min(length, Size - offset);
+        if (_map is not null && offset >= 0 && n > 0)
+        {
+            SetPresent(offset, n, false);
+        }
+    }
 
     /// <summary>As the kernel's loop driver: ZERO_RANGE when the range must stay allocated, else a hole; writes of zeros where the file system has neither.</summary>
     public override int WriteZeroes(long offset, long length, bool mayUnmap)
@@ -168,12 +257,141 @@ public sealed unsafe class LoopTarget : BlockTarget
     public override int Cache(long offset, long length) => FileRanges.WillNeed(_fd, offset, length);
 
     private int Fallocate(FallocateMode mode, long offset, long length)
-        => Libc.fallocate(_fd, (int)mode, offset, length) == 0 ? 0 : -System.Runtime.InteropServices.Marshal.GetLastPInvokeError();
+    {
+        // Whatever happens, the range may hold holes now: reads of it take pread.
+        Punched(offset, length);
+        return Libc.fallocate(_fd, (int)mode, offset, length) == 0 ? 0 : -Marshal.GetLastPInvokeError();
+    }
 
-    public override UringBackend CreateUringBackend(int queueId) => new Backend(_fd);
+    /// <summary>
+    /// On tmpfs and ramfs the file is mapped, and a request's data moves between the page cache and
+    /// the request in one copy (USER_COPY: pread/pwrite of /dev/ublkcN into or out of the mapping)
+    /// rather than two (the driver's into the tag's buffer, then the file's). Only the daemon's kernel
+    /// side touches the mapping, so a file truncated behind our back fails a copy with EFAULT, which
+    /// falls back to pread/pwrite (EOF handling as usual), rather than raising SIGBUS.
+    /// </summary>
+    bool IUserCopyTarget.WantsUserCopy => _map is not null;
+
+    int IUserCopyTarget.ReadToRequest(int charFd, long requestPosition, long offset, int length)
+    {
+        // A hole read through a shared tmpfs mapping would allocate pages: holes take pread, which does not.
+        if (_map is null || offset + length > Size || !AllPresent(offset, length))
+        {
+            return IUserCopyTarget.NotDirect;
+        }
+        var n = Libc.pwrite(charFd, _map.Pointer + offset, (nuint)length, requestPosition);
+        return n == length ? length : IUserCopyTarget.NotDirect;
+    }
+
+    int IUserCopyTarget.WriteFromRequest(int charFd, long requestPosition, long offset, int length, bool fua)
+    {
+        // FUA needs nothing more: tmpfs and ramfs have no stable storage to reach (their fdatasync is a no-op).
+        if (_map is null || _readOnly || offset + length > Size)
+        {
+            return IUserCopyTarget.NotDirect;
+        }
+        var n = Libc.pread(charFd, _map.Pointer + offset, (nuint)length, requestPosition);
+        if (n <= 0)
+        {
+            return IUserCopyTarget.NotDirect;
+        }
+        SetPresent(offset, n, true); // whatever was copied is allocated now, even if the copy fell short
+        if (n != length)
+        {
+            return IUserCopyTarget.NotDirect;
+        }
+        TouchAfterMappedWrite();
+        return length;
+    }
+
+    // Stores through a mapping do not update mtime as write() does: do it at most once a second, and on close.
+    private void TouchAfterMappedWrite()
+    {
+        var now = Environment.TickCount64;
+        if (now - Volatile.Read(ref _lastTouch) >= 1000)
+        {
+            Volatile.Write(ref _lastTouch, now);
+            Volatile.Write(ref _untouchedWrites, 0);
+            _ = Libc.futimens(_fd, null);
+        }
+        else
+        {
+            Volatile.Write(ref _untouchedWrites, 1);
+        }
+    }
+
+    /// <summary>Marks the pages that hold data now (SEEK_DATA/SEEK_HOLE; tmpfs answers per page).</summary>
+    private void FindData()
+    {
+        for (long offset = 0; offset < Size;)
+        {
+            var n = FileRanges.Run(_fd, offset, Size - offset, out var hole);
+            if (n <= 0)
+            {
+                return; // cannot tell: the rest stays "hole", served by pread
+            }
+            if (!hole)
+            {
+                SetPresent(offset, n, true);
+            }
+            offset += n;
+        }
+    }
+
+    // A bit per page of the file: set where the page surely holds data (reads of it may use the
+    // mapping), clear where it may be a hole. Clearing too much only costs a copy; setting too much
+    // would allocate pages a read touches, so writes set and discards clear, conservatively.
+    private void SetPresent(long offset, long length, bool present)
+    {
+        var first = offset >> PageShift;
+        var last = (offset + length - 1) >> PageShift;
+        for (var word = first >> 6; word <= last >> 6; word++)
+        {
+            var lo = word == first >> 6 ? (int)(first & 63) : 0;
+            var hi = word == last >> 6 ? (int)(last & 63) : 63;
+            var mask = (hi == 63 ? ~0L : (1L << (hi + 1)) - 1) & ~((1L << lo) - 1);
+            if (present)
+            {
+                Interlocked.Or(ref _present[word], mask);
+            }
+            else
+            {
+                Interlocked.And(ref _present[word], ~mask);
+            }
+        }
+    }
+
+    private bool AllPresent(long offset, long length)
+    {
+        var first = offset >> PageShift;
+        var last = (offset + length - 1) >> PageShift;
+        for (var page = first; page <= last; page++)
+        {
+            if ((Volatile.Read(ref _present[page >> 6]) & (1L << (int)(page & 63))) == 0)
+            {
+                return false;
+            }
+        }
+        return true;
+    }
+
+    /// <summary>
+    /// The ring, unless the file is one io_uring cannot read or write inline: on tmpfs and ramfs
+    /// (no FMODE_NOWAIT up to at least Linux 6.12) every step would be punted to an io-wq worker, a
+    /// thread hop per request for what is a memcpy, so the queue thread does it itself.
+    /// </summary>
+    public override UringBackend? CreateUringBackend(int queueId) => UsesRing ? new Backend(_fd) : null;
 
     protected override void Dispose(bool disposing)
     {
+        if (_map is not null)
+        {
+            if (Volatile.Read(ref _untouchedWrites) != 0)
+            {
+                _ = Libc.futimens(_fd, null);
+            }
+            _map.Dispose();
+        }
         _handle.Dispose();
         base.Dispose(disposing);
     }
@@ -210,4 +428,17 @@ public sealed unsafe class LoopTarget : BlockTarget
             sqe.flags |= SqeFlags.FixedFile;
         }
     }
+}
+
+/// <summary>How a <see cref="LoopTarget"/> does a ublk queue's IO.</summary>
+public enum LoopIo
+{
+    /// <summary>The ring, except on tmpfs and ramfs, where io_uring would punt every request to a worker thread.</summary>
+    Auto,
+
+    /// <summary>Always the queue's io_uring.</summary>
+    Ring,
+
+    /// <summary>Always pread/pwrite on the queue thread.</summary>
+    Sync,
 }

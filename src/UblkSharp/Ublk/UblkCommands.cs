@@ -40,6 +40,12 @@ public static class UblkCommands
     public const int MaxQueueDepth = 4096;
     public const int MaxQueues = 4096;
 
+    /// <summary>
+    /// Where a request's data is in /dev/ublkcN under UBLK_F_USER_COPY (UBLKSRV_IO_BUF_OFFSET, the
+    /// queue from bit 41, the tag from bit 25); the request's byte offset is added to it.
+    /// </summary>
+    public static long UserCopyOffset(int queueId, int tag) => 0x8000_0000L + ((long)queueId << 41) + ((long)tag << 25);
+
     /// <summary>Where queue q's descriptor array is mapped in /dev/ublkcN.</summary>
     public static long DescriptorOffset(int queueId) => queueId * RoundUpToPage(MaxQueueDepth * 24L);
 

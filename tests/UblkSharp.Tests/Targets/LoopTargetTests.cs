@@ -114,6 +114,67 @@ public class LoopTargetTests
     }
 
     [Fact]
+    public void QueuesUseTheRingExceptOnMemoryFileSystems()
+    {
+        Assert.SkipUnless(Directory.Exists("/dev/shm"), "no /dev/shm");
+        using var shm = new TempFile(MiB, "/dev/shm");
+        using (var auto = new LoopTarget(shm.Path))
+        {
+            // tmpfs: io_uring would hand every request to a worker thread.
+            Assert.False(auto.UsesRing);
+            Assert.Null(auto.CreateUringBackend(0));
+        }
+        using (var ring = new LoopTarget(shm.Path, io: LoopIo.Ring))
+        {
+            Assert.True(ring.UsesRing);
+            using var backend = ring.CreateUringBackend(0);
+            Assert.NotNull(backend);
+        }
+        using var file = new TempFile(MiB);
+        using var sync = new LoopTarget(file.Path, io: LoopIo.Sync);
+        Assert.False(sync.UsesRing);
+        Assert.Null(sync.CreateUringBackend(0));
+    }
+
+    [Fact]
+    public unsafe void DirectIoServesUnalignedBuffers()
+    {
+        var data = Pattern(64 * 1024, 6);
+        using var file = FileWith(new byte[MiB]);
+        LoopTarget t;
+        try
+        {
+            t = new LoopTarget(file.Path, directIo: true);
+        }
+        catch (ErrnoException e) when (e.Errno == Errno.EINVAL)
+        {
+            Assert.Skip($"{Path.GetTempPath()} does not take O_DIRECT");
+            return;
+        }
+        using (t)
+        {
+            // O_DIRECT refuses memory that is not block-aligned: an NBD export's buffers are managed arrays.
+            var block = (byte*)System.Runtime.InteropServices.NativeMemory.AlignedAlloc(128 * 1024, 4096);
+            try
+            {
+                var unaligned = new Span<byte>(block + 8, data.Length);
+                data.CopyTo(unaligned);
+                Assert.Equal(data.Length, t.Write(unaligned, 4096));
+                Assert.Equal(4096, t.WriteFua(unaligned[..4096], 128 * 1024));
+                unaligned.Clear();
+                Assert.Equal(data.Length, t.Read(unaligned, 4096));
+                Assert.Equal(data, unaligned.ToArray());
+            }
+            finally
+            {
+                System.Runtime.InteropServices.NativeMemory.AlignedFree(block);
+            }
+            Assert.Equal(data, Slice(file.Path, 4096, data.Length));
+            Assert.Equal(data.AsSpan(0, 4096).ToArray(), Slice(file.Path, 128 * 1024, 4096));
+        }
+    }
+
+    [Fact]
     public void DiscardPunchesAHoleThatReadsAsZeros()
     {
         var data = Pattern(4 * MiB, 3);

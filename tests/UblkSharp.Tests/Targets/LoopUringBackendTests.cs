@@ -25,7 +25,7 @@ public sealed unsafe class LoopUringBackendTests : IDisposable
     {
         public Queue(LoopTarget target, int queueId = 0)
         {
-            Backend = target.CreateUringBackend(queueId);
+            Backend = target.CreateUringBackend(queueId)!;
             Ring = Ring.Create(new RingOptions { Entries = 16, SingleIssuer = true, DeferTaskrun = true });
             int[] files = [-1, .. Backend.Files];
             Ring.RegisterFiles(files);
@@ -63,9 +63,9 @@ public sealed unsafe class LoopUringBackendTests : IDisposable
     public void BackendRegistersTheBackingFile()
     {
         using var file = new TempFile(MiB);
-        using var target = new LoopTarget(file.Path);
-        using var a = target.CreateUringBackend(0);
-        using var b = target.CreateUringBackend(1);
+        using var target = new LoopTarget(file.Path, io: LoopIo.Ring);
+        using var a = target.CreateUringBackend(0)!;
+        using var b = target.CreateUringBackend(1)!;
         Assert.NotSame(a, b);
         var fd = Assert.Single(a.Files);
         Assert.Equal(fd, Assert.Single(b.Files));
@@ -76,7 +76,7 @@ public sealed unsafe class LoopUringBackendTests : IDisposable
     public void WriteThenReadRoundTrips()
     {
         using var file = new TempFile(4 * MiB);
-        using var target = new LoopTarget(file.Path);
+        using var target = new LoopTarget(file.Path, io: LoopIo.Ring);
         using var q = new Queue(target);
         var data = LoopTargetTests.Pattern(256 * 1024, 10);
         data.CopyTo(Buffer(data.Length));
@@ -100,7 +100,7 @@ public sealed unsafe class LoopUringBackendTests : IDisposable
     {
         // What the runtime submits after a short completion: the same request narrowed by what was done.
         using var file = new TempFile(MiB);
-        using var target = new LoopTarget(file.Path);
+        using var target = new LoopTarget(file.Path, io: LoopIo.Ring);
         using var q = new Queue(target);
         var data = LoopTargetTests.Pattern(64 * 1024, 11);
         data.CopyTo(Buffer(data.Length));
@@ -114,7 +114,7 @@ public sealed unsafe class LoopUringBackendTests : IDisposable
     public void FuaWriteIsADsyncWrite()
     {
         using var file = new TempFile(MiB);
-        using var target = new LoopTarget(file.Path);
+        using var target = new LoopTarget(file.Path, io: LoopIo.Ring);
         using var q = new Queue(target);
         var data = LoopTargetTests.Pattern(8192, 12);
         data.CopyTo(Buffer(data.Length));
@@ -130,7 +130,7 @@ public sealed unsafe class LoopUringBackendTests : IDisposable
     public void FlushIsFdatasync()
     {
         using var file = new TempFile(MiB);
-        using var target = new LoopTarget(file.Path);
+        using var target = new LoopTarget(file.Path, io: LoopIo.Ring);
         using var q = new Queue(target);
         Assert.Equal(0, q.Run(new BackendRequest(IoOp.Flush, IoFlags.None, 0, 0, null), (ref Sqe s) =>
         {
@@ -144,7 +144,7 @@ public sealed unsafe class LoopUringBackendTests : IDisposable
     {
         var data = LoopTargetTests.Pattern(4 * MiB, 13);
         using var file = LoopTargetTests.FileWith(data);
-        using var target = new LoopTarget(file.Path);
+        using var target = new LoopTarget(file.Path, io: LoopIo.Ring);
         using var q = new Queue(target);
         var before = FileStat.AllocatedBytes(file.Path);
 
@@ -171,7 +171,7 @@ public sealed unsafe class LoopUringBackendTests : IDisposable
     {
         var data = LoopTargetTests.Pattern(4 * MiB, 14);
         using var file = LoopTargetTests.FileWith(data);
-        using var target = new LoopTarget(file.Path);
+        using var target = new LoopTarget(file.Path, io: LoopIo.Ring);
         using var q = new Queue(target);
         var before = FileStat.AllocatedBytes(file.Path);
         var noUnmap = flags == IoFlags.NoUnmap;
@@ -204,8 +204,8 @@ public sealed unsafe class LoopUringBackendTests : IDisposable
     public void OtherOpsAreRefusedWhilePreparing(IoOp op)
     {
         using var file = new TempFile(MiB);
-        using var target = new LoopTarget(file.Path);
-        using var backend = target.CreateUringBackend(0);
+        using var target = new LoopTarget(file.Path, io: LoopIo.Ring);
+        using var backend = target.CreateUringBackend(0)!;
         var sqe = default(Sqe);
         var e = Assert.Throws<NotSupportedException>(() => backend.Prepare(ref sqe, new BackendRequest(op, IoFlags.None, 0, 4096, _buffer)));
         Assert.Contains(op.ToString(), e.Message, StringComparison.Ordinal);
