@@ -208,7 +208,8 @@ def svg(report):
             for p in r["peers"]:
                 if p.get("ratio") is not None:
                     items.append((f"{r['case']} vs {p['name']}", p["ratio"], r.get("bar", {}).get(p["name"])))
-    label_w, bar_w, row_h, top = 330, 420, 22, 56
+    # Labels are right-aligned before the bars: size their column to the longest (about 7 px a character at 12 px).
+    label_w, bar_w, row_h, top = max([200] + [16 + 7 * len(label) for label, _, _ in items]), 420, 22, 56
     scale_max = max([1.5] + [v * 1.1 for _, v, _ in items] + [b * 1.1 for _, _, b in items if b])
     x = lambda v: label_w + v / scale_max * bar_w
     h = top + row_h * len(items) + 40
