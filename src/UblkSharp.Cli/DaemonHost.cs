@@ -17,20 +17,7 @@ internal static class DaemonHost
         {
             using var target = TargetFactory.Create(kind, recipe);
             using var device = recoverId is uint rid ? UblkDevice.Recover(rid, target, options) : UblkDevice.Create(target, options);
-            new DeviceRecord
-            {
-                Id = device.Id,
-                Pid = Environment.ProcessId,
-                Target = kind,
-                Recipe = recipe,
-                Queues = device.Info.nr_hw_queues,
-                Depth = device.Info.queue_depth,
-                Size = target.Size,
-                MaxIoBytes = (int)device.Info.max_io_buf_bytes,
-                Recovery = RecoveryModes.FromFlags((Ublk.UblkFeatures)device.Info.flags).Name(),
-                Autoclear = autoclear,
-                SupervisorPid = Supervisor.ParentSupervisorPid,
-            }.Save();
+            (DeviceRecord.Of(device, kind, recipe, target.Size) with { Autoclear = autoclear, SupervisorPid = Supervisor.ParentSupervisorPid }).Save();
             using var stop = new ManualResetEventSlim();
             using var term = PosixSignalRegistration.Create(PosixSignal.SIGTERM, c => { c.Cancel = true; stop.Set(); });
             using var intr = PosixSignalRegistration.Create(PosixSignal.SIGINT, c => { c.Cancel = true; stop.Set(); });

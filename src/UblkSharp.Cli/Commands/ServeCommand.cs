@@ -91,17 +91,7 @@ internal static class ServeCommand
             if (deviceOptions is not null)
             {
                 device = UblkDevice.Create(target, deviceOptions);
-                new DeviceRecord
-                {
-                    Id = device.Id,
-                    Pid = Environment.ProcessId,
-                    Target = kind,
-                    Recipe = recipe,
-                    Queues = device.Info.nr_hw_queues,
-                    Depth = device.Info.queue_depth,
-                    Size = target.Size,
-                    MaxIoBytes = (int)device.Info.max_io_buf_bytes,
-                }.Save();
+                DeviceRecord.Of(device, kind, recipe, target.Size).Save();
                 Console.WriteLine(device.BlockPath);
             }
             Console.Error.WriteLine($"ublksharp: serving {kind} ({target.Size} bytes{(export.IsReadOnly ? ", read-only" : "")}) as export '{exportName}' on {server.Address}" +

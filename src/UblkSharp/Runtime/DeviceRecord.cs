@@ -38,6 +38,24 @@ public sealed record DeviceRecord
 
     public DateTimeOffset Created { get; init; } = DateTimeOffset.UtcNow;
 
+    /// <summary>The record of a device this process serves: its shape and recovery mode as the kernel reports them.</summary>
+    public static DeviceRecord Of(UblkDevice device, string target, Dictionary<string, string> recipe, long size)
+    {
+        ArgumentNullException.ThrowIfNull(device);
+        return new DeviceRecord
+        {
+            Id = device.Id,
+            Pid = Environment.ProcessId,
+            Target = target,
+            Recipe = recipe,
+            Queues = device.Info.nr_hw_queues,
+            Depth = device.Info.queue_depth,
+            Size = size,
+            MaxIoBytes = (int)device.Info.max_io_buf_bytes,
+            Recovery = RecoveryModes.FromFlags((Ublk.UblkFeatures)device.Info.flags).Name(),
+        };
+    }
+
     public static string PathFor(uint id) => System.IO.Path.Combine(Directory, $"{id}.json");
 
     public void Save()
