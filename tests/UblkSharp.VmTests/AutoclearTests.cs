@@ -166,6 +166,7 @@ public partial class AutoclearTests
     }
 
     [Fact]
+    [Trait("kernel", "7.3")]
     public void FiveCliMountCyclesLeaveNothingBehind()
     {
         VmEnvironment.RequireDriver();

@@ -1,6 +1,7 @@
 namespace UblkSharp.VmTests;
 
 /// <summary>fio crc32c verify on a cow device over random data; the merge equals what the device read.</summary>
+[Trait("kernel", "7.3")]
 public sealed class CowFioVmTests : CowVmTest
 {
     [Fact]

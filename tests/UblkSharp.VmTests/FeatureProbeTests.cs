@@ -6,6 +6,7 @@ using UblkSharp.Ublk;
 namespace UblkSharp.VmTests;
 
 /// <summary>First contact with the real ublk driver: UBLK_U_CMD_GET_FEATURES through the managed binding.</summary>
+[Trait("kernel", "7.3")]
 public class FeatureProbeTests
 {
     // Debian's 6.12 kernel: COMP_IN_TASK, NEED_GET_DATA, USER_RECOVERY, RECOVERY_REISSUE,
@@ -24,6 +25,14 @@ public class FeatureProbeTests
         {
             Assert.Equal(Features612, (ulong)features);
         }
+    }
+
+    [Fact]
+    public void TheKernelIsTheOneTheHarnessWasToldToBoot()
+    {
+        VmEnvironment.RequireDriver();
+        Assert.True(VmEnvironment.HarnessKernel is not null, "UBLKSHARP_VM_KERNEL is not set: run these tests with tools/ublksharp-vm, which exports the kernel it boots (-k)");
+        Assert.StartsWith(VmEnvironment.HarnessKernel + ".", VmEnvironment.KernelRelease, StringComparison.Ordinal);
     }
 
     [Fact]

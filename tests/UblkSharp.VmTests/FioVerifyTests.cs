@@ -5,6 +5,7 @@ namespace UblkSharp.VmTests;
 /// serve IO (checked on the daemon's queue threads): crc32c write-then-verify on every target that
 /// keeps data, and a read/write mix on the null target, whose reads return no data.
 /// </summary>
+[Trait("kernel", "7.3")]
 public class FioVerifyTests
 {
     private const string Image = "/tmp/ublksharp-fio.img";

@@ -53,6 +53,7 @@ public class NbdVmTests
     }
 
     [Fact]
+    [Trait("kernel", "7.3")]
     public void NbdTargetInFrontOfNbdkitPassesFioVerify()
     {
         VmEnvironment.RequireDriver();
@@ -74,6 +75,7 @@ public class NbdVmTests
     }
 
     [Fact]
+    [Trait("kernel", "7.3")]
     public void NbdTargetInFrontOfOurServerPassesFioVerifyAcrossAServerRestart()
     {
         VmEnvironment.RequireDriver();
@@ -109,6 +111,7 @@ public class NbdVmTests
     }
 
     [Fact]
+    [Trait("kernel", "7.3")]
     public void OneDaemonServesATargetAsUblkAndNbdAtOnce()
     {
         VmEnvironment.RequireDriver();

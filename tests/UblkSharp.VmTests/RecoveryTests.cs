@@ -23,6 +23,7 @@ public class RecoveryTests
         $"--size={sizePerJob}", $"--offset_increment={sizePerJob}", $"--randseed={seed}");
 
     [Fact]
+    [Trait("kernel", "7.3")]
     public async Task ReissueLosesNothingWhenTheDaemonIsKilledMidVerify()
     {
         VmEnvironment.RequireDriver();

@@ -88,6 +88,7 @@ public class TeardownTests
     public void SuperviseWithoutRecoveryIsRefused() => Refusal(() => Lifecycle.AssertRefused($"add -t loop -f {Image} --supervise", "--supervise", "--recovery"));
 
     [Fact]
+    [Trait("kernel", "7.3")]
     public void DelOfAMountedDeviceIsRefusedAndTheDeviceKeepsWorking()
     {
         VmEnvironment.RequireDriver();
@@ -120,6 +121,7 @@ public class TeardownTests
     }
 
     [Fact]
+    [Trait("kernel", "7.3")]
     public void ForcedDelOfAMountedDeviceFailsItsIoAndFreesTheIdAfterUmount()
     {
         VmEnvironment.RequireDriver();

@@ -13,6 +13,13 @@ internal static class VmEnvironment
 
     public static bool Is612 => KernelRelease.StartsWith("6.12.", StringComparison.Ordinal);
 
+    /// <summary>
+    /// The kernel tools/ublksharp-vm was told to boot (-k: "6.12", "7.3"), from UBLKSHARP_VM_KERNEL;
+    /// null outside the harness. A test of a 7.x feature asserts the feature is used when this says
+    /// 7.3, so that a kernel or harness mix-up fails instead of skipping the feature silently.
+    /// </summary>
+    public static string? HarnessKernel { get; } = Environment.GetEnvironmentVariable("UBLKSHARP_VM_KERNEL") is { Length: > 0 } k ? k : null;
+
     public static void RequireDriver()
     {
         if (!File.Exists(ControlDevice.Path))
