@@ -4,9 +4,10 @@
 # repetition) and leaves each run's fio JSON plus CPU counters and the daemons' RSS in OUT for the
 # host to summarise. UBLKSRV, when given, is a ublksrv `ublk` binary that joins as a peer (its null
 # and loop targets); it is only run, never built.
+# ONLY=cow (in the environment) runs only the cow set's workloads (bench/vm-fio.sh --only cow).
 # usage: bench/vm-fio-guest.sh OUT REPS RUNTIME ENGINE [UBLKSRV]
 set -euo pipefail
-out=$1 reps=$2 rt=$3 engine=$4 ublksrv=${5:-}
+out=$1 reps=$2 rt=$3 engine=$4 ublksrv=${5:-} only=${ONLY:-}
 root=$(cd "$(dirname "$0")/.." && pwd)
 cli=(dotnet "$root/src/UblkSharp.Cli/bin/Release/net10.0/UblkSharp.Cli.dll")
 img=/tmp/vm-fio.img
@@ -27,7 +28,17 @@ add() { "${pin[@]}" "${cli[@]}" add "$@" -q 1 -d 128; }
 dev[ublk-null]=$(add -t null -s 256M)
 dev[ublk-mem]=$(add -t mem -s 256M)
 dev[ublk-loop]=$(add -t loop -f $img)
-ours=(ublk-null ublk-mem ublk-loop)
+# The cow set: a COW overlay and a loop device over one backing file on ext4 (on a kernel loop
+# device over tmpfs), not on tmpfs itself, where io_uring would punt every step to a worker: so both
+# targets take their ring path, as over a file on a disk.
+mkdir -p /tmp/cowfs
+truncate -s 768M /tmp/cowfs.img
+mkfs.ext4 -q -F /tmp/cowfs.img
+mount -o loop /tmp/cowfs.img /tmp/cowfs
+dd if=/dev/urandom of=/tmp/cowfs/base.img bs=1M count=256 status=none
+dev[ublk-loop-fs]=$(add -t loop -f /tmp/cowfs/base.img)
+dev[ublk-cow]=$(add -t cow -f /tmp/cowfs/over.cow --create --backing /tmp/cowfs/base.img)
+ours=(ublk-null ublk-mem ublk-loop ublk-loop-fs ublk-cow)
 for d in "${ours[@]}"; do
   id=${dev[$d]#/dev/ublkb}
   pid[$d]=$(grep -o '"pid": *[0-9]*' "/run/ublksharp/$id.json" | grep -o '[0-9]*$')
@@ -71,6 +82,9 @@ W=("rr4k-qd1 randread 4k 1 ublk-null kloop file $un"
    "rw4k-qd64 randwrite 4k 64 ublk-loop ublk-mem kloop $ul"
    "sr128k-qd16 read 128k 16 ublk-loop kloop $ul"
    "sw128k-qd16 write 128k 16 ublk-loop kloop $ul")
+C=("rr4k-qd64 randread 4k 64 ublk-cow ublk-loop-fs"
+   "rw4k-qd64 randwrite 4k 64 ublk-cow ublk-loop-fs")
+if [ "$only" = cow ]; then W=("${C[@]}"); else W+=("${C[@]}"); fi
 
 affinity() {  # every daemon thread's CPU list, as "name=cpus"
   for d in "${ours[@]}" "${peers[@]}"; do

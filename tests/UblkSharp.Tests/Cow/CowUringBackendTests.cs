@@ -171,6 +171,27 @@ public sealed unsafe class CowUringBackendTests : IDisposable
     }
 
     [Fact]
+    public void TheIoOptionChoosesThePathAndIsRecorded()
+    {
+        using (var t = (CowTarget)TargetFactory.Create("cow", new Dictionary<string, string> { ["file"] = _overlay, ["io"] = "sync" }))
+        {
+            Assert.False(t.UsesRing);
+            Assert.Equal("sync", t.Recipe["io"]);
+        }
+        using (var t = (CowTarget)TargetFactory.Create("cow", new Dictionary<string, string> { ["file"] = _overlay, ["io"] = "ring" }))
+        {
+            Assert.True(t.UsesRing);
+            Assert.Equal("ring", t.Recipe["io"]);
+        }
+        using (var t = (CowTarget)TargetFactory.Create("cow", new Dictionary<string, string> { ["file"] = _overlay }))
+        {
+            Assert.False(t.Recipe.ContainsKey("io")); // auto: the ring unless a file is on tmpfs or ramfs
+        }
+        var e = Assert.Throws<ArgumentException>(() => TargetFactory.Create("cow", new Dictionary<string, string> { ["file"] = _overlay, ["io"] = "fast" }).Dispose());
+        Assert.Equal("--io fast: use ring, sync or auto", e.Message);
+    }
+
+    [Fact]
     public void AReadSplitBetweenTheFilesReadsEachRunFromItsFile()
     {
         using var t = Open();

@@ -113,6 +113,10 @@ public sealed unsafe class CowTarget : BlockTarget
             {
                 _recipe["read-only"] = "on";
             }
+            if (options.Io != LoopIo.Auto)
+            {
+                _recipe["io"] = options.Io == LoopIo.Ring ? "ring" : "sync";
+            }
             if (!_readOnly && options.BitmapWriteback > TimeSpan.Zero)
             {
                 var interval = options.BitmapWriteback;
