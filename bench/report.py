@@ -36,10 +36,11 @@ def vm_sections(path):
     # Bars from the issue; peers without one are shown for information.
     bars = {"null 4k randread qd1": {"kloop": 1.0}, "null 4k randread qd64": {"kloop": 0.9},
             "loop 4k randread qd64": {"kloop": 0.9}, "loop 4k randwrite qd64": {"kloop": 0.9},
-            "loop 128k read qd16": {"kloop": 0.7}, "loop 128k write qd16": {"kloop": 0.7}}
+            "loop 128k read qd16": {"kloop": 0.7}, "loop 128k write qd16": {"kloop": 0.7},
+            "cow 4k randread qd64": {"ublk-loop-fs": 0.8}, "cow 4k randwrite qd64": {"ublk-loop-fs": 0.8}}
     names = {"kloop": "kernel loop", "file": "fio on the file", "ublksrv-null": "ublksrv null",
              "ublksrv-loop": "ublksrv loop", "ublk-null": "UblkSharp null", "ublk-loop": "UblkSharp loop",
-             "ublk-mem": "UblkSharp mem"}
+             "ublk-mem": "UblkSharp mem", "ublk-cow": "UblkSharp cow", "ublk-loop-fs": "UblkSharp loop, same file"}
     rows = []
     for c in j["cases"]:
         key = c["metric"]
@@ -256,7 +257,9 @@ def self_test():
           "cases": [{"case": "null 4k randread qd1", "metric": "iops", "devices": {"ublk-null": med(1100), "kloop": med(1000), "file": med(2000)},
                      "ratios": {"kloop": ratio(1.1), "file": ratio(0.55)}},
                     {"case": "loop 128k read qd16", "metric": "mibs", "devices": {"ublk-loop": med(600), "kloop": med(1000)},
-                     "ratios": {"kloop": ratio(0.6)}}],
+                     "ratios": {"kloop": ratio(0.6)}},
+                    {"case": "cow 4k randwrite qd64", "metric": "iops", "devices": {"ublk-cow": med(850), "ublk-loop-fs": med(1000)},
+                     "ratios": {"ublk-loop-fs": ratio(0.85)}}],
           "rss_kib": {"ublk-null": {"idle": 40960, "load_max": 51200}}}
     json.dump(vm, open(os.path.join(d, "vm-fio.json"), "w"))
     os.makedirs(os.path.join(d, "micro", "results"))
@@ -275,7 +278,8 @@ def self_test():
         assert main([d, "--wall", "600"]) == 0
     table = buf.getvalue()
     want = [("null 4k randread qd1", "kernel loop", "1.10×", "pass"), ("null 4k randread qd1", "fio on the file", "0.55×", None),
-            ("loop 128k read qd16", "kernel loop", "0.60×", "SHORT"), ("hot path: RingNop", None, None, "pass"),
+            ("loop 128k read qd16", "kernel loop", "0.60×", "SHORT"), ("cow 4k randwrite qd64", "UblkSharp loop, same file", "0.85×", "pass"),
+            ("hot path: RingNop", None, None, "pass"),
             ("hot path: Leaky", None, None, "SHORT"), ("4k randread qd32", "nbdkit", "0.90×", "SHORT")]
     for case, peer, r, res in want:
         hit = [l for l in table.splitlines() if case in l and (peer is None or peer in l)]
@@ -288,12 +292,13 @@ def self_test():
     ns = "{http://www.w3.org/2000/svg}"
     bars = [r for r in tree.iter(ns + "rect")][1:]  # the first is the background
     ticks = [l for l in tree.iter(ns + "line") if l.find(ns + "title") is not None]
-    assert len(bars) == 4 and len(ticks) == 3, f"{len(bars)} bars, {len(ticks)} bar markers"
+    assert len(bars) == 5 and len(ticks) == 4, f"{len(bars)} bars, {len(ticks)} bar markers"
     fills = sorted(b.get("fill") for b in bars)
-    assert fills == sorted(["#4caf50", "#7a9cc6", "#e57373", "#e57373"]), fills
+    assert fills == sorted(["#4caf50", "#4caf50", "#7a9cc6", "#e57373", "#e57373"]), fills
     rep = json.load(open(os.path.join(d, "bench.json")))
     assert set(rep["sections"]) == {"vm", "memory", "micro", "nbd"} and "binding" in rep["missing"], rep.keys()
-    assert "| vm | loop 128k read qd16 |" in open(os.path.join(d, "bench.md")).read()
+    md = open(os.path.join(d, "bench.md")).read()
+    assert "| vm | loop 128k read qd16 |" in md and "| vm | cow 4k randwrite qd64 |" in md, md
     import shutil
     shutil.rmtree(d)
     print("bench/report.py --self-test: ok")

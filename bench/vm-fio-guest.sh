@@ -4,9 +4,10 @@
 # repetition) and leaves each run's fio JSON plus CPU counters and the daemons' RSS in OUT for the
 # host to summarise. UBLKSRV, when given, is a ublksrv `ublk` binary that joins as a peer (its null
 # and loop targets); it is only run, never built.
+# ONLY=cow (in the environment) runs only the cow set's workloads (bench/vm-fio.sh --only cow).
 # usage: bench/vm-fio-guest.sh OUT REPS RUNTIME ENGINE [UBLKSRV]
 set -euo pipefail
-out=$1 reps=$2 rt=$3 engine=$4 ublksrv=${5:-}
+out=$1 reps=$2 rt=$3 engine=$4 ublksrv=${5:-} only=${ONLY:-}
 root=$(cd "$(dirname "$0")/.." && pwd)
 cli=(dotnet "$root/src/UblkSharp.Cli/bin/Release/net10.0/UblkSharp.Cli.dll")
 img=/tmp/vm-fio.img
@@ -18,16 +19,30 @@ log() { echo "vm-fio: $*"; }
 fio=(fio) pin=()
 if [ "$(nproc)" -ge 2 ]; then fio=(taskset -c 1 fio) pin=(taskset -c 0); fi
 
-# Same data everywhere: 256 MiB of random bytes on tmpfs; the mem device gets a copy.
-dd if=/dev/urandom of=$img bs=1M count=256 status=none
 declare -A dev pid
-dev[file]=$img
-dev[kloop]=$(losetup --direct-io=off -f --show $img)
 add() { "${pin[@]}" "${cli[@]}" add "$@" -q 1 -d 128; }
-dev[ublk-null]=$(add -t null -s 256M)
-dev[ublk-mem]=$(add -t mem -s 256M)
-dev[ublk-loop]=$(add -t loop -f $img)
-ours=(ublk-null ublk-mem ublk-loop)
+ours=()
+if [ "$only" != cow ]; then
+  # Same data everywhere: 256 MiB of random bytes on tmpfs; the mem device gets a copy.
+  dd if=/dev/urandom of=$img bs=1M count=256 status=none
+  dev[file]=$img
+  dev[kloop]=$(losetup --direct-io=off -f --show $img)
+  dev[ublk-null]=$(add -t null -s 256M)
+  dev[ublk-mem]=$(add -t mem -s 256M)
+  dev[ublk-loop]=$(add -t loop -f $img)
+  ours=(ublk-null ublk-mem ublk-loop)
+fi
+# The cow set: a COW overlay and a loop device over one backing file on ext4 (on a kernel loop
+# device over tmpfs), not on tmpfs itself, where io_uring would punt every step to a worker: so both
+# targets take their ring path, as over a file on a disk.
+mkdir -p /tmp/cowfs
+truncate -s 768M /tmp/cowfs.img
+mkfs.ext4 -q -F /tmp/cowfs.img
+mount -o loop /tmp/cowfs.img /tmp/cowfs
+dd if=/dev/urandom of=/tmp/cowfs/base.img bs=1M count=256 status=none
+dev[ublk-loop-fs]=$(add -t loop -f /tmp/cowfs/base.img)
+dev[ublk-cow]=$(add -t cow -f /tmp/cowfs/over.cow --create --backing /tmp/cowfs/base.img)
+ours+=(ublk-loop-fs ublk-cow)
 for d in "${ours[@]}"; do
   id=${dev[$d]#/dev/ublkb}
   pid[$d]=$(grep -o '"pid": *[0-9]*' "/run/ublksharp/$id.json" | grep -o '[0-9]*$')
@@ -35,11 +50,11 @@ done
 rss() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }  # KiB
 # Memory per idle device: each device is its own daemon (1 queue, depth 128), before any IO.
 for d in "${ours[@]}"; do echo "idle $d $(rss "${pid[$d]}")" >>"$out/rss.txt"; done
-dd if=$img of="${dev[ublk-mem]}" bs=1M oflag=direct status=none
+[ "$only" = cow ] || dd if=$img of="${dev[ublk-mem]}" bs=1M oflag=direct status=none
 
 # The optional ublksrv peer: its null and loop targets, buffered like kernel loop (--direct-io=off).
 peers=()
-if [ -n "$ublksrv" ]; then
+if [ -n "$ublksrv" ] && [ "$only" != cow ]; then
   ublksrv_pid() {  # the process holding the device's char device open
     local f
     for f in /proc/[0-9]*/fd/*; do
@@ -62,7 +77,7 @@ if [ -n "$ublksrv" ]; then
   printf '%s\n' "${peers[@]}" >"$out/ublksrv.txt"
 fi
 has() { [ -n "${dev[$1]:-}" ]; }
-for d in "${ours[@]}" "${peers[@]}" kloop; do echo none >"/sys/block/${dev[$d]#/dev/}/queue/scheduler"; done
+for d in "${ours[@]}" "${peers[@]}" ${dev[kloop]:+kloop}; do echo none >"/sys/block/${dev[$d]#/dev/}/queue/scheduler"; done
 
 # Workloads: name rw bs iodepth, then the devices that run it (one run of each per repetition).
 un=$(has ublksrv-null && echo ublksrv-null || true) ul=$(has ublksrv-loop && echo ublksrv-loop || true)
@@ -71,6 +86,9 @@ W=("rr4k-qd1 randread 4k 1 ublk-null kloop file $un"
    "rw4k-qd64 randwrite 4k 64 ublk-loop ublk-mem kloop $ul"
    "sr128k-qd16 read 128k 16 ublk-loop kloop $ul"
    "sw128k-qd16 write 128k 16 ublk-loop kloop $ul")
+C=("rr4k-qd64 randread 4k 64 ublk-cow ublk-loop-fs"
+   "rw4k-qd64 randwrite 4k 64 ublk-cow ublk-loop-fs")
+if [ "$only" = cow ]; then W=("${C[@]}"); else W+=("${C[@]}"); fi
 
 affinity() {  # every daemon thread's CPU list, as "name=cpus"
   for d in "${ours[@]}" "${peers[@]}"; do

@@ -8,26 +8,29 @@
 # UBLKSRV=/path/to/ublk: a ublksrv binary (built by you; this script never builds fetched code)
 # joins as a peer with its null and loop targets. It must run in the guest as it is (the guest
 # sees the host's root read-only): a static build, or one whose libraries are installed.
+# --only cow runs only the cow rows (cow vs loop over one backing file on ext4).
 # usage: bench/vm-fio.sh [--reps N] [--runtime SECONDS] [--engine io_uring|libaio] [--out PATH]
-#                   [--timeout SECONDS] [--no-build]
+#                   [--timeout SECONDS] [--no-build] [--only cow]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-reps=3 runtime=5 engine=io_uring out=/tmp timeout='' build=1
+reps=3 runtime=5 engine=io_uring out=/tmp timeout='' build=1 only=
 usage() { sed -n 's/^# \(usage: \|  \)//p' "$0" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case $1 in
     --no-build) build=0; shift; continue;;  # measure the CLI as built (e.g. while the tree is mid-edit)
-    --reps|--runtime|--engine|--out|--timeout) [ $# -ge 2 ] || usage;;
+    --reps|--runtime|--engine|--out|--timeout|--only) [ $# -ge 2 ] || usage;;
     *) usage;;
   esac
-  case $1 in --reps) reps=$2;; --runtime) runtime=$2;; --engine) engine=$2;; --out) out=$2;; --timeout) timeout=$2;; esac
+  case $1 in --reps) reps=$2;; --runtime) runtime=$2;; --engine) engine=$2;; --out) out=$2;; --timeout) timeout=$2;; --only) only=$2;; esac
   shift 2
 done
 [[ $reps =~ ^[1-9][0-9]*$ && $runtime =~ ^[0-9]+$ && $runtime -ge 3 ]] || { echo "vm-fio: --reps >= 1, --runtime >= 3" >&2; exit 2; }
+[[ $only =~ ^(|cow)$ ]] || { echo "vm-fio: --only cow is the one subset" >&2; exit 2; }
 [ -d "$out" ] && out=$out/vm-fio-$(date +%Y%m%d-%H%M%S).json
-# 15 fio runs a repetition (20 with ublksrv), each about runtime + 3 s under TCG on a quiet host
-# (several times that when it is busy), plus boot, device set-up and warm-up.
-timeout=${timeout:-$((reps * (${UBLKSRV:+5} + 15) * (runtime + 12) + 600))}
+# 19 fio runs a repetition (24 with ublksrv; 4 with --only cow), each about runtime + 3 s under TCG
+# on a quiet host (several times that when it is busy), plus boot, device set-up and warm-up.
+runs=$([ "$only" = cow ] && echo 4 || echo $((${UBLKSRV:+5} + 19)))
+timeout=${timeout:-$((reps * runs * (runtime + 12) + 600))}
 
 dll=$root/src/UblkSharp.Cli/bin/Release/net10.0/UblkSharp.Cli.dll
 if [ ! -f "$dll" ] || { [ "$build" = 1 ] && [ -n "$(find "$root/src" -name '*.cs' -newer "$dll" -print -quit)" ]; }; then
@@ -45,7 +48,7 @@ else
 fi
 # The host's load is kept with the results: TCG figures move with whatever else the host runs.
 load0=$(cut -d' ' -f1-3 /proc/loadavg) start=$(date +%s) rc=0
-"$root/tools/ublksharp-vm" -t "$timeout" --rw "$raw" -- "bash $root/bench/vm-fio-guest.sh $raw $reps $runtime $engine $ublksrv" || rc=$?
+"$root/tools/ublksharp-vm" -t "$timeout" --rw "$raw" -- "ONLY=$only bash $root/bench/vm-fio-guest.sh $raw $reps $runtime $engine $ublksrv" || rc=$?
 wall=$(($(date +%s) - start)) load1=$(cut -d' ' -f1-3 /proc/loadavg)
 [ "$rc" = 0 ] || echo "vm-fio: the guest failed (exit $rc); summarising what it finished" >&2
 
@@ -62,7 +65,10 @@ CASES = [("null 4k randread qd1", "rr4k-qd1", "ublk-null", ["kloop", "file", "ub
          ("loop 128k read qd16", "sr128k-qd16", "ublk-loop", ["kloop", "ublksrv-loop"]),
          ("loop 128k write qd16", "sw128k-qd16", "ublk-loop", ["kloop", "ublksrv-loop"]),
          ("mem 4k randread qd64", "rr4k-qd64", "ublk-mem", ["kloop"]),
-         ("mem 4k randwrite qd64", "rw4k-qd64", "ublk-mem", ["kloop"])]
+         ("mem 4k randwrite qd64", "rw4k-qd64", "ublk-mem", ["kloop"]),
+         # cow vs loop over the same backing file (on ext4, so both use their ring).
+         ("cow 4k randread qd64", "rr4k-qd64", "ublk-cow", ["ublk-loop-fs"]),
+         ("cow 4k randwrite qd64", "rw4k-qd64", "ublk-cow", ["ublk-loop-fs"])]
 path = lambda name: os.path.join(raw, name)
 read = lambda name: open(path(name)).read() if os.path.exists(path(name)) else ""
 meta = dict(l.split(None, 1) for l in read("meta.txt").splitlines())
@@ -110,6 +116,8 @@ for line in read("threads.txt").splitlines():
 print(f"\n{'case':24}{'device':11}{'IOPS|MiB/s':>11}{'p50 us':>9}{'p99 us':>9}{'cpu/IO':>8}{'cpu0/IO':>8}{'daemon%':>8}"
       "   ratio to peer: throughput; p50")
 for title, wl, ours, peers in CASES:
+    if (wl, ours) not in runs:
+        continue  # not in this run (--only)
     peers = [p for p in peers if (wl, p) in runs or not p.startswith("ublksrv")]
     key = "mibs" if wl.startswith("s") else "iops"  # sequential 128k: MiB/s
     case = {"case": title, "workload": wl, "metric": key, "devices": {}, "ratios": {}}

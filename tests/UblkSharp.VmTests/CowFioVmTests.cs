@@ -11,7 +11,7 @@ public sealed class CowFioVmTests : CowVmTest
         const long size = 96L << 20;
         var baseImg = RandomFile("base.img", size, 17);
         var over = F("over.cow");
-        var (id, dev) = Add($"-t cow -f {over} --create --backing {baseImg} -q 2 -d 32");
+        var (id, dev) = Add($"-t cow -f {over} --create --backing {baseImg} --io ring -q 2 -d 32");
         try
         {
             // Two jobs (one per queue, as the kernel maps them by CPU), qd32 each, mixed block sizes, on disjoint 32M regions.

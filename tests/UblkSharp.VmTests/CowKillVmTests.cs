@@ -42,7 +42,7 @@ public sealed class CowKillVmTests : CowVmTest
 
         // The daemon in the foreground, as our child, so that it can be killed outright.
         var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
-        foreach (var a in new[] { VmEnvironment.CliDll, "add", "-t", "cow", "-f", over, "-q", "2", "-d", "32", "--foreground" })
+        foreach (var a in new[] { VmEnvironment.CliDll, "add", "-t", "cow", "-f", over, "--io", "ring", "-q", "2", "-d", "32", "--foreground" })
         {
             psi.ArgumentList.Add(a);
         }

@@ -40,6 +40,8 @@ internal sealed class TargetOptions
 
     public Option<bool> IgnoreBackingMismatch { get; } = new("--ignore-backing-mismatch") { Description = "cow: open the overlay even if the backing file's size or mtime changed" };
 
+    public Option<string?> Io { get; } = new("--io") { Description = "cow: ring (IO on each queue's io_uring), sync (on the queue thread) or auto (the ring unless a file is on tmpfs or ramfs; the default)" };
+
     public Option<string?> Uri { get; } = new("--uri") { Description = "nbd: the remote export, nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH" };
 
     public Option<string?> Pool { get; } = new("--pool") { Description = "rbd: the Ceph pool" };
@@ -55,7 +57,7 @@ internal sealed class TargetOptions
     public Option<string?> Timeout { get; } = new("--timeout") { Description = "rbd: seconds connecting or one IO may wait for the cluster before failing (default 30)" };
 
     public IEnumerable<Option> All =>
-        [Type, File, Size, DirectIo, ReadOnly, Base, Seed, ShortIo, Again, Eio, Delay, DelayMs, Backing, Create, IgnoreBackingMismatch, Uri,
+        [Type, File, Size, DirectIo, ReadOnly, Base, Seed, ShortIo, Again, Eio, Delay, DelayMs, Backing, Create, IgnoreBackingMismatch, Io, Uri,
             Pool, Image, Conf, ClientId, Snap, Timeout];
 
     public void AddTo(Command command)
@@ -94,6 +96,7 @@ internal sealed class TargetOptions
         // recovery) must drop "create" from the recipe after that (see AddCommand).
         Put("create", r.GetValue(Create) ? "on" : null);
         Put("ignore-backing-mismatch", r.GetValue(IgnoreBackingMismatch) ? "on" : null);
+        Put("io", r.GetValue(Io));
         Put("uri", r.GetValue(Uri));
         Put("pool", r.GetValue(Pool));
         Put("image", r.GetValue(Image));

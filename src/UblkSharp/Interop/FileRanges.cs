@@ -9,9 +9,6 @@ internal static partial class FileRanges
     private const int SEEK_HOLE = 4;
     private const int POSIX_FADV_WILLNEED = 3;
 
-    [LibraryImport("libc", EntryPoint = "lseek", SetLastError = true)]
-    private static partial long lseek(int fd, long offset, int whence);
-
     [LibraryImport("libc", EntryPoint = "posix_fadvise")]
     private static partial int posix_fadvise(int fd, long offset, long length, int advice);
 
@@ -23,7 +20,7 @@ internal static partial class FileRanges
     public static long Run(int fd, long offset, long length, out bool hole)
     {
         hole = false;
-        var data = lseek(fd, offset, SEEK_DATA);
+        var data = Libc.lseek(fd, offset, SEEK_DATA);
         if (data < 0)
         {
             var errno = Marshal.GetLastPInvokeError();
@@ -40,7 +37,7 @@ internal static partial class FileRanges
             hole = true;
             return Math.Min(data - offset, length);
         }
-        var end = lseek(fd, offset, SEEK_HOLE);
+        var end = Libc.lseek(fd, offset, SEEK_HOLE);
         if (end < 0)
         {
             return -Marshal.GetLastPInvokeError();

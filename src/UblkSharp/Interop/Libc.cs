@@ -105,6 +105,24 @@ internal static unsafe partial class Libc
     [LibraryImport(Lib, EntryPoint = "futimens", SetLastError = true)]
     public static partial int futimens(int fd, void* times);
 
+    [LibraryImport(Lib, EntryPoint = "ftruncate", SetLastError = true)]
+    public static partial int ftruncate(int fd, long length);
+
+    [LibraryImport(Lib, EntryPoint = "lseek", SetLastError = true)]
+    public static partial long lseek(int fd, long offset, int whence);
+
+    [LibraryImport(Lib, EntryPoint = "fcntl", SetLastError = true)]
+    public static partial int fcntl(int fd, int cmd, void* arg);
+
+    /// <summary>Returns malloc'd memory (free it with NativeMemory.Free), or 0 with errno set.</summary>
+    [LibraryImport(Lib, EntryPoint = "realpath", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
+    public static partial nint realpath(string path, byte* resolved);
+
+    /// <summary>The size of a block device in bytes (ioctl; a u64).</summary>
+    public const ulong BLKGETSIZE64 = 0x80081272;
+    public const int SEEK_END = 2;
+    public const int F_OFD_SETLK = 37;
+
     public const int RWF_DSYNC = 0x2;
     public const long TMPFS_MAGIC = 0x01021994;
     public const long RAMFS_MAGIC = 0x858458f6;

@@ -12,7 +12,7 @@ namespace UblkSharp.Runtime;
 /// Backend IO goes on the same ring. Every request is committed exactly once, with its full
 /// length or an error; a short or retried backend step only ever resubmits the remainder.
 /// </summary>
-internal sealed unsafe class UblkQueue : IDisposable
+internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
 {
     // user_data: tag in bits 0-15, kind in bits 16-18.
     private const ulong KindCommand = 0;
@@ -20,6 +20,8 @@ internal sealed unsafe class UblkQueue : IDisposable
     private const ulong KindDelay = 2ul << 16;
     private const ulong KindIgnore = 3ul << 16;
     private const ulong KindNotify = 4ul << 16;
+    // A step of a backend that runs its own (RunsSteps); the step's number in bits 32-63.
+    private const ulong KindStep = 5ul << 16;
     private const ulong KindMask = 7ul << 16;
     private const int MaxRetries = 1000;
     private const int ReapBatch = 32;
@@ -45,6 +47,7 @@ internal sealed unsafe class UblkQueue : IDisposable
     private TagState[] _tags = [];
     private KernelTimespec* _delays;
     private UringBackend? _backend;
+    private bool _steps;
     private FaultInjector? _faults;
     private int _finishedTags;
     private int _backendInFlight;
@@ -198,6 +201,7 @@ internal sealed unsafe class UblkQueue : IDisposable
         _delays = (KernelTimespec*)NativeMemory.AllocZeroed((nuint)(_depth * sizeof(KernelTimespec)));
         _faults = (_target as FaultTarget)?.CreateInjector(_queueId);
         _completionFd = _backend?.CompletionFd ?? -1;
+        _steps = _backend?.RunsSteps ?? false;
         if (_completionFd >= 0)
         {
             _notifyBuffer = (ulong*)NativeMemory.AllocZeroed(sizeof(ulong));
@@ -249,6 +253,10 @@ internal sealed unsafe class UblkQueue : IDisposable
                         break;
                     case KindNotify:
                         OnNotification(cqe.res);
+                        break;
+                    case KindStep:
+                        _backendInFlight--;
+                        _backend!.OnStep(this, tag, (uint)(cqe.user_data >> 32), cqe.res);
                         break;
                     default:
                         _backendInFlight--;
@@ -432,6 +440,27 @@ internal sealed unsafe class UblkQueue : IDisposable
             }
             while (true);
         }
+        if (_steps)
+        {
+            do
+            {
+                int r;
+                try
+                {
+                    r = _backend!.Start(this, tag, new BackendRequest(t.Op, t.Flags, t.Offset + t.Done, t.Remaining, t.Buffer + t.Done));
+                }
+                catch (Exception e) when (e is not OutOfMemoryException)
+                {
+                    Console.Error.WriteLine($"ublksharp: queue {_queueId}: target failed to start {t.Op}: {e.Message}");
+                    r = -Errno.EIO;
+                }
+                if (r == UringBackend.Pending || !Progress(ref t, tag, r))
+                {
+                    return;
+                }
+            }
+            while (true);
+        }
         if (_backend is not null)
         {
             ref var sqe = ref _ring!.GetSqe();
@@ -567,6 +596,21 @@ internal sealed unsafe class UblkQueue : IDisposable
             Console.Error.WriteLine($"ublksharp: queue {_queueId}: {t.Op} of {t.Length} bytes at {t.Offset} failed: {Errno.Describe(result)}");
         }
         QueueCommand(UblkCommands.CommitAndFetchReq, tag, result);
+    }
+
+    ref Sqe IBackendRing.GetSqe(int tag, uint stepId, out ulong userData)
+    {
+        userData = KindStep | (ulong)tag | ((ulong)stepId << 32);
+        _backendInFlight++;
+        return ref _ring!.GetSqe();
+    }
+
+    void IBackendRing.Complete(int tag, int result)
+    {
+        if (Progress(ref _tags[tag], tag, result))
+        {
+            StartBackend(tag);
+        }
     }
 
     private void QueueCommand(uint op, int tag, int result)

@@ -14,7 +14,6 @@ namespace UblkSharp.Targets;
 /// </summary>
 public sealed unsafe class LoopTarget : BlockTarget, IUserCopyTarget
 {
-    private const ulong BLKGETSIZE64 = 0x80081272;
     private const int BounceAlignment = 4096;
     private const int PageShift = 12;
     // Above this the page bitmap (size / 32768 bytes) is not worth it: such files take the two-copy path.
@@ -41,7 +40,7 @@ public sealed unsafe class LoopTarget : BlockTarget, IUserCopyTarget
         _fd = Libc.OpenOrThrow(path, flags);
         _handle = new SafeFileHandle(_fd, ownsHandle: true);
         ulong bytes = 0;
-        if (Libc.ioctl(_fd, BLKGETSIZE64, &bytes) == 0)
+        if (Libc.ioctl(_fd, Libc.BLKGETSIZE64, &bytes) == 0)
         {
             IsBlockDevice = true;
         }
@@ -86,7 +85,7 @@ public sealed unsafe class LoopTarget : BlockTarget, IUserCopyTarget
     /// <summary>Whether ublk queues do this file's IO on their io_uring (else synchronously on the queue thread).</summary>
     public bool UsesRing { get; }
 
-    private static bool IsMemoryFileSystem(int fd)
+    internal static bool IsMemoryFileSystem(int fd)
     {
         var buf = stackalloc long[16]; // struct statfs: f_type first, 120 bytes on 64-bit Linux
         return Libc.fstatfs(fd, buf) == 0 && buf[0] is Libc.TMPFS_MAGIC or Libc.RAMFS_MAGIC;

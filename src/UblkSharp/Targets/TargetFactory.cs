@@ -127,6 +127,7 @@ public static class TargetFactory
                 BackingFile = backing,
                 IgnoreBackingMismatch = Flag(o, "ignore-backing-mismatch"),
                 ReadOnly = Flag(o, "read-only"),
+                Io = Io(o),
             });
         }
         catch (IOException e)
@@ -205,6 +206,15 @@ public static class TargetFactory
         }
         return v;
     }
+
+    /// <summary>"io": ring, sync or auto (the default).</summary>
+    private static LoopIo Io(IReadOnlyDictionary<string, string> o) => o.TryGetValue("io", out var v) ? v switch
+    {
+        "ring" => LoopIo.Ring,
+        "sync" => LoopIo.Sync,
+        "auto" or "" => LoopIo.Auto,
+        _ => throw new ArgumentException($"--io {v}: use ring, sync or auto"),
+    } : LoopIo.Auto;
 
     private static bool Flag(IReadOnlyDictionary<string, string> o, string key)
         => o.TryGetValue(key, out var v) && v is "on" or "true" or "1" or "yes";

@@ -34,6 +34,20 @@ public readonly unsafe struct BackendRequest
     public bool IsFua => (Flags & IoFlags.Fua) != 0;
 }
 
+/// <summary>The queue's ring as a backend that runs its own steps (<see cref="UringBackend.RunsSteps"/>) sees it. Queue thread only.</summary>
+public interface IBackendRing
+{
+    /// <summary>
+    /// A zeroed SQE for a step of <paramref name="tag"/>'s request: prepare it with
+    /// <paramref name="userData"/>, and its completion comes to <see cref="UringBackend.OnStep"/>
+    /// with <paramref name="stepId"/>. The queue keeps serving until every such SQE has completed.
+    /// </summary>
+    ref Sqe GetSqe(int tag, uint stepId, out ulong userData);
+
+    /// <summary>Ends the request <see cref="UringBackend.Start"/> left pending, with a result as Start's.</summary>
+    void Complete(int tag, int result);
+}
+
 /// <summary>
 /// The io_uring-native path of a target: it prepares one SQE per step of a request on the queue's
 /// own ring, beside the ublk commands, with no thread hop. The runtime submits it, reads the
@@ -72,6 +86,30 @@ public abstract class UringBackend : IDisposable
     /// The runtime calls it until it returns less than the span's length.
     /// </summary>
     public virtual int Reap(Span<int> tags, Span<int> results) => 0;
+
+    /// <summary><see cref="Start"/>'s answer when the request is under way.</summary>
+    public const int Pending = int.MinValue;
+
+    /// <summary>
+    /// Whether the backend runs each request in steps of its own on the ring (<see cref="Start"/>
+    /// and <see cref="OnStep"/>) rather than one SQE per request (<see cref="Prepare"/>): for a
+    /// target whose request touches several files or needs ordered metadata (the cow target: a read
+    /// split between two files, a flush that syncs, writes the bitmap and syncs again).
+    /// </summary>
+    public virtual bool RunsSteps => false;
+
+    /// <summary>
+    /// With <see cref="RunsSteps"/>: starts the request <paramref name="tag"/> holds, taking SQEs from
+    /// <paramref name="ring"/>. Returns <see cref="Pending"/> once it is under way (it then ends
+    /// with one <see cref="IBackendRing.Complete"/>), or its result at once (bytes done, 0, or a
+    /// negative errno), as a step's result is read: a short count has the remainder started again.
+    /// </summary>
+    public virtual int Start(IBackendRing ring, int tag, in BackendRequest request) => -Interop.Errno.EOPNOTSUPP;
+
+    /// <summary>With <see cref="RunsSteps"/>: the completion of an SQE taken with <see cref="IBackendRing.GetSqe"/>.</summary>
+    public virtual void OnStep(IBackendRing ring, int tag, uint stepId, int res)
+    {
+    }
 
     public void Dispose()
     {

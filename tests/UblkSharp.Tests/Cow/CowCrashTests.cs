@@ -1,5 +1,6 @@
 using System.Buffers.Binary;
 using UblkSharp.Interop;
+using UblkSharp.Interop.IoUring;
 using UblkSharp.Targets.Cow;
 
 namespace UblkSharp.Tests.Cow;
@@ -72,7 +73,7 @@ internal sealed class RecordingStorage : CowStorage
         }
     }
 
-    public override int Fallocate(FallocateModeBits mode, long offset, long length)
+    public override int Fallocate(FallocateMode mode, long offset, long length)
     {
         lock (_lock)
         {

@@ -19,6 +19,9 @@ public sealed record CowOpenOptions
     /// first). Zero writes them only on flush and close.
     /// </summary>
     public TimeSpan BitmapWriteback { get; init; } = TimeSpan.FromSeconds(1);
+
+    /// <summary>How ublk queues do the IO: on their io_uring (Auto, unless a file is on tmpfs or ramfs, where io_uring would punt every step to a worker thread), or synchronously.</summary>
+    public LoopIo Io { get; init; } = LoopIo.Auto;
 }
 
 /// <summary>The backing file's size or modification time is not what the COW header recorded.</summary>

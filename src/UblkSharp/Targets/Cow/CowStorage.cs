@@ -1,5 +1,6 @@
 using System.Runtime.InteropServices;
 using UblkSharp.Interop;
+using UblkSharp.Interop.IoUring;
 
 namespace UblkSharp.Targets.Cow;
 
@@ -21,9 +22,12 @@ internal abstract class CowStorage : IDisposable
     public abstract int Sync();
 
     /// <summary>fallocate(mode | KEEP_SIZE) over a range; -EOPNOTSUPP when the file system cannot.</summary>
-    public abstract int Fallocate(FallocateModeBits mode, long offset, long length);
+    public abstract int Fallocate(FallocateMode mode, long offset, long length);
 
     public abstract long Length { get; }
+
+    /// <summary>The file descriptor, for IO on a ring; -1 when there is none (a test's in-memory file).</summary>
+    public virtual int Fd => -1;
 
     public void Dispose()
     {
@@ -61,21 +65,11 @@ internal abstract class CowStorage : IDisposable
     }
 }
 
-[Flags]
-internal enum FallocateModeBits
-{
-    PunchHole = 0x02,
-    ZeroRange = 0x10,
-}
-
 /// <summary>A real file, by fd: pread, pwrite, fdatasync, fallocate.</summary>
-internal sealed unsafe partial class FileCowStorage : CowStorage
+internal sealed unsafe class FileCowStorage : CowStorage
 {
-    private const ulong BLKGETSIZE64 = 0x80081272;
-    private const int F_OFD_SETLK = 37;
     private const short F_RDLCK = 0;
     private const short F_WRLCK = 1;
-    private const int FALLOC_FL_KEEP_SIZE = 0x01;
     private int _fd;
 
     private FileCowStorage(int fd, string path, bool isBlockDevice)
@@ -88,6 +82,8 @@ internal sealed unsafe partial class FileCowStorage : CowStorage
     public string Path { get; }
 
     public bool IsBlockDevice { get; }
+
+    public override int Fd => _fd;
 
     /// <summary>
     /// Opens a file and takes an open-file-description lock on it: shared for reading, exclusive
@@ -117,7 +113,7 @@ internal sealed unsafe partial class FileCowStorage : CowStorage
                 // Some file systems (e.g. 9p) have no locks; working without one beats refusing.
             }
             ulong bytes = 0;
-            var isBlock = Libc.ioctl(fd, BLKGETSIZE64, &bytes) == 0;
+            var isBlock = Libc.ioctl(fd, Libc.BLKGETSIZE64, &bytes) == 0;
             return new FileCowStorage(fd, path, isBlock);
         }
         catch
@@ -133,7 +129,7 @@ internal sealed unsafe partial class FileCowStorage : CowStorage
         var flock = stackalloc byte[32];
         new Span<byte>(flock, 32).Clear();
         *(short*)flock = type;
-        if (fcntl(fd, F_OFD_SETLK, flock) == 0)
+        if (Libc.fcntl(fd, Libc.F_OFD_SETLK, flock) == 0)
         {
             errno = 0;
             return true;
@@ -147,11 +143,11 @@ internal sealed unsafe partial class FileCowStorage : CowStorage
         get
         {
             ulong bytes = 0;
-            if (IsBlockDevice && Libc.ioctl(_fd, BLKGETSIZE64, &bytes) == 0)
+            if (IsBlockDevice && Libc.ioctl(_fd, Libc.BLKGETSIZE64, &bytes) == 0)
             {
                 return (long)bytes;
             }
-            var off = lseek(_fd, 0, 2);
+            var off = Libc.lseek(_fd, 0, Libc.SEEK_END);
             return off < 0 ? throw new ErrnoException(Marshal.GetLastPInvokeError(), $"lseek {Path}") : off;
         }
     }
@@ -162,7 +158,7 @@ internal sealed unsafe partial class FileCowStorage : CowStorage
         {
             while (true)
             {
-                var n = pread(_fd, p, (nuint)buffer.Length, offset);
+                var n = Libc.pread(_fd, p, (nuint)buffer.Length, offset);
                 if (n >= 0)
                 {
                     return (int)n;
@@ -183,7 +179,7 @@ internal sealed unsafe partial class FileCowStorage : CowStorage
             var done = 0;
             while (done < data.Length)
             {
-                var n = pwrite(_fd, p + done, (nuint)(data.Length - done), offset + done);
+                var n = Libc.pwrite(_fd, p + done, (nuint)(data.Length - done), offset + done);
                 if (n < 0)
                 {
                     var e = Marshal.GetLastPInvokeError();
@@ -205,7 +201,7 @@ internal sealed unsafe partial class FileCowStorage : CowStorage
 
     public override int Sync()
     {
-        while (fdatasync(_fd) != 0)
+        while (Libc.fdatasync(_fd) != 0)
         {
             var e = Marshal.GetLastPInvokeError();
             if (e != Errno.EINTR)
@@ -216,13 +212,13 @@ internal sealed unsafe partial class FileCowStorage : CowStorage
         return 0;
     }
 
-    public override int Fallocate(FallocateModeBits mode, long offset, long length)
-        => Libc.fallocate(_fd, (int)mode | FALLOC_FL_KEEP_SIZE, offset, length) == 0 ? 0 : -Marshal.GetLastPInvokeError();
+    public override int Fallocate(FallocateMode mode, long offset, long length)
+        => Libc.fallocate(_fd, (int)(mode | FallocateMode.KeepSize), offset, length) == 0 ? 0 : -Marshal.GetLastPInvokeError();
 
     /// <summary>Sets the file's length (a new COW file is sparse up to the end of its data area).</summary>
     public void Truncate(long length)
     {
-        if (ftruncate(_fd, length) != 0)
+        if (Libc.ftruncate(_fd, length) != 0)
         {
             throw new ErrnoException(Marshal.GetLastPInvokeError(), $"ftruncate {Path}");
         }
@@ -247,7 +243,7 @@ internal sealed unsafe partial class FileCowStorage : CowStorage
         {
             return full;
         }
-        var real = realpath(dir, null);
+        var real = Libc.realpath(dir, null);
         if (real == 0)
         {
             throw new ErrnoException(Marshal.GetLastPInvokeError(), $"realpath {dir}");
@@ -266,25 +262,4 @@ internal sealed unsafe partial class FileCowStorage : CowStorage
     /// <summary>st_mtime in seconds, as UML's os_file_modtime() reports it.</summary>
     public static long ModificationTime(string path)
         => new DateTimeOffset(File.GetLastWriteTimeUtc(path)).ToUnixTimeSeconds();
-
-    [LibraryImport("libc", SetLastError = true)]
-    private static partial nint pread(int fd, byte* buf, nuint count, long offset);
-
-    [LibraryImport("libc", SetLastError = true)]
-    private static partial nint pwrite(int fd, byte* buf, nuint count, long offset);
-
-    [LibraryImport("libc", SetLastError = true)]
-    private static partial int fdatasync(int fd);
-
-    [LibraryImport("libc", SetLastError = true)]
-    private static partial int ftruncate(int fd, long length);
-
-    [LibraryImport("libc", SetLastError = true)]
-    private static partial long lseek(int fd, long offset, int whence);
-
-    [LibraryImport("libc", EntryPoint = "fcntl", SetLastError = true)]
-    private static partial int fcntl(int fd, int cmd, byte* arg);
-
-    [LibraryImport("libc", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
-    private static partial nint realpath(string path, byte* resolved);
 }

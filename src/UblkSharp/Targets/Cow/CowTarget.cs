@@ -1,5 +1,7 @@
 using System.Globalization;
+using System.Runtime.InteropServices;
 using UblkSharp.Interop;
+using UblkSharp.Interop.IoUring;
 
 namespace UblkSharp.Targets.Cow;
 
@@ -28,7 +30,7 @@ namespace UblkSharp.Targets.Cow;
 /// set its bits, so it reads as zeros.
 /// </para>
 /// </summary>
-public sealed class CowTarget : BlockTarget
+public sealed unsafe class CowTarget : BlockTarget
 {
     private const int PersistBatchPages = 256;
     private readonly CowStorage _cow;
@@ -37,12 +39,15 @@ public sealed class CowTarget : BlockTarget
     private readonly int _sectorShift;
     private readonly long _dataOffset;
     private readonly bool _readOnly;
-    private readonly Lock _persistLock = new();
+    // One persister at a time (a queue's ring, the writeback thread, a synchronous flush): two
+    // writing one bitmap page at once could land an older copy over a newer one.
+    private int _persisting;
     private readonly Dictionary<string, string> _recipe;
     private readonly Thread? _writeback;
     private readonly ManualResetEventSlim _stop = new();
-    private byte[]? _scratch;
+    private byte* _scratch;
     private int[]? _pageList;
+    private readonly bool _ring;
 
     // Write-like operations completed (data written and bits set in memory), and how many of the
     // first of them are known durable: a flush that finds its count already durable returns at once.
@@ -89,6 +94,12 @@ public sealed class CowTarget : BlockTarget
             ClearBitsPastEnd();
             _bitmap.MarkAllPersisted();
             Size = _bitmap.Sectors << _sectorShift;
+            _ring = _cow.Fd >= 0 && _backing.Fd >= 0 && options.Io switch
+            {
+                LoopIo.Ring => true,
+                LoopIo.Sync => false,
+                _ => !LoopTarget.IsMemoryFileSystem(_cow.Fd) && !LoopTarget.IsMemoryFileSystem(_backing.Fd),
+            };
             _recipe = new Dictionary<string, string> { ["file"] = OverlayPath };
             if (options.BackingFile is not null)
             {
@@ -101,6 +112,10 @@ public sealed class CowTarget : BlockTarget
             if (_readOnly)
             {
                 _recipe["read-only"] = "on";
+            }
+            if (options.Io != LoopIo.Auto)
+            {
+                _recipe["io"] = options.Io == LoopIo.Ring ? "ring" : "sync";
             }
             if (!_readOnly && options.BitmapWriteback > TimeSpan.Zero)
             {
@@ -152,6 +167,18 @@ public sealed class CowTarget : BlockTarget
     internal CowStorage BackingFile => _backing;
 
     internal long DataOffset => _dataOffset;
+
+    internal int SectorShift => _sectorShift;
+
+    /// <summary>Whether ublk queues do this overlay's IO on their io_uring (else synchronously on the queue thread).</summary>
+    public bool UsesRing => _ring;
+
+    /// <summary>
+    /// Each queue's ring runs reads (a step per run of sectors, from whichever file its bits say),
+    /// writes (the bits set once the data is written), discards and flushes (the same persist
+    /// order as <see cref="Flush"/>) with many requests in flight; see <see cref="CowUringBackend"/>.
+    /// </summary>
+    public override UringBackend? CreateUringBackend(int queueId) => _ring ? new CowUringBackend(this, _cow.Fd, _backing.Fd) : null;
 
     /// <summary>Whether sector <paramref name="sector"/> (of <see cref="CowHeader.SectorSize"/> bytes) is in the COW file.</summary>
     public bool IsInCow(long sector) => _bitmap.Test(sector);
@@ -341,10 +368,10 @@ public sealed class CowTarget : BlockTarget
         {
             return check;
         }
-        var r = _cow.Fallocate(mayUnmap ? FallocateModeBits.PunchHole : FallocateModeBits.ZeroRange, _dataOffset + offset, length);
+        var r = _cow.Fallocate(mayUnmap ? FallocateMode.PunchHole : FallocateMode.ZeroRange, _dataOffset + offset, length);
         if (r == -Errno.EOPNOTSUPP && !mayUnmap)
         {
-            r = _cow.Fallocate(FallocateModeBits.PunchHole, _dataOffset + offset, length);
+            r = _cow.Fallocate(FallocateMode.PunchHole, _dataOffset + offset, length);
         }
         if (r == -Errno.EOPNOTSUPP || r == -Errno.ENODEV)
         {
@@ -374,11 +401,54 @@ public sealed class CowTarget : BlockTarget
         return ((offset | length) & mask) != 0 ? -Errno.EINVAL : 0;
     }
 
-    private void Completed(long offset, long length)
+    /// <summary>A write-like operation's data is written: sets its bits (in memory) and counts it; returns the count.</summary>
+    internal long Completed(long offset, long length)
     {
         _bitmap.SetRange(offset >> _sectorShift, length >> _sectorShift);
-        Interlocked.Increment(ref _completed);
+        return Interlocked.Increment(ref _completed);
     }
+
+    /// <summary>Write-like operations completed so far (a flush covers these).</summary>
+    internal long CompletedCount => Volatile.Read(ref _completed);
+
+    internal bool IsDurable(long count) => Volatile.Read(ref _durable) >= count;
+
+    /// <summary>The first <paramref name="count"/> completed operations are durable (never moves back).</summary>
+    internal void MarkDurable(long count)
+    {
+        var d = Volatile.Read(ref _durable);
+        while (d < count)
+        {
+            var seen = Interlocked.CompareExchange(ref _durable, count, d);
+            if (seen == d)
+            {
+                return;
+            }
+            d = seen;
+        }
+    }
+
+    /// <summary>Takes the persist token without waiting; whoever holds it alone may take, copy and write bitmap pages.</summary>
+    internal bool TryBeginPersist() => Interlocked.CompareExchange(ref _persisting, 1, 0) == 0;
+
+    internal void EndPersist() => Volatile.Write(ref _persisting, 0);
+
+    private void BeginPersist()
+    {
+        // Held for a few syncs and writes at most: wait as a lock would, off the queue threads.
+        var spin = default(SpinWait);
+        while (!TryBeginPersist())
+        {
+            spin.SpinOnce();
+        }
+    }
+
+    /// <summary>Room for <see cref="PersistBatch"/> bitmap pages, and the page list; only the persist token's holder uses them.</summary>
+    internal byte* PersistScratch => _scratch != null ? _scratch : _scratch = (byte*)NativeMemory.AlignedAlloc(PersistBatchPages * CowBitmap.PageBytes, 4096);
+
+    internal int[] PersistPages => _pageList ??= new int[PersistBatchPages];
+
+    internal const int PersistBatch = PersistBatchPages;
 
     /// <summary>Makes every write that completed before the call durable, data and bitmap.</summary>
     public override int Flush()
@@ -388,9 +458,14 @@ public sealed class CowTarget : BlockTarget
             return 0;
         }
         var target = Volatile.Read(ref _completed);
-        lock (_persistLock)
+        if (IsDurable(target))
         {
-            if (Volatile.Read(ref _durable) >= target)
+            return 0;
+        }
+        BeginPersist();
+        try
+        {
+            if (IsDurable(target))
             {
                 return 0;
             }
@@ -405,8 +480,12 @@ public sealed class CowTarget : BlockTarget
             {
                 return r;
             }
-            Volatile.Write(ref _durable, covered);
+            MarkDurable(covered);
             return 0;
+        }
+        finally
+        {
+            EndPersist();
         }
     }
 
@@ -416,26 +495,26 @@ public sealed class CowTarget : BlockTarget
     /// </summary>
     private int PersistBitmapLocked()
     {
-        _scratch ??= GC.AllocateUninitializedArray<byte>(PersistBatchPages * CowBitmap.PageBytes);
-        _pageList ??= new int[PersistBatchPages];
+        var scratch = new Span<byte>(PersistScratch, PersistBatchPages * CowBitmap.PageBytes);
+        var pageList = PersistPages;
         // One pass over the dirty set, in batches: it takes every page dirtied before it began.
         var cursor = 0;
         while (cursor < _bitmap.DirtyWords)
         {
-            var n = _bitmap.TakeDirty(_pageList, ref cursor);
+            var n = _bitmap.TakeDirty(pageList, ref cursor);
             if (n == 0)
             {
                 continue;
             }
             for (var i = 0; i < n; i++)
             {
-                _bitmap.CopyPage(_pageList[i], _scratch.AsSpan(i * CowBitmap.PageBytes, CowBitmap.PageBytes));
+                _bitmap.CopyPage(pageList[i], scratch.Slice(i * CowBitmap.PageBytes, CowBitmap.PageBytes));
             }
             var r = _cow.Sync();
             for (var i = 0; i < n && r >= 0; i++)
             {
-                var page = _pageList[i];
-                var snapshot = _scratch.AsSpan(i * CowBitmap.PageBytes, CowBitmap.PageBytes);
+                var page = pageList[i];
+                var snapshot = scratch.Slice(i * CowBitmap.PageBytes, CowBitmap.PageBytes);
                 r = _cow.Write(snapshot[.._bitmap.PageLength(page)], Header.BitmapOffset + ((long)page * CowBitmap.PageBytes));
                 if (r >= 0)
                 {
@@ -446,7 +525,7 @@ public sealed class CowTarget : BlockTarget
             {
                 for (var i = 0; i < n; i++)
                 {
-                    _bitmap.MarkDirty(_pageList[i]);
+                    _bitmap.MarkDirty(pageList[i]);
                 }
                 return r;
             }
@@ -469,9 +548,18 @@ public sealed class CowTarget : BlockTarget
     /// <summary>One round of the periodic bitmap writeback (no final sync).</summary>
     internal int WriteBackBitmap()
     {
-        lock (_persistLock)
+        // A persist under way (a queue's flush) writes these pages anyway: skip the round.
+        if (!TryBeginPersist())
+        {
+            return 0;
+        }
+        try
         {
             return PersistBitmapLocked();
+        }
+        finally
+        {
+            EndPersist();
         }
     }
 
@@ -520,6 +608,11 @@ public sealed class CowTarget : BlockTarget
             _cow.Dispose();
             _backing.Dispose();
             _stop.Dispose();
+            if (_scratch != null)
+            {
+                NativeMemory.AlignedFree(_scratch);
+                _scratch = null;
+            }
             base.Dispose(disposing);
         }
     }
