@@ -228,7 +228,8 @@ public partial class AutoclearTests
         try
         {
             VmEnvironment.ShOk($"{mkfs} {image}");
-            var (code, output) = VmEnvironment.RunCli($"mount {image} {mnt}", TimeSpan.FromMinutes(2));
+            // Generous: two dotnet starts (the CLI and its daemon) take minutes on a loaded host under TCG.
+            var (code, output) = VmEnvironment.RunCli($"mount {image} {mnt}", TimeSpan.FromMinutes(6));
             Assert.True(code == 0, $"{fsType}: ublksharp mount exited {code}:\n{output}\n{CliDevices.DaemonLogs()}");
             var path = BlockPathRegex().Match(output).Value;
             Assert.True(path.Length > 0, $"{fsType}: ublksharp mount printed no device:\n{output}");

@@ -40,4 +40,13 @@ public class RbdFactoryTests
         // Generous for a loaded machine; without the timeout librados waits 300 s.
         Assert.True(sw.Elapsed < TimeSpan.FromSeconds(60), $"took {sw.Elapsed.TotalSeconds:F1} s");
     }
+
+    [Theory]
+    [InlineData("6.12.118", true)]
+    [InlineData("6.15.2", true)]
+    [InlineData("6.16.0", false)]
+    [InlineData("7.3.0", false)]
+    [InlineData("5.19.0", true)]
+    public void A_resize_names_6_16_as_the_first_kernel_that_can_grow_the_device(string kernel, bool before) =>
+        Assert.Equal(before, RbdTarget.KernelBefore616(Version.Parse(kernel)));
 }
