@@ -209,6 +209,66 @@ public partial class AutoclearTests
         }
     }
 
+    /// <summary>
+    /// `ublksharp mount` of each file system a user is likely to have in an image. btrfs is the
+    /// one that matters: its superblock's st_dev is anonymous (0:NN), so only the mount source in
+    /// mountinfo says that /dev/ublkbN is mounted; the device once outlived its umount.
+    /// </summary>
+    [Theory]
+    [InlineData("ext4", "mkfs.ext4 -q -F -E nodiscard", "e2fsck -fn")]
+    [InlineData("xfs", "mkfs.xfs -q -f -K", "xfs_repair -n -f")]
+    [InlineData("btrfs", "mkfs.btrfs -q -f -K", "btrfs check --readonly")]
+    public void CliMountOfEachFileSystemClearsOnUmount(string fsType, string mkfs, string fsck)
+    {
+        VmEnvironment.RequireDriver();
+        var image = $"/tmp/ublksharp-autoclear-{fsType}.img";
+        var mnt = $"/tmp/ublksharp-autoclear-{fsType}";
+        // 320 MiB (sparse): xfs refuses file systems under 300 MiB.
+        Lifecycle.CreateImage(image, 320 << 20);
+        Directory.CreateDirectory(mnt);
+        try
+        {
+            VmEnvironment.ShOk($"{mkfs} {image}");
+            // Generous: two dotnet starts (the CLI and its daemon) take minutes on a loaded host under TCG.
+            var (code, output) = VmEnvironment.RunCli($"mount {image} {mnt}", TimeSpan.FromMinutes(6));
+            Assert.True(code == 0, $"{fsType}: ublksharp mount exited {code}:\n{output}\n{CliDevices.DaemonLogs()}");
+            var path = BlockPathRegex().Match(output).Value;
+            Assert.True(path.Length > 0, $"{fsType}: ublksharp mount printed no device:\n{output}");
+            var line = File.ReadLines("/proc/self/mountinfo").FirstOrDefault(l => MountInfo.Parse(l)?.MountPoint == mnt);
+            Assert.True(line is not null, $"{fsType}: {mnt} is not in the mount table after ublksharp mount");
+            Assert.Equal(fsType, MountInfo.Parse(line)!.Value.FsType);
+            VmEnvironment.Log($"{fsType}: {line}");
+            var id = CliDevices.IdOf(path);
+            var pid = Lifecycle.DaemonPid(id);
+            var content = $"written through {path} on {fsType}\n";
+            File.WriteAllText(Path.Combine(mnt, "file.txt"), content);
+
+            var sw = Stopwatch.StartNew();
+            Lifecycle.Umount(mnt);
+            var gone = VmEnvironment.WaitFor(() => !VmEnvironment.DeviceIds().Contains(id) && !File.Exists(path) && !Processes.IsAlive(pid), TimeSpan.FromSeconds(60));
+            Assert.True(gone, $"{fsType}: 60 s after umount: device {id} exists: {VmEnvironment.DeviceIds().Contains(id)}, {path} exists: {File.Exists(path)}, " +
+                $"daemon {pid} alive: {Processes.IsAlive(pid)}\n{CliDevices.DaemonLogs()}");
+            VmEnvironment.Figure($"ublksharp mount of {fsType}: device {id} gone {Lifecycle.Seconds(sw.Elapsed)} after umount");
+
+            VmEnvironment.ShOk($"{fsck} {image}");
+            // The file reached the image: mounted again (by the kernel's loop driver, read-only), it is there.
+            VmEnvironment.ShOk($"mount -o loop,ro -t {fsType} {image} {mnt}");
+            try
+            {
+                Assert.Equal(content, File.ReadAllText(Path.Combine(mnt, "file.txt")));
+            }
+            finally
+            {
+                Lifecycle.Umount(mnt);
+            }
+        }
+        finally
+        {
+            Lifecycle.CleanUp(mnt);
+            File.Delete(image);
+        }
+    }
+
     [GeneratedRegex(@"/dev/ublkb\d+")]
     private static partial Regex BlockPathRegex();
 

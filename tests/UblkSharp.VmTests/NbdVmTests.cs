@@ -88,19 +88,37 @@ public class NbdVmTests
             var r = Fio.Verify(dev, "32M", TimeSpan.FromMinutes(6));
             Assert.True(r.ExitCode == 0 && r.Error == 0, r.ToString());
             // The server goes away for a second in the middle of a verify run: the nbd target
-            // reconnects and replays what was in flight, and fio sees no error.
+            // reconnects and replays what was in flight, and fio sees no error. The restart waits
+            // for this run's IO to reach the server (rather than for a fixed time), and the counts
+            // on both servers show that verify IO went to each, so the restart fell inside the run.
+            var first = server;
+            var baseline = first.RequestsServed;
+            const int Before = 200;
+            var fioDone = false;
+            long servedBefore = -1;
+            var fioRanPastRestart = false;
             var restart = new Thread(() =>
             {
-                Thread.Sleep(3000);
-                server.Dispose();
+                if (!Lifecycle.PollFor(() => Volatile.Read(ref fioDone) || first.RequestsServed - baseline >= Before, TimeSpan.FromMinutes(8)) || Volatile.Read(ref fioDone))
+                {
+                    return;
+                }
+                first.Dispose();
+                servedBefore = first.RequestsServed - baseline;
                 Thread.Sleep(1000);
                 server = NbdServer.Start(NbdAddress.Unix(socket), new NbdExport("disk", memory));
+                fioRanPastRestart = !Volatile.Read(ref fioDone);
             });
             restart.Start();
             r = Fio.Verify(dev, "48M", TimeSpan.FromMinutes(8));
+            Volatile.Write(ref fioDone, true);
             restart.Join();
+            var servedAfter = ReferenceEquals(server, first) ? 0 : server.RequestsServed;
+            VmEnvironment.Figure($"nbd target across a server restart: {servedBefore} requests served before it, {servedAfter} after; fio: {r.Summary}");
             Assert.True(r.ExitCode == 0 && r.Error == 0, r.ToString());
-            Assert.True(server.ConnectionsAccepted >= 1, "the nbd target never came back to the restarted server");
+            Assert.True(servedBefore >= Before, $"the verify run ended before the server had served {Before} of its requests ({first.RequestsServed - baseline}): the restart never happened");
+            Assert.True(fioRanPastRestart, "fio finished while the server was down: the restart was not inside the verify run");
+            Assert.True(servedAfter > 0, $"the restarted server served no request of the verify run ({server.ConnectionsAccepted} connections)");
             CliDevices.Del(CliDevices.IdOf(dev));
         }
         finally

@@ -93,7 +93,7 @@ public class RbdVmTests(GuestCephCluster cluster) : IClassFixture<GuestCephClust
                 $"no resize report in the daemon log:\n{CliDevices.DaemonLogs(since)}");
             if (VmEnvironment.Is612)
             {
-                Assert.Contains("needs UPDATE_SIZE (Linux 6.14 or later), and this kernel is 6.12", CliDevices.DaemonLogs(since), StringComparison.Ordinal);
+                Assert.Contains("needs UPDATE_SIZE (Linux 6.16 or later), and this kernel is 6.12", CliDevices.DaemonLogs(since), StringComparison.Ordinal);
                 Assert.Equal("268435456", VmEnvironment.ShOk($"blockdev --getsize64 {dev}").Trim());
             }
             CliDevices.Del(CliDevices.IdOf(dev));

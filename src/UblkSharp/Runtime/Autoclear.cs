@@ -18,7 +18,7 @@ public sealed unsafe class Autoclear
     public Autoclear(string blockPath)
     {
         _blockPath = blockPath;
-        // "259:3" from sysfs, as mountinfo writes it.
+        // "259:3" from sysfs, as mountinfo writes it (the st_dev of ext4 and xfs; btrfs has its own).
         _devNumber = File.ReadAllText($"/sys/class/block/{Path.GetFileName(blockPath)}/dev").Trim();
     }
 
@@ -54,19 +54,11 @@ public sealed unsafe class Autoclear
         }
     }
 
-    private bool IsMounted()
-    {
-        foreach (var line in File.ReadLines("/proc/self/mountinfo"))
-        {
-            // Field 3 is major:minor of the mounted device.
-            var parts = line.Split(' ', 4);
-            if (parts.Length > 3 && parts[2] == _devNumber)
-            {
-                return true;
-            }
-        }
-        return false;
-    }
+    private bool IsMounted() => IsMountedIn(File.ReadLines("/proc/self/mountinfo"), _blockPath, _devNumber);
+
+    /// <summary>Whether any line of a mountinfo table mounts the device (by its source or its major:minor).</summary>
+    internal static bool IsMountedIn(IEnumerable<string> mountinfo, string blockPath, string devNumber) =>
+        mountinfo.Any(line => MountInfo.Parse(line) is { } mount && mount.IsOf(blockPath, devNumber));
 
     /// <summary>
     /// Makes the device unreachable by path and waits (bounded) until no process holds it open.

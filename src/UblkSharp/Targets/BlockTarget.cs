@@ -24,6 +24,7 @@ public abstract unsafe class BlockTarget : IDisposable
 
     // Page-aligned, so that a target with an O_DIRECT backing file can write it as is. One per process.
     private static readonly byte* Zeros = AllocateZeros();
+    private int _disposed;
 
     /// <summary>Capacity in bytes; a multiple of <see cref="LogicalBlockSize"/>.</summary>
     public abstract long Size { get; }
@@ -140,8 +141,16 @@ public abstract unsafe class BlockTarget : IDisposable
     /// </summary>
     public virtual UringBackend? CreateUringBackend(int queueId) => null;
 
+    /// <summary>
+    /// Releases the target once: later calls do nothing, so no target's <see cref="Dispose(bool)"/>
+    /// runs twice (a second close or munmap could hit an fd number or mapping reused meanwhile).
+    /// </summary>
     public void Dispose()
     {
+        if (Interlocked.Exchange(ref _disposed, 1) != 0)
+        {
+            return;
+        }
         Dispose(true);
         GC.SuppressFinalize(this);
     }

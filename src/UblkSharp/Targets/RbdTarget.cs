@@ -228,16 +228,13 @@ public sealed unsafe class RbdTarget : BlockTarget
         var grown = (long)size > Size;
         Log($"rbd: the image {Name} was resized from {old} to {size} bytes; the device keeps its size of {Size} bytes"
             + (grown
-                ? ": growing a ublk device needs UPDATE_SIZE (Linux 6.14 or later)" + (KernelBefore614() ? $", and this kernel is {Environment.OSVersion.Version}" : "")
+                ? ": growing a ublk device needs UPDATE_SIZE (Linux 6.16 or later)" + (KernelBefore616(Environment.OSVersion.Version) ? $", and this kernel is {Environment.OSVersion.Version}" : "")
                 : (long)size < Size ? ": IO past the image's new end fails" : ""));
         Resized?.Invoke(old, (long)size);
     }
 
-    private static bool KernelBefore614()
-    {
-        var v = Environment.OSVersion.Version;
-        return v.Major < 6 || (v.Major == 6 && v.Minor < 14);
-    }
+    /// <summary>UBLK_U_CMD_UPDATE_SIZE came with Linux 6.16.</summary>
+    internal static bool KernelBefore616(Version v) => v.Major < 6 || (v.Major == 6 && v.Minor < 16);
 
     public override int Read(Span<byte> buffer, long offset)
     {

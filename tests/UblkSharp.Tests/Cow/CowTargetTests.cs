@@ -192,7 +192,7 @@ public class CowTargetTests
             using var t = new CowTarget(overlay, new CowOpenOptions { BitmapWriteback = TimeSpan.FromMilliseconds(50) });
             Assert.Equal(4096, t.Write(Pattern(4096, 3), 8192));
             var h = t.Header;
-            var deadline = DateTime.UtcNow.AddSeconds(10);
+            var deadline = DateTime.UtcNow.AddSeconds(60);
             byte first;
             do
             {

@@ -161,11 +161,13 @@ public class NbdBadInputTests
     public void AStalledHandshakeTimesOut()
     {
         using var s = new TestServer(new MemoryTarget(1 << 20), options: new NbdServerOptions { HandshakeTimeout = TimeSpan.FromMilliseconds(500) });
+        // The clock starts before connecting, so it can only run longer than the server's, which
+        // starts at accept: a client slow to read the greeting cannot make the timeout look early.
+        var clock = Stopwatch.StartNew();
         using var c = new RawNbd(s.SocketPath);
         c.ReadGreeting();
-        var clock = Stopwatch.StartNew();
-        Assert.True(c.IsClosedByServer(10_000));
-        Assert.InRange(clock.Elapsed, TimeSpan.FromMilliseconds(300), TimeSpan.FromSeconds(8));
+        Assert.True(c.IsClosedByServer(30_000));
+        Assert.InRange(clock.Elapsed, TimeSpan.FromMilliseconds(450), TimeSpan.FromSeconds(30));
         AssertStillServes(s);
     }
 
@@ -290,13 +292,18 @@ public class NbdBadInputTests
     [Fact]
     public void RepliesMayCompleteOutOfOrder()
     {
-        using var s = new TestServer(new SlowAtZeroTarget(1 << 20, TimeSpan.FromMilliseconds(400)), options: new NbdServerOptions { Execution = NbdExecution.Workers });
+        var slow = new SlowAtZeroTarget(1 << 20, TimeSpan.Zero);
+        using var s = new TestServer(slow, options: new NbdServerOptions { Execution = NbdExecution.Workers });
         using var c = new RawNbd(s.SocketPath).Connect(structured: true); // replies that describe themselves
-        c.Request(CmdRead, 1, 0, 4096);     // slow
+        // The slow read is held until the other two have been answered (or 5 s, when the server
+        // answers in order), so the order does not depend on how loaded the machine is.
+        slow.Gate.Reset();
+        c.Request(CmdRead, 1, 0, 4096);     // held
         c.Request(CmdRead, 2, 8192, 4096);  // fast
         c.Request(CmdWrite, 3, 16384, 4096, payload: new byte[4096]);
         var first = c.ReadAnyReply().Cookie;
         var second = c.ReadAnyReply().Cookie;
+        slow.Gate.Set();
         var third = c.ReadAnyReply().Cookie;
         Assert.Equal(1ul, third);
         Assert.Equal([2ul, 3ul], new[] { first, second }.Order());
@@ -305,7 +312,8 @@ public class NbdBadInputTests
     [Fact]
     public void AutoMovesASlowTargetToTheWorkers()
     {
-        using var s = new TestServer(new SlowAtZeroTarget(1 << 20, TimeSpan.FromMilliseconds(500)));
+        var slow = new SlowAtZeroTarget(1 << 20, TimeSpan.FromMilliseconds(500));
+        using var s = new TestServer(slow);
         using var c = new RawNbd(s.SocketPath).Connect(structured: true);
         // A few slow calls, one at a time: they run on the connection's thread and teach it the target is slow.
         for (ulong i = 1; i <= 4; i++)
@@ -313,10 +321,14 @@ public class NbdBadInputTests
             c.Request(CmdRead, i, 0, 4096);
             Assert.Equal(i, c.ReadAnyReply().Cookie);
         }
-        // Now a slow request no longer holds up the fast one behind it.
+        // Now a slow request no longer holds up the fast one behind it: it is held until the fast
+        // one is answered (or 5 s, when it blocks the connection), whatever the machine's load.
+        slow.Gate.Reset();
         c.Request(CmdRead, 10, 0, 4096);
         c.Request(CmdRead, 11, 8192, 4096);
-        Assert.Equal(11ul, c.ReadAnyReply().Cookie);
+        var first = c.ReadAnyReply().Cookie;
+        slow.Gate.Set();
+        Assert.Equal(11ul, first);
         Assert.Equal(10ul, c.ReadAnyReply().Cookie);
     }
 
@@ -509,10 +521,15 @@ public class NbdBadInputTests
 
     private static LoopTarget InteropLoop(out string path) => NbdInteropTests.LoopOn(out path, 4 << 20, [(1 << 20, 1 << 20)]);
 
-    /// <summary>Reads at offset 0 take a while; everything else is immediate.</summary>
+    /// <summary>
+    /// Reads at offset 0 take <c>delay</c>, and wait while <see cref="Gate"/> is closed (5 s at
+    /// most, so a server that waits on them cannot hang the test); everything else is immediate.
+    /// </summary>
     internal sealed class SlowAtZeroTarget(long size, TimeSpan delay) : BlockTarget
     {
         private readonly MemoryTarget _inner = new(size);
+
+        public ManualResetEventSlim Gate { get; } = new(true);
 
         public override long Size => _inner.Size;
 
@@ -523,6 +540,7 @@ public class NbdBadInputTests
             if (offset == 0)
             {
                 Thread.Sleep(delay);
+                Gate.Wait(TimeSpan.FromSeconds(5));
             }
             return _inner.Read(buffer, offset);
         }
@@ -531,6 +549,7 @@ public class NbdBadInputTests
 
         protected override void Dispose(bool disposing)
         {
+            Gate.Set();
             _inner.Dispose();
             base.Dispose(disposing);
         }

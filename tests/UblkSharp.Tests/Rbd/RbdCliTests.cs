@@ -68,7 +68,7 @@ public class RbdCliTests(CephCluster cluster)
         var sw = Stopwatch.StartNew();
         var stderr = AssertFails($"--pool rbd --image x --conf {conf} --timeout 3", "cannot connect to the Ceph cluster", conf: false);
         Assert.Contains("no monitor answered within 3 s", stderr, StringComparison.Ordinal);
-        Assert.True(sw.Elapsed < TimeSpan.FromSeconds(40), $"took {sw.Elapsed.TotalSeconds:F0} s");
+        Assert.True(sw.Elapsed < TimeSpan.FromSeconds(90), $"took {sw.Elapsed.TotalSeconds:F0} s"); // a dotnet start on a loaded machine plus 3 s; librados alone would wait 300 s
     }
 
     [Fact]

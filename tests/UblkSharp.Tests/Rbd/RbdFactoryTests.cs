@@ -18,6 +18,35 @@ public class RbdFactoryTests
         Assert.Equal(message, e.Message);
     }
 
+    /// <summary>
+    /// The factory builds the rbd target for real (it reaches librados), and a cluster whose
+    /// monitor does not answer is a clear error within about --timeout, not a hang. The monitor
+    /// address is a closed loopback port.
+    /// </summary>
     [Fact]
-    public void Rbd_is_a_known_kind() => Assert.Contains("rbd", TargetFactory.Kinds);
+    public void Rbd_kind_reaches_librados_and_an_unreachable_cluster_fails_within_the_timeout()
+    {
+        using var conf = new TempFile();
+        File.WriteAllText(conf.Path, "[global]\nmon_host = 127.0.0.1:1\n");
+        var sw = System.Diagnostics.Stopwatch.StartNew();
+        var e = Assert.Throws<IOException>(() => TargetFactory.Create("rbd", new Dictionary<string, string>
+        {
+            ["pool"] = "rbd",
+            ["image"] = "x",
+            ["conf"] = conf.Path,
+            ["timeout"] = "2",
+        }).Dispose());
+        Assert.StartsWith($"cannot connect to the Ceph cluster of {conf.Path} as client.admin: ", e.Message, StringComparison.Ordinal);
+        // Generous for a loaded machine; without the timeout librados waits 300 s.
+        Assert.True(sw.Elapsed < TimeSpan.FromSeconds(60), $"took {sw.Elapsed.TotalSeconds:F1} s");
+    }
+
+    [Theory]
+    [InlineData("6.12.118", true)]
+    [InlineData("6.15.2", true)]
+    [InlineData("6.16.0", false)]
+    [InlineData("7.3.0", false)]
+    [InlineData("5.19.0", true)]
+    public void A_resize_names_6_16_as_the_first_kernel_that_can_grow_the_device(string kernel, bool before) =>
+        Assert.Equal(before, RbdTarget.KernelBefore616(Version.Parse(kernel)));
 }

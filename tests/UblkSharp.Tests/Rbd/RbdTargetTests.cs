@@ -144,7 +144,7 @@ public class RbdTargetTests(CephCluster cluster)
         Assert.Equal(16L * MiB, t.Size);
         var report = Assert.Single(messages);
         Assert.Contains("resized from 16777216 to 33554432 bytes", report, StringComparison.Ordinal);
-        Assert.Contains("6.14", report, StringComparison.Ordinal);
+        Assert.Contains("6.16", report, StringComparison.Ordinal);
         // IO inside the old size still works after the resize.
         Assert.Equal(4096, t.Write(LoopTargetTests.Pattern(4096, 13), 16 * MiB - 4096));
     }

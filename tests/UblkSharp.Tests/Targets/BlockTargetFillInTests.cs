@@ -327,11 +327,30 @@ public class BlockTargetFillInTests
         Assert.Equal(["write"], t.Calls);
     }
 
-    [Fact]
-    public void DisposeIsIdempotentForTheBase()
+    private sealed class CountingDisposeTarget : BlockTarget
     {
-        var t = new ReadOnlyTarget();
+        public int Disposals;
+
+        public override long Size => 1 << 20;
+
+        public override string Kind => "counting";
+
+        public override int Read(Span<byte> buffer, long offset) => buffer.Length;
+
+        protected override void Dispose(bool disposing)
+        {
+            Disposals++;
+            base.Dispose(disposing);
+        }
+    }
+
+    [Fact]
+    public void DisposeReleasesATargetOnce()
+    {
+        var t = new CountingDisposeTarget();
         t.Dispose();
         t.Dispose();
+        ((IDisposable)t).Dispose();
+        Assert.Equal(1, t.Disposals);
     }
 }
