@@ -1,6 +1,6 @@
 using System.Net.Sockets;
 using UblkSharp.Interop;
-using UblkSharp.Nbd;
+using UblkSharp.Nbd.Protocol;
 
 namespace UblkSharp.Targets;
 

@@ -1,5 +1,7 @@
 using System.Globalization;
 
+using UblkSharp.Nbd.Protocol;
+
 namespace UblkSharp.Targets;
 
 /// <summary>
@@ -34,7 +36,7 @@ public static class TargetFactory
             throw new ArgumentException("the nbd target needs --uri nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH");
         }
         // Parsing throws ArgumentException; a server that cannot be reached, IOException naming it.
-        return new NbdTarget(Nbd.NbdUri.Parse(uri));
+        return new NbdTarget(NbdUri.Parse(uri));
     }
 
     /// <summary>

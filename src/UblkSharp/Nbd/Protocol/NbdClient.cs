@@ -2,9 +2,9 @@ using System.Buffers.Binary;
 using System.Net;
 using System.Net.Sockets;
 using System.Text;
-using static UblkSharp.Nbd.NbdProtocol;
+using static UblkSharp.Nbd.Protocol.NbdProtocol;
 
-namespace UblkSharp.Nbd;
+namespace UblkSharp.Nbd.Protocol;
 
 /// <summary>A server's refusal during the handshake (unknown export, TLS required, ...).</summary>
 public sealed class NbdHandshakeException(string message) : IOException(message);
