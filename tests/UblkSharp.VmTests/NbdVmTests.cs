@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using UblkSharp.Interop;
 using UblkSharp.Nbd;
+using UblkSharp.Nbd.Protocol;
 using UblkSharp.Targets;
 
 namespace UblkSharp.VmTests;

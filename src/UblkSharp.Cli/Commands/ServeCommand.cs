@@ -1,6 +1,7 @@
 using System.CommandLine;
 using System.Runtime.InteropServices;
 using UblkSharp.Nbd;
+using UblkSharp.Nbd.Protocol;
 using UblkSharp.Runtime;
 using UblkSharp.Targets;
 

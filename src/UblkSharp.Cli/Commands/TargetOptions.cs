@@ -54,7 +54,7 @@ internal sealed class TargetOptions
 
     public Option<string?> Snap { get; } = new("--snap") { Description = "rbd: serve this snapshot of the image (read-only)" };
 
-    public Option<string?> Timeout { get; } = new("--timeout") { Description = "rbd: seconds connecting or one IO may wait for the cluster before failing (default 30)" };
+    public Option<string?> Timeout { get; } = new("--timeout") { Description = "rbd, nbd: seconds connecting or one IO may wait for the cluster or server before failing with EIO (default 30)" };
 
     public IEnumerable<Option> All =>
         [Type, File, Size, DirectIo, ReadOnly, Base, Seed, ShortIo, Again, Eio, Delay, DelayMs, Backing, Create, IgnoreBackingMismatch, Io, Uri,

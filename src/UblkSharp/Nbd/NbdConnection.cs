@@ -4,8 +4,9 @@ using System.Diagnostics;
 using System.Net.Sockets;
 using System.Text;
 using UblkSharp.Interop;
+using UblkSharp.Nbd.Protocol;
 using UblkSharp.Targets;
-using static UblkSharp.Nbd.NbdProtocol;
+using static UblkSharp.Nbd.Protocol.NbdProtocol;
 
 namespace UblkSharp.Nbd;
 

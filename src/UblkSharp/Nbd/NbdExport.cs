@@ -1,4 +1,5 @@
 using System.Text;
+using UblkSharp.Nbd.Protocol;
 using UblkSharp.Targets;
 
 namespace UblkSharp.Nbd;

@@ -1,7 +1,8 @@
 using System.Buffers.Binary;
 using System.Net.Sockets;
 using System.Text;
-using static UblkSharp.Nbd.NbdProtocol;
+using UblkSharp.Nbd.Protocol;
+using static UblkSharp.Nbd.Protocol.NbdProtocol;
 
 namespace UblkSharp.Nbd;
 

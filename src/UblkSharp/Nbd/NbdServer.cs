@@ -1,6 +1,8 @@
 using System.Net;
 using System.Net.Sockets;
 
+using UblkSharp.Nbd.Protocol;
+
 namespace UblkSharp.Nbd;
 
 /// <summary>

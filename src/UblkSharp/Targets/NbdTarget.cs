@@ -1,6 +1,6 @@
 using System.Net.Sockets;
 using UblkSharp.Interop;
-using UblkSharp.Nbd;
+using UblkSharp.Nbd.Protocol;
 
 namespace UblkSharp.Targets;
 
@@ -13,17 +13,19 @@ public sealed record NbdTargetOptions
     public TimeSpan ConnectTimeout { get; init; } = TimeSpan.FromSeconds(10);
 
     /// <summary>
-    /// How long one request keeps reconnecting and retrying after the connection breaks before it
-    /// fails with EIO. Once a request has given up, later ones try once each until one gets through.
+    /// The longest one request may take, its reconnects and retries included: every send and
+    /// receive is bounded by what is left of it, so a server that stops answering (even one that
+    /// vanished without closing the connection) fails the request with EIO instead of hanging the
+    /// device. Once a request has given up, later ones try once each until one gets through.
     /// </summary>
-    public TimeSpan RetryTimeout { get; init; } = TimeSpan.FromSeconds(30);
+    public TimeSpan Timeout { get; init; } = TimeSpan.FromSeconds(30);
 }
 
 /// <summary>
 /// A remote NBD export as a target (like ublksrv's nbd target): each call takes a connection from
 /// a small pool, so a multi-queue device (or several NBD clients of our own server) drives several
 /// connections at once. A broken connection is dropped and the request retried on a new one, with
-/// backoff, for up to <see cref="NbdTargetOptions.RetryTimeout"/>: NBD requests are idempotent, so
+/// backoff, for up to <see cref="NbdTargetOptions.Timeout"/> in all: NBD requests are idempotent, so
 /// replaying one whose reply was lost is safe. Requests larger than the server's maximum are
 /// served in parts (short counts, which callers continue).
 /// </summary>
@@ -50,8 +52,12 @@ public sealed class NbdTarget : BlockTarget
         {
             throw new ArgumentOutOfRangeException(nameof(options), "an nbd target needs at least one connection");
         }
+        if (_options.Timeout <= TimeSpan.Zero)
+        {
+            throw new ArgumentOutOfRangeException(nameof(options), "an nbd target's timeout must be positive");
+        }
         Uri = uri;
-        var first = NbdClient.Connect(uri, _options.ConnectTimeout);
+        var first = NbdClient.Connect(uri, _options.ConnectTimeout, _options.Timeout);
         _remoteSize = first.Size;
         _flags = first.Flags;
         _maxPayload = Math.Max(first.MaximumPayload, 4096);
@@ -75,7 +81,11 @@ public sealed class NbdTarget : BlockTarget
 
     public override string Kind => "nbd";
 
-    public override IReadOnlyDictionary<string, string> Recipe => new Dictionary<string, string> { ["uri"] = Uri.Text };
+    public override IReadOnlyDictionary<string, string> Recipe => new Dictionary<string, string>
+    {
+        ["uri"] = Uri.Text,
+        ["timeout"] = ((int)Math.Ceiling(_options.Timeout.TotalSeconds)).ToString(System.Globalization.CultureInfo.InvariantCulture),
+    };
 
     /// <summary>The server's minimum block size (1 if it gave none).</summary>
     public int MinimumBlockSize { get; }
@@ -183,14 +193,22 @@ public sealed class NbdTarget : BlockTarget
     private int Call(Op op, Span<byte> readBuffer, ReadOnlySpan<byte> writeData, long offset, uint length, bool fua)
     {
         // After a request has given up, the next ones try once each until the server is back.
-        var deadline = Environment.TickCount64 + (_down ? 0 : (long)_options.RetryTimeout.TotalMilliseconds);
+        var start = Environment.TickCount64;
+        var timeoutMs = (long)_options.Timeout.TotalMilliseconds;
+        var deadline = start + (_down ? 0 : timeoutMs);
         var backoff = 50;
+        var first = true;
         while (true)
         {
             NbdClient? client = null;
             try
             {
-                client = Acquire();
+                // A first attempt gets the whole timeout; a retry only what is left of it (at least
+                // 100 ms, for the one try a request makes while the server is down).
+                var left = first ? _options.Timeout : TimeSpan.FromMilliseconds(Math.Max(100, start + timeoutMs - Environment.TickCount64));
+                first = false;
+                client = Acquire(left);
+                client.IoTimeout = left;
                 var r = op switch
                 {
                     Op.Read => client.Read(readBuffer, offset),
@@ -233,7 +251,7 @@ public sealed class NbdTarget : BlockTarget
         }
     }
 
-    private NbdClient Acquire()
+    private NbdClient Acquire(TimeSpan left)
     {
         lock (_lock)
         {
@@ -254,7 +272,7 @@ public sealed class NbdTarget : BlockTarget
         }
         try
         {
-            var client = NbdClient.Connect(Uri, _options.ConnectTimeout);
+            var client = NbdClient.Connect(Uri, left < _options.ConnectTimeout ? left : _options.ConnectTimeout, left);
             if (client.Size != _remoteSize)
             {
                 client.Dispose();

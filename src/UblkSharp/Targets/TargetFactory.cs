@@ -1,5 +1,7 @@
 using System.Globalization;
 
+using UblkSharp.Nbd.Protocol;
+
 namespace UblkSharp.Targets;
 
 /// <summary>
@@ -33,8 +35,13 @@ public static class TargetFactory
         {
             throw new ArgumentException("the nbd target needs --uri nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH");
         }
+        var timeout = Number(o, "timeout", 30);
+        if (timeout < 1)
+        {
+            throw new ArgumentException("bad --timeout '0': give at least 1 second");
+        }
         // Parsing throws ArgumentException; a server that cannot be reached, IOException naming it.
-        return new NbdTarget(Nbd.NbdUri.Parse(uri));
+        return new NbdTarget(NbdUri.Parse(uri), new NbdTargetOptions { Timeout = TimeSpan.FromSeconds(timeout) });
     }
 
     /// <summary>

@@ -1,4 +1,4 @@
-using UblkSharp.Nbd;
+using UblkSharp.Nbd.Protocol;
 using UblkSharp.Targets;
 using UblkSharp.Targets.Cow;
 using UblkSharp.Tests.Nbd;

@@ -3,7 +3,7 @@ using System.Diagnostics;
 using System.Text;
 using UblkSharp.Nbd;
 using UblkSharp.Targets;
-using static UblkSharp.Nbd.NbdProtocol;
+using static UblkSharp.Nbd.Protocol.NbdProtocol;
 
 namespace UblkSharp.Tests.Nbd;
 

@@ -4,7 +4,7 @@ using System.Net.Sockets;
 using System.Text;
 using UblkSharp.Nbd;
 using UblkSharp.Targets;
-using static UblkSharp.Nbd.NbdProtocol;
+using static UblkSharp.Nbd.Protocol.NbdProtocol;
 
 namespace UblkSharp.Tests.Nbd;
 

@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using UblkSharp.Interop;
 using UblkSharp.Nbd;
+using UblkSharp.Nbd.Protocol;
 using UblkSharp.Targets;
 
 namespace UblkSharp.Tests.Nbd;
@@ -71,7 +72,7 @@ public class NbdTargetTests
         using var memory = new MemoryTarget(8 << 20);
         using var server = new TestServer(memory, ownsTarget: false);
         var path = server.SocketPath;
-        using var target = new NbdTarget(NbdUri.Unix(path), new NbdTargetOptions { RetryTimeout = TimeSpan.FromSeconds(20) });
+        using var target = new NbdTarget(NbdUri.Unix(path), new NbdTargetOptions { Timeout = TimeSpan.FromSeconds(20) });
         var data = Enumerable.Repeat((byte)0x77, 4096).ToArray();
         Assert.Equal(4096, target.Write(data, 0));
         // The server goes away and comes back 700 ms later on the same socket.
@@ -92,7 +93,7 @@ public class NbdTargetTests
         var memory = new MemoryTarget(8 << 20);
         var server = new TestServer(memory);
         // A bound of 4 s, so that "waited for the bound" and "failed fast" stay seconds apart on a loaded machine.
-        using var target = new NbdTarget(NbdUri.Unix(server.SocketPath), new NbdTargetOptions { RetryTimeout = TimeSpan.FromSeconds(4) });
+        using var target = new NbdTarget(NbdUri.Unix(server.SocketPath), new NbdTargetOptions { Timeout = TimeSpan.FromSeconds(4) });
         server.Dispose();
         var buffer = new byte[4096];
         var clock = Stopwatch.StartNew();
@@ -101,6 +102,58 @@ public class NbdTargetTests
         clock.Restart();
         Assert.Equal(-Errno.EIO, target.Write(buffer, 0));
         Assert.True(clock.Elapsed < TimeSpan.FromSeconds(2), $"the second failure took {clock.Elapsed}");
+    }
+
+    [Fact]
+    public async Task ASilentUpstreamFailsRequestsWithinTheTimeoutAndTheTargetRecovers()
+    {
+        // The reviewer's case: the peer vanished without a RST. Before the socket timeouts, a read
+        // blocked in recv for good (8 minutes and counting in the VM).
+        using var memory = new MemoryTarget(8 << 20);
+        using var server = new TestServer(memory, "disk", ownsTarget: false);
+        using var proxy = SilentProxy.ToUnix(server.SocketPath);
+        var target = new NbdTarget(NbdUri.Parse(proxy.Uri("disk")), new NbdTargetOptions { Timeout = TimeSpan.FromSeconds(2) });
+        var data = Enumerable.Repeat((byte)0x5a, 4096).ToArray();
+        Assert.Equal(4096, target.Write(data, 0));
+        Assert.Equal("2", target.Recipe["timeout"]);
+
+        proxy.Forwarding = false;
+        var buffer = new byte[4096];
+        var clock = Stopwatch.StartNew();
+        var ct = TestContext.Current.CancellationToken;
+        // Generous for a loaded box, but far from "forever": the bound is 2 s (WaitAsync throws
+        // TimeoutException past it).
+        var read = await Task.Run(() => target.Read(buffer, 0), ct).WaitAsync(TimeSpan.FromSeconds(30), ct);
+        Assert.Equal(-Errno.EIO, read);
+        Assert.InRange(clock.Elapsed, TimeSpan.FromSeconds(1.5), TimeSpan.FromSeconds(30));
+        // A request arriving while the server is still silent also fails within the bound.
+        clock.Restart();
+        var write = await Task.Run(() => target.Write(data, 4096), ct).WaitAsync(TimeSpan.FromSeconds(30), ct);
+        Assert.Equal(-Errno.EIO, write);
+
+        // The upstream answers again: the next request reconnects and gets through.
+        proxy.Forwarding = true;
+        var accepted = proxy.Accepted;
+        Assert.Equal(4096, target.Read(buffer, 0));
+        Assert.Equal(data, buffer);
+        Assert.True(proxy.Accepted > accepted, "the target did not reconnect");
+        Assert.True(target.Reconnects >= 1);
+
+        // Disposing (the `del` analogue) does not wait on a silent upstream either.
+        proxy.Forwarding = false;
+        var stuck = Task.Run(() => target.Read(buffer, 0), ct);
+        target.Dispose();
+        Assert.Equal(-Errno.EIO, await stuck.WaitAsync(TimeSpan.FromSeconds(30), ct));
+    }
+
+    [Fact]
+    public void TheFactoryTakesATimeout()
+    {
+        using var s = new TestServer(new MemoryTarget(1 << 20), "disk");
+        using var target = (NbdTarget)TargetFactory.Create("nbd", new Dictionary<string, string> { ["uri"] = s.Uri, ["timeout"] = "7" });
+        Assert.Equal("7", target.Recipe["timeout"]);
+        var e = Assert.Throws<ArgumentException>(() => TargetFactory.Create("nbd", new Dictionary<string, string> { ["uri"] = s.Uri, ["timeout"] = "0" }));
+        Assert.Contains("--timeout", e.Message, StringComparison.Ordinal);
     }
 
     [Fact]

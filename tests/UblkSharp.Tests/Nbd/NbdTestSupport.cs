@@ -3,8 +3,9 @@ using System.Diagnostics;
 using System.Net.Sockets;
 using System.Text;
 using UblkSharp.Nbd;
+using UblkSharp.Nbd.Protocol;
 using UblkSharp.Targets;
-using static UblkSharp.Nbd.NbdProtocol;
+using static UblkSharp.Nbd.Protocol.NbdProtocol;
 
 namespace UblkSharp.Tests.Nbd;
 

@@ -2,7 +2,7 @@ using System.Globalization;
 using System.Net;
 using System.Net.Sockets;
 
-namespace UblkSharp.Nbd;
+namespace UblkSharp.Nbd.Protocol;
 
 /// <summary>
 /// Where an NBD server listens or a client connects: a TCP host and port, or a Unix socket path.

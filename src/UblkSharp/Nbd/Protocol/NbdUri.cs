@@ -1,4 +1,4 @@
-namespace UblkSharp.Nbd;
+namespace UblkSharp.Nbd.Protocol;
 
 /// <summary>
 /// An NBD URI as the NBD URI spec (and libnbd, qemu) write them: <c>nbd://HOST[:PORT]/[EXPORT]</c>

@@ -1,6 +1,6 @@
 using UblkSharp.Interop;
 
-namespace UblkSharp.Nbd;
+namespace UblkSharp.Nbd.Protocol;
 
 /// <summary>
 /// The NBD wire protocol's numbers (NetworkBlockDevice/nbd doc/proto.md): fixed newstyle

@@ -1,6 +1,6 @@
 using System.Net.Sockets;
 
-namespace UblkSharp.Nbd;
+namespace UblkSharp.Nbd.Protocol;
 
 /// <summary>Blocking socket reads and writes of whole messages.</summary>
 internal static class SocketIo
