@@ -75,16 +75,26 @@ internal static class ServeCommand
     private static int Serve(string kind, Dictionary<string, string> recipe, NbdAddress address, string exportName, string? description,
         bool readOnly, NbdServerOptions serverOptions, DeviceOptions? deviceOptions)
     {
-        using var target = TargetFactory.Create(kind, recipe);
-        var export = new NbdExport(exportName, target, readOnly, description);
-        if (deviceOptions is not null)
+        var target = TargetFactory.Create(kind, recipe);
+        NbdServer server;
+        NbdExport export;
+        try
         {
-            Preflight.RequireRootAndDriver();
+            export = new NbdExport(exportName, target, readOnly, description);
+            if (deviceOptions is not null)
+            {
+                Preflight.RequireRootAndDriver();
+            }
+            server = NbdServer.Start(address, export, serverOptions);
+        }
+        catch
+        {
+            target.Dispose(); // nothing has used it yet
+            throw;
         }
         using var stop = new ManualResetEventSlim();
         using var term = PosixSignalRegistration.Create(PosixSignal.SIGTERM, c => { c.Cancel = true; stop.Set(); });
         using var intr = PosixSignalRegistration.Create(PosixSignal.SIGINT, c => { c.Cancel = true; stop.Set(); });
-        var server = NbdServer.Start(address, export, serverOptions);
         UblkDevice? device = null;
         try
         {
@@ -106,11 +116,30 @@ internal static class ServeCommand
         {
             // Connections finish what they have in flight before the device and the target go.
             server.Dispose();
-            if (device is not null)
+            var queuesEnded = true;
+            try
             {
-                var id = device.Id;
-                device.Dispose();
-                DeviceRecord.Remove(id);
+                if (device is not null)
+                {
+                    var id = device.Id;
+                    queuesEnded = false;
+                    device.Dispose();
+                    queuesEnded = true;
+                    DeviceRecord.Remove(id);
+                }
+            }
+            finally
+            {
+                // The target is closed only when no thread can be inside it: a mem target unmapped
+                // under a live copy would take the process down. Else it is left to the process's end.
+                if (!queuesEnded)
+                {
+                    Console.Error.WriteLine("ublksharp: the device's queues did not end; the target is left open");
+                }
+                else if (!server.ReleaseWhenIdle(target))
+                {
+                    Console.Error.WriteLine("ublksharp: an NBD connection is still inside the target; it is closed once that call returns");
+                }
             }
         }
         Console.Error.WriteLine($"ublksharp: stopped; {server.ConnectionsAccepted} connections, {server.RequestsServed} requests served, {server.RequestsRefused} refused");

@@ -24,7 +24,6 @@ internal sealed class NbdConnection : IDisposable
     // A refused WRITE's payload is read and dropped up to this size; beyond it the client is cut off.
     private const uint SkipLimit = 2u * NbdExport.MaxPayload;
     private const int MaxDescriptors = 1024;
-    private const int MaxRetries = 1000;
     private const uint BaseAllocationId = 1;
     private const int InlineMaxLength = 1 << 20;
     // Replies of requests run inline go out once this much payload has been handled since the
@@ -47,7 +46,7 @@ internal sealed class NbdConnection : IDisposable
     private NbdExport _export = null!;
     private BlockTarget _target = null!;
     private NbdReplyWriter? _writer;
-    private FaultInjector? _faults;
+    private ResultFilter? _filter;
     private byte[] _in = [];
     private int _start;
     private int _end;
@@ -157,10 +156,7 @@ internal sealed class NbdConnection : IDisposable
     {
         _export = session.Export;
         _target = _export.Target;
-        if (_target is FaultTarget fault)
-        {
-            _faults = fault.CreateInjector((int)(Id & 0x7fffffff));
-        }
+        _filter = _target.CreateResultFilter((int)(Id & 0x7fffffff));
         _in = ArrayPool<byte>.Shared.Rent(InputSize);
         _writer = new NbdReplyWriter(_socket);
         while (!_closing && !_writer.Failed)
@@ -259,9 +255,10 @@ internal sealed class NbdConnection : IDisposable
                 Execute(request);
                 FlushAfterInline(length);
             }
-            else
+            else if (!_server.Workers.TryEnqueue(request))
             {
-                _server.Workers.Enqueue(request);
+                // The server is stopping and its workers are gone: run it here rather than lose it.
+                Execute(request);
             }
         }
     }
@@ -380,12 +377,12 @@ internal sealed class NbdConnection : IDisposable
         var payload = 0;
         try
         {
-            if (_faults is not null)
+            if (_filter is not null)
             {
                 TimeSpan delay;
-                lock (_faults)
+                lock (_filter)
                 {
-                    delay = _faults.DrawDelay();
+                    delay = _filter.DrawDelay();
                 }
                 if (delay > TimeSpan.Zero)
                 {
@@ -444,61 +441,35 @@ internal sealed class NbdConnection : IDisposable
         return r;
     }
 
+    // Short steps, EAGAIN and EINTR: the one policy the ublk queues use too (RequestProgress).
     private int Read(Span<byte> buffer, long offset)
     {
-        var done = 0;
-        var retries = 0;
-        while (done < buffer.Length)
+        var progress = new RequestProgress(StepKind.Read, buffer.Length);
+        int error;
+        while (progress.Next(Filter(_target.Read(buffer[(int)progress.Done..], offset + progress.Done), true), out error))
         {
-            var n = Fault(_target.Read(buffer[done..], offset + done), true);
-            if (n is -Errno.EAGAIN or -Errno.EINTR)
-            {
-                if (++retries > MaxRetries)
-                {
-                    return -Errno.EIO;
-                }
-                continue;
-            }
-            if (n < 0)
-            {
-                return n;
-            }
-            if (n == 0)
-            {
-                // Past the end of a shorter backing file: the rest reads as zeros (as on ublk).
-                buffer[done..].Clear();
-                return 0;
-            }
-            retries = 0;
-            done += Math.Min(n, buffer.Length - done);
         }
-        return 0;
+        if (error == 0 && progress.ZeroRest)
+        {
+            // Past the end of a shorter backing file: the rest reads as zeros (as on ublk).
+            buffer[(int)progress.Done..].Clear();
+        }
+        return error;
     }
 
     private int Write(ReadOnlySpan<byte> data, long offset, bool fua)
     {
-        var done = 0;
-        var retries = 0;
-        while (done < data.Length)
+        var progress = new RequestProgress(StepKind.Write, data.Length);
+        int error;
+        while (true)
         {
-            var rest = data[done..];
-            var n = Fault(fua ? _target.WriteFua(rest, offset + done) : _target.Write(rest, offset + done), true);
-            if (n is -Errno.EAGAIN or -Errno.EINTR)
+            var rest = data[(int)progress.Done..];
+            var n = fua ? _target.WriteFua(rest, offset + progress.Done) : _target.Write(rest, offset + progress.Done);
+            if (!progress.Next(Filter(n, true), out error))
             {
-                if (++retries > MaxRetries)
-                {
-                    return -Errno.EIO;
-                }
-                continue;
+                return error;
             }
-            if (n <= 0)
-            {
-                return n < 0 ? n : -Errno.EIO;
-            }
-            retries = 0;
-            done += Math.Min(n, rest.Length);
         }
-        return 0;
     }
 
     private int Flush() => Retry(CmdFlush, 0, 0, 0);
@@ -507,7 +478,8 @@ internal sealed class NbdConnection : IDisposable
 
     private int Retry(ushort type, ushort flags, long offset, long length)
     {
-        var retries = 0;
+        var progress = new RequestProgress(StepKind.Other, length);
+        int error;
         while (true)
         {
             var r = type switch
@@ -518,27 +490,22 @@ internal sealed class NbdConnection : IDisposable
                 CmdCache => _target.Cache(offset, length),
                 _ => -Errno.EINVAL,
             };
-            r = Fault(r, false);
-            if (r is not (-Errno.EAGAIN or -Errno.EINTR))
+            if (!progress.Next(Filter(r, false), out error))
             {
-                return r;
-            }
-            if (++retries > MaxRetries)
-            {
-                return -Errno.EIO;
+                return error;
             }
         }
     }
 
-    private int Fault(int result, bool isData)
+    private int Filter(int result, bool isData)
     {
-        if (_faults is null)
+        if (_filter is null)
         {
             return result;
         }
-        lock (_faults)
+        lock (_filter)
         {
-            return _faults.Apply(result, isData, _target.LogicalBlockSize);
+            return _filter.Apply(result, isData, _target.LogicalBlockSize);
         }
     }
 

@@ -19,6 +19,7 @@ public sealed class NbdServer : IDisposable
     private readonly Dictionary<long, NbdConnection> _connections = [];
     private readonly object _lock = new();
     private readonly string? _socketPath;
+    private readonly List<IDisposable> _releaseWhenIdle = [];
     private long _nextId;
     private long _accepted;
     private long _refusedConnections;
@@ -234,10 +235,69 @@ public sealed class NbdServer : IDisposable
 
     internal void Remove(NbdConnection connection)
     {
+        IDisposable[] release = [];
         lock (_lock)
         {
             _connections.Remove(connection.Id);
             Monitor.PulseAll(_lock);
+            if (_connections.Count == 0 && _releaseWhenIdle.Count > 0)
+            {
+                // The last connection outlived Dispose; its calls have returned (it has waited for them).
+                release = [.. _releaseWhenIdle];
+                _releaseWhenIdle.Clear();
+            }
+        }
+        Release(release);
+    }
+
+    /// <summary>
+    /// True once the server is disposed and no connection is left, so no thread of this server
+    /// can be inside an export's target any more.
+    /// </summary>
+    public bool IsIdle
+    {
+        get
+        {
+            lock (_lock)
+            {
+                return _disposed && _connections.Count == 0;
+            }
+        }
+    }
+
+    /// <summary>
+    /// Disposes <paramref name="resource"/> (normally an export's target) once the server is
+    /// disposed and no connection is left: at once if that is so already, else when the last
+    /// connection still finishing a call after <see cref="Dispose"/> leaves. Never while a thread
+    /// of this server may be inside it. Returns whether it was disposed at once.
+    /// </summary>
+    public bool ReleaseWhenIdle(IDisposable resource)
+    {
+        ArgumentNullException.ThrowIfNull(resource);
+        lock (_lock)
+        {
+            if (!(_disposed && _connections.Count == 0))
+            {
+                _releaseWhenIdle.Add(resource);
+                return false;
+            }
+        }
+        Release([resource]);
+        return true;
+    }
+
+    private void Release(IDisposable[] resources)
+    {
+        foreach (var r in resources)
+        {
+            try
+            {
+                r.Dispose();
+            }
+            catch (Exception e) when (e is not OutOfMemoryException)
+            {
+                Log($"closing a target failed: {e.GetType().Name}: {e.Message}");
+            }
         }
     }
 
@@ -265,14 +325,22 @@ public sealed class NbdServer : IDisposable
 
     private void Log(string message) => Options.Log?.Invoke(message);
 
-    /// <summary>Stops accepting, lets each connection finish its requests in flight, and closes them.</summary>
+    /// <summary>
+    /// Stops accepting, lets each connection finish its requests in flight, and closes them, waiting
+    /// up to <see cref="NbdServerOptions.StopTimeout"/>. A connection still inside a target call
+    /// after that is left to finish on its own (<see cref="IsIdle"/> stays false until it has).
+    /// </summary>
     public void Dispose()
     {
-        if (_disposed)
+        lock (_lock)
         {
-            return;
+            if (_disposed)
+            {
+                return;
+            }
+            // Under the lock: IsIdle and ReleaseWhenIdle must never see "disposed" before the accept loop can no longer add a connection.
+            _disposed = true;
         }
-        _disposed = true;
         _listener.Dispose();
         _acceptThread.Join(TimeSpan.FromSeconds(10));
         NbdConnection[] open;
@@ -284,13 +352,19 @@ public sealed class NbdServer : IDisposable
         {
             c.Shutdown();
         }
-        var deadline = Environment.TickCount64 + 30_000;
+        var deadline = Environment.TickCount64 + (long)Options.StopTimeout.TotalMilliseconds;
+        int left;
         lock (_lock)
         {
             while (_connections.Count > 0 && Environment.TickCount64 < deadline)
             {
                 Monitor.Wait(_lock, 100);
             }
+            left = _connections.Count;
+        }
+        if (left > 0)
+        {
+            Log($"{left} connection(s) still busy in their target after {Options.StopTimeout.TotalSeconds} s; their targets stay open until they finish");
         }
         Workers.Dispose(TimeSpan.FromMilliseconds(Math.Max(0, deadline - Environment.TickCount64)));
         if (_socketPath is not null)

@@ -44,6 +44,13 @@ public sealed record NbdServerOptions
     /// </summary>
     public TimeSpan InlineThreshold { get; init; } = TimeSpan.FromMicroseconds(30);
 
+    /// <summary>
+    /// How long <see cref="NbdServer.Dispose"/> waits for connections to finish what they have in
+    /// flight. A target call still running after that keeps its target open (see
+    /// <see cref="NbdServer.ReleaseWhenIdle"/>): a target is never closed under a live call.
+    /// </summary>
+    public TimeSpan StopTimeout { get; init; } = TimeSpan.FromSeconds(30);
+
     /// <summary>Where to report connection problems and internal errors; null to stay quiet.</summary>
     public Action<string>? Log { get; init; }
 
@@ -64,6 +71,10 @@ public sealed record NbdServerOptions
         if (Workers is < 1 or > 1024)
         {
             throw new ArgumentOutOfRangeException(nameof(Workers), "Workers must be 1 to 1024");
+        }
+        if (StopTimeout < TimeSpan.Zero)
+        {
+            throw new ArgumentOutOfRangeException(nameof(StopTimeout), "StopTimeout must not be negative");
         }
         if (HandshakeTimeout <= TimeSpan.Zero)
         {

@@ -38,11 +38,15 @@ internal sealed class NbdWorkerPool : IDisposable
         }
     }
 
-    public void Enqueue(INbdWork work)
+    /// <summary>Queues the work; false once the pool is disposed (the caller then runs it itself).</summary>
+    public bool TryEnqueue(INbdWork work)
     {
         lock (_lock)
         {
-            ObjectDisposedException.ThrowIf(_disposed, this);
+            if (_disposed)
+            {
+                return false;
+            }
             _queue.Enqueue(work);
             if (_idle > 0)
             {
@@ -57,6 +61,7 @@ internal sealed class NbdWorkerPool : IDisposable
                 t.Start();
             }
         }
+        return true;
     }
 
     private void Run()

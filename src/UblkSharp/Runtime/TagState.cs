@@ -1,3 +1,4 @@
+using UblkSharp.Targets;
 using UblkSharp.Ublk;
 
 namespace UblkSharp.Runtime;
@@ -11,14 +12,22 @@ internal unsafe struct TagState
     public IoOp Op;
     public IoFlags Flags;
     public long Offset;
-    public long Length;
-    /// <summary>Bytes of a READ/WRITE already done; only the rest is ever submitted again.</summary>
-    public long Done;
+    /// <summary>How far the request's READ/WRITE data has got, and its retries: only the rest is ever submitted again.</summary>
+    public RequestProgress Progress;
     /// <summary>Under USER_COPY, bytes of a READ already in the request (the rest is copied from the buffer at commit).</summary>
     public long InRequest;
-    public int Retries;
+    /// <summary>
+    /// From the fetch that handed the tag a request to its commit: a commit of a tag that is not
+    /// busy would be a second one, which the queue refuses (and counts).
+    /// </summary>
     public bool Busy;
+    /// <summary>Submitted to a completion-fd backend and not reaped yet.</summary>
+    public bool InBackend;
     public byte* Buffer;
 
-    public readonly long Remaining => Length - Done;
+    public readonly long Length => Progress.Length;
+
+    public readonly long Done => Progress.Done;
+
+    public readonly long Remaining => Progress.Remaining;
 }

@@ -49,6 +49,12 @@ public sealed class UblkDevice : IDisposable
     /// <summary>Backend steps retried (short or EAGAIN), over all queues.</summary>
     public long Retries => _queues.Where(q => q is not null).Sum(q => q.Retries);
 
+    /// <summary>Exceptions thrown by the target on queue threads (each failed one request with EIO, or, from a backend's Reap, none).</summary>
+    public long TargetExceptions => _queues.Where(q => q is not null).Sum(q => q.TargetExceptions);
+
+    /// <summary>Second commits refused and stray backend completions ignored, over all queues: 0 unless something is wrong.</summary>
+    public long ExactlyOnceViolations => _queues.Where(q => q is not null).Sum(q => q.ExactlyOnceViolations);
+
     /// <summary>Bytes allocated on queue threads in steady state (see <see cref="UblkQueue.SteadyStateAllocatedBytes"/>); 0 when the hot path is allocation-free.</summary>
     public long SteadyStateAllocatedBytes => _queues.Where(q => q is not null).Sum(q => q.SteadyStateAllocatedBytes);
 

@@ -1,3 +1,4 @@
+using System.Diagnostics;
 using System.Runtime.InteropServices;
 using UblkSharp.Interop;
 using UblkSharp.Interop.IoUring;
@@ -22,8 +23,8 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
     private const ulong KindNotify = 4ul << 16;
     // A step of a backend that runs its own (RunsSteps); the step's number in bits 32-63.
     private const ulong KindStep = 5ul << 16;
+    private const ulong KindReapAgain = 6ul << 16;
     private const ulong KindMask = 7ul << 16;
-    private const int MaxRetries = 1000;
     private const int ReapBatch = 32;
 
     private readonly int _queueId;
@@ -48,7 +49,7 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
     private KernelTimespec* _delays;
     private UringBackend? _backend;
     private bool _steps;
-    private FaultInjector? _faults;
+    private ResultFilter? _filter;
     private int _finishedTags;
     private int _backendInFlight;
     // Backends that complete outside the ring (librbd): the fd read on the ring, its 8-byte buffer
@@ -57,6 +58,7 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
     private ulong* _notifyBuffer;
     private int[] _reapTags = [];
     private int[] _reapResults = [];
+    private bool _reapAgainPending;
 
     public UblkQueue(int queueId, int depth, int maxIo, int charFd, BlockTarget target, bool userCopy, int[]? cpus, Action<Exception> onFatal)
     {
@@ -84,6 +86,16 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
     /// <summary>Backend steps retried (short, EAGAIN).</summary>
     public long Retries { get; private set; }
 
+    /// <summary>Exceptions thrown by the target (each failed its request with EIO, or, from Reap, named none).</summary>
+    public long TargetExceptions { get; private set; }
+
+    /// <summary>
+    /// Commits refused because the tag had no request (it would have been a second commit), and
+    /// completions a backend reaped for a tag it was not serving. Always 0 unless the runtime or a
+    /// backend is wrong; tests read it.
+    /// </summary>
+    public long ExactlyOnceViolations { get; private set; }
+
     /// <summary>
     /// Bytes the queue thread allocated after its first <see cref="WarmUpRequests"/> requests (JIT
     /// and tiering allocate while warming up). The hot path must keep this at 0.
@@ -109,7 +121,7 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
     }
 
     /// <summary>Waits for the thread to end, which it does once the device is stopped and every tag is aborted.</summary>
-    public bool Join(TimeSpan timeout) => _thread.ThreadState == ThreadState.Unstarted || _thread.Join(timeout);
+    public bool Join(TimeSpan timeout) => _thread.ThreadState == System.Threading.ThreadState.Unstarted || _thread.Join(timeout);
 
     private void Run()
     {
@@ -198,8 +210,9 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
         _descs = (IoDesc*)_descMap.Pointer;
         _buffers = MappedMemory.MapAnonymous((nuint)((long)_depth * _maxIo), $"ublk queue {_queueId} buffers");
         _tags = new TagState[_depth];
-        _delays = (KernelTimespec*)NativeMemory.AllocZeroed((nuint)(_depth * sizeof(KernelTimespec)));
-        _faults = (_target as FaultTarget)?.CreateInjector(_queueId);
+        // One per tag, and one more (at _depth) for retrying a backend's Reap that threw.
+        _delays = (KernelTimespec*)NativeMemory.AllocZeroed((nuint)((_depth + 1) * sizeof(KernelTimespec)));
+        _filter = _target.CreateResultFilter(_queueId);
         _completionFd = _backend?.CompletionFd ?? -1;
         _steps = _backend?.RunsSteps ?? false;
         if (_completionFd >= 0)
@@ -256,7 +269,12 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
                         break;
                     case KindStep:
                         _backendInFlight--;
-                        _backend!.OnStep(this, tag, (uint)(cqe.user_data >> 32), cqe.res);
+                        OnStep(tag, (uint)(cqe.user_data >> 32), cqe.res);
+                        break;
+                    case KindReapAgain:
+                        _backendInFlight--;
+                        _reapAgainPending = false;
+                        ReapAll();
                         break;
                     default:
                         _backendInFlight--;
@@ -283,10 +301,11 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
         t.Op = desc.Op;
         t.Flags = desc.Flags;
         t.Offset = (long)desc.start_sector << 9;
-        t.Length = (long)desc.nr_sectors << 9;
-        t.Done = 0;
+        var length = (long)desc.nr_sectors << 9;
+        t.Progress = new RequestProgress(t.Op switch { IoOp.Read => StepKind.Read, IoOp.Write => StepKind.Write, _ => StepKind.Other }, length);
         t.InRequest = 0;
-        t.Retries = 0;
+        t.InBackend = false;
+        Debug.Assert(!t.Busy, "the driver handed a busy tag a new request");
         t.Busy = true;
         if (t.Op is not (IoOp.Read or IoOp.Write or IoOp.Flush or IoOp.Discard or IoOp.WriteZeroes))
         {
@@ -302,9 +321,19 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
         {
             return;
         }
-        if (_faults is not null)
+        if (_filter is not null)
         {
-            var delay = _faults.DrawDelay();
+            TimeSpan delay;
+            try
+            {
+                delay = _filter.DrawDelay();
+            }
+            catch (Exception e) when (e is not OutOfMemoryException)
+            {
+                TargetThrew("drawing a delay", ref t, e);
+                Commit(tag, -Errno.EIO);
+                return;
+            }
             if (delay > TimeSpan.Zero)
             {
                 _delays[tag] = KernelTimespec.From(delay);
@@ -329,13 +358,48 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
         // Re-armed first: a completion that lands while this drains makes the new READ finish at
         // once, so none is missed.
         ArmNotification();
+        ReapAll();
+    }
+
+    private void ReapAll()
+    {
         int n;
         do
         {
-            n = _backend!.Reap(_reapTags, _reapResults);
+            try
+            {
+                n = Math.Clamp(_backend!.Reap(_reapTags, _reapResults), 0, ReapBatch);
+            }
+            catch (Exception e) when (e is not OutOfMemoryException)
+            {
+                // Reap names no request, and what it had in flight may still be writing into the
+                // tags' buffers, so nothing can be failed safely here. What it still holds is
+                // asked for again shortly (a timeout on the ring: the queue thread never sleeps),
+                // and on every wake-up of the completion fd.
+                if (++TargetExceptions <= 10)
+                {
+                    Console.Error.WriteLine($"ublksharp: queue {_queueId}: target failed to reap completions: {e.GetType().Name}: {e.Message}");
+                }
+                if (!_reapAgainPending)
+                {
+                    _reapAgainPending = true;
+                    _delays[_depth] = KernelTimespec.From(TimeSpan.FromMilliseconds(10));
+                    _ring!.GetSqe().PrepareTimeout(&_delays[_depth], 0, TimeoutFlags.None, KindReapAgain);
+                    _backendInFlight++;
+                }
+                return;
+            }
             for (var i = 0; i < n; i++)
             {
                 var tag = _reapTags[i];
+                if ((uint)tag >= (uint)_depth || !_tags[tag].InBackend)
+                {
+                    // Never a second commit for a request already answered, nor one for a tag the backend does not hold.
+                    ExactlyOnceViolations++;
+                    Console.Error.WriteLine($"ublksharp: queue {_queueId}: backend reaped tag {tag}, which it was not serving; ignored");
+                    continue;
+                }
+                _tags[tag].InBackend = false;
                 _backendInFlight--;
                 if (Progress(ref _tags[tag], tag, _reapResults[i]))
                 {
@@ -355,9 +419,19 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
         if (_direct is not null)
         {
             var position = UblkCommands.UserCopyOffset(_queueId, tag);
-            var r = t.Op == IoOp.Read
-                ? _direct.ReadToRequest(_charFd, position, t.Offset, (int)t.Length)
-                : _direct.WriteFromRequest(_charFd, position, t.Offset, (int)t.Length, (t.Flags & IoFlags.Fua) != 0);
+            int r;
+            try
+            {
+                r = t.Op == IoOp.Read
+                    ? _direct.ReadToRequest(_charFd, position, t.Offset, (int)t.Length)
+                    : _direct.WriteFromRequest(_charFd, position, t.Offset, (int)t.Length, (t.Flags & IoFlags.Fua) != 0);
+            }
+            catch (Exception e) when (e is not OutOfMemoryException)
+            {
+                TargetThrew("copying", ref t, e);
+                Commit(tag, -Errno.EIO);
+                return false;
+            }
             if (r != IUserCopyTarget.NotDirect)
             {
                 t.InRequest = t.Length;
@@ -425,11 +499,12 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
                 }
                 catch (Exception e) when (e is not OutOfMemoryException)
                 {
-                    Console.Error.WriteLine($"ublksharp: queue {_queueId}: target failed to submit {t.Op}: {e.Message}");
+                    TargetThrew("submitting", ref t, e);
                     r = -Errno.EIO;
                 }
                 if (r >= 0)
                 {
+                    t.InBackend = true;
                     _backendInFlight++;
                     return;
                 }
@@ -451,7 +526,7 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
                 }
                 catch (Exception e) when (e is not OutOfMemoryException)
                 {
-                    Console.Error.WriteLine($"ublksharp: queue {_queueId}: target failed to start {t.Op}: {e.Message}");
+                    TargetThrew("starting", ref t, e);
                     r = -Errno.EIO;
                 }
                 if (r == UringBackend.Pending || !Progress(ref t, tag, r))
@@ -473,7 +548,7 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
                 // The SQE is already taken: make it a harmless NOP that fails this one request.
                 sqe = default;
                 sqe.PrepareNop(0);
-                Console.Error.WriteLine($"ublksharp: queue {_queueId}: target failed to prepare {t.Op}: {e.Message}");
+                TargetThrew("preparing", ref t, e);
                 sqe.user_data = KindIgnore | (ulong)tag;
                 _backendInFlight++;
                 Commit(tag, -Errno.EIO);
@@ -510,75 +585,85 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
         }
         catch (Exception e) when (e is not OutOfMemoryException)
         {
-            // A target's bug fails one request, not the device.
-            Console.Error.WriteLine($"ublksharp: queue {_queueId}: target threw on {t.Op} at {t.Offset}: {e.GetType().Name}: {e.Message}");
+            TargetThrew("serving", ref t, e);
             return -Errno.EIO;
         }
     }
 
+    /// <summary>A step backend's completion; a throw there fails that one request (a target's bug, counted).</summary>
+    private void OnStep(int tag, uint stepId, int res)
+    {
+        try
+        {
+            _backend!.OnStep(this, tag, stepId, res);
+        }
+        catch (Exception e) when (e is not OutOfMemoryException)
+        {
+            TargetThrew("completing a step of", ref _tags[tag], e);
+            if (_tags[tag].Busy)
+            {
+                ((IBackendRing)this).Complete(tag, -Errno.EIO);
+            }
+        }
+    }
+
+    /// <summary>A target's bug fails one request, not the device: it is said and counted.</summary>
+    private void TargetThrew(string doing, ref TagState t, Exception e)
+    {
+        if (++TargetExceptions <= 10)
+        {
+            Console.Error.WriteLine($"ublksharp: queue {_queueId}: target threw {doing} {t.Op} at {t.Offset}: {e.GetType().Name}: {e.Message}");
+        }
+    }
+
     /// <summary>
-    /// Accounts one backend step. Returns true when the remainder must be started again; otherwise
-    /// the request has been committed.
+    /// Accounts one backend step (the one policy, <see cref="RequestProgress"/>). Returns true when
+    /// the remainder must be started again; otherwise the request has been committed.
     /// </summary>
     private bool Progress(ref TagState t, int tag, int res)
     {
-        var isData = t.Op is IoOp.Read or IoOp.Write;
-        if (_faults is not null)
+        if (_filter is not null)
         {
-            res = _faults.Apply(res, isData, _blockSize);
+            try
+            {
+                res = _filter.Apply(res, t.Op is IoOp.Read or IoOp.Write, _blockSize);
+            }
+            catch (Exception e) when (e is not OutOfMemoryException)
+            {
+                TargetThrew("filtering", ref t, e);
+                res = -Errno.EIO;
+            }
         }
         if (res == -Errno.EOPNOTSUPP && _backend is not null && t.Op is IoOp.WriteZeroes or IoOp.Discard)
         {
             // The backing file system lacks this fallocate mode: the target's own method fills in.
             res = ExecuteSync(ref t);
         }
-        if (res is -Errno.EAGAIN or -Errno.EINTR)
+        if (t.Progress.Next(res, out var error))
         {
             Retries++;
-            if (++t.Retries <= MaxRetries)
-            {
-                return true;
-            }
-            res = -Errno.EIO;
-        }
-        if (res < 0)
-        {
-            Commit(tag, res);
-            return false;
-        }
-        if (!isData)
-        {
-            Commit(tag, 0);
-            return false;
-        }
-        if (res == 0)
-        {
-            if (t.Op == IoOp.Read)
-            {
-                // Past the end of a shorter backing file: the rest reads as zeros.
-                new Span<byte>(t.Buffer + t.Done, (int)t.Remaining).Clear();
-                Commit(tag, (int)t.Length);
-            }
-            else
-            {
-                Commit(tag, -Errno.EIO);
-            }
-            return false;
-        }
-        t.Done += Math.Min(res, t.Remaining);
-        if (t.Done < t.Length)
-        {
-            Retries++;
-            t.Retries = 0;
             return true;
         }
-        Commit(tag, (int)t.Length);
+        if (error == 0 && t.Progress.ZeroRest)
+        {
+            // Past the end of a shorter backing file: the rest reads as zeros.
+            new Span<byte>(t.Buffer + t.Done, (int)t.Remaining).Clear();
+        }
+        Commit(tag, error < 0 ? error : t.Op is IoOp.Read or IoOp.Write ? (int)t.Length : 0);
         return false;
     }
 
     private void Commit(int tag, int result)
     {
         ref var t = ref _tags[tag];
+        if (!t.Busy)
+        {
+            // A second commit for one request: the driver would take it for the tag's next request.
+            Debug.Assert(t.Busy, $"queue {_queueId}: tag {tag} committed twice");
+            ExactlyOnceViolations++;
+            Console.Error.WriteLine($"ublksharp: queue {_queueId}: tag {tag} ({t.Op} at {t.Offset}) committed twice; the second commit is dropped");
+            return;
+        }
         if (_userCopy && t.Op == IoOp.Read && result > 0 && t.InRequest < result)
         {
             // The data is still in the tag's buffer: under USER_COPY the driver copies nothing.
@@ -625,7 +710,15 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
 
     private void TearDown()
     {
-        _backend?.Dispose();
+        try
+        {
+            _backend?.Dispose();
+        }
+        catch (Exception e) when (e is not OutOfMemoryException)
+        {
+            // The queue is going anyway; the rest below must still be released.
+            Console.Error.WriteLine($"ublksharp: queue {_queueId}: target failed to close its backend: {e.GetType().Name}: {e.Message}");
+        }
         _ring?.Dispose();
         _descMap?.Dispose();
         _buffers?.Dispose();

@@ -19,7 +19,6 @@ namespace UblkSharp.Targets;
 [System.Diagnostics.CodeAnalysis.DynamicallyAccessedMembers(System.Diagnostics.CodeAnalysis.DynamicallyAccessedMemberTypes.PublicMethods)]
 public abstract unsafe class BlockTarget : IDisposable
 {
-    private const int MaxRetries = 1000;
     private const int ZerosLength = 64 * 1024;
 
     // Page-aligned, so that a target with an O_DIRECT backing file can write it as is. One per process.
@@ -84,35 +83,32 @@ public abstract unsafe class BlockTarget : IDisposable
 
     /// <summary>
     /// Zeroes a range. The fill-in writes zeros, in 64 KiB steps; returns 0 or a negative errno.
-    /// Like the runtime, it retries -EAGAIN and -EINTR (up to 1000 times in a row) and fails a write
-    /// that makes no progress with -EIO.
+    /// Short writes, -EAGAIN and -EINTR are handled as the runtime handles them (one policy,
+    /// <see cref="RequestProgress"/>).
     /// </summary>
     public virtual int WriteZeroes(long offset, long length, bool mayUnmap)
     {
-        var retries = 0;
-        while (length > 0)
+        if (length <= 0)
         {
-            var chunk = (int)Math.Min(length, ZerosLength);
-            var n = Write(new ReadOnlySpan<byte>(Zeros, chunk), offset);
-            if (n is -Errno.EAGAIN or -Errno.EINTR)
-            {
-                if (++retries > MaxRetries)
-                {
-                    return -Errno.EIO;
-                }
-                continue;
-            }
-            if (n <= 0)
-            {
-                // A write of 0 bytes would repeat forever on the queue thread.
-                return n < 0 ? n : -Errno.EIO;
-            }
-            retries = 0;
-            n = Math.Min(n, chunk);
-            offset += n;
-            length -= n;
+            return 0;
         }
-        return 0;
+        var progress = new RequestProgress(StepKind.Write, length);
+        int error;
+        do
+        {
+            var chunk = (int)Math.Min(progress.Remaining, ZerosLength);
+            var n = Write(new ReadOnlySpan<byte>(Zeros, chunk), offset + progress.Done);
+            if (n > chunk)
+            {
+                n = chunk; // never count more than this step offered
+            }
+            if (!progress.Next(n, out error))
+            {
+                break;
+            }
+        }
+        while (true);
+        return error;
     }
 
     /// <summary>
@@ -140,6 +136,13 @@ public abstract unsafe class BlockTarget : IDisposable
     /// (called once per queue, on that queue's thread). Null keeps the synchronous methods above.
     /// </summary>
     public virtual UringBackend? CreateUringBackend(int queueId) => null;
+
+    /// <summary>
+    /// A filter over this target's step results for one ublk queue or NBD connection
+    /// (<paramref name="streamId"/> tells them apart), or null (the default): how a wrapper target
+    /// such as <see cref="FaultTarget"/> sees results that do not pass through its methods.
+    /// </summary>
+    public virtual ResultFilter? CreateResultFilter(int streamId) => null;
 
     /// <summary>
     /// Releases the target once: later calls do nothing, so no target's <see cref="Dispose(bool)"/>

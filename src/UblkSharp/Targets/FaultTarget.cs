@@ -40,26 +40,23 @@ public sealed record FaultSchedule
 }
 
 /// <summary>
-/// Wraps another target and injects faults from a seeded schedule. The faults are applied by the
-/// runtime to the inner target's backend results (whether synchronous or io_uring), which is where
-/// short and retried IO must be handled exactly once.
+/// Wraps another target and injects faults from a seeded schedule. It is a
+/// <see cref="WrapperTarget"/> whose <see cref="ResultFilter"/> rewrites the inner target's step
+/// results (synchronous or io_uring alike) before the runtime handles them, which is where short
+/// and retried IO must be handled exactly once. Everything else, capabilities included, is the
+/// inner target's.
 /// </summary>
-public sealed class FaultTarget : BlockTarget
+public sealed class FaultTarget : WrapperTarget
 {
     public FaultTarget(BlockTarget inner, FaultSchedule schedule)
+        : base(inner)
     {
-        ArgumentNullException.ThrowIfNull(inner);
         ArgumentNullException.ThrowIfNull(schedule);
         schedule.Validate();
-        Inner = inner;
         Schedule = schedule;
     }
 
-    public BlockTarget Inner { get; }
-
     public FaultSchedule Schedule { get; }
-
-    public override long Size => Inner.Size;
 
     public override string Kind => "fault";
 
@@ -81,57 +78,21 @@ public sealed class FaultTarget : BlockTarget
         }
     }
 
-    public override int LogicalBlockSize => Inner.LogicalBlockSize;
-
-    public override int PhysicalBlockSize => Inner.PhysicalBlockSize;
-
-    public override bool IsReadOnly => Inner.IsReadOnly;
-
-    public override bool HasVolatileCache => Inner.HasVolatileCache;
-
-    public override bool CanDiscard => Inner.CanDiscard;
-
-    public override bool CanWriteZeroes => Inner.CanWriteZeroes;
-
-    public override bool HasNativeFua => Inner.HasNativeFua;
-
-    public override bool IsRotational => Inner.IsRotational;
-
-    public override bool SurvivesRestart => Inner.SurvivesRestart;
-
-    public override int Read(Span<byte> buffer, long offset) => Inner.Read(buffer, offset);
-
-    public override int Write(ReadOnlySpan<byte> data, long offset) => Inner.Write(data, offset);
-
-    public override int WriteFua(ReadOnlySpan<byte> data, long offset) => Inner.WriteFua(data, offset);
-
-    public override int Flush() => Inner.Flush();
-
-    public override int Discard(long offset, long length) => Inner.Discard(offset, length);
-
-    public override int WriteZeroes(long offset, long length, bool mayUnmap) => Inner.WriteZeroes(offset, length, mayUnmap);
-
-    public override UringBackend? CreateUringBackend(int queueId) => Inner.CreateUringBackend(queueId);
-
     /// <summary>A per-queue fault source: seeded by the schedule and the queue id, so runs repeat.</summary>
     public FaultInjector CreateInjector(int queueId) => new(Schedule, queueId);
 
-    protected override void Dispose(bool disposing)
-    {
-        Inner.Dispose();
-        base.Dispose(disposing);
-    }
+    public override ResultFilter? CreateResultFilter(int streamId) => ResultFilter.Chain(Inner.CreateResultFilter(streamId), CreateInjector(streamId));
 }
 
 /// <summary>Draws the faults for one queue. Not thread-safe; used on the queue's thread only.</summary>
-public sealed class FaultInjector(FaultSchedule schedule, int queueId)
+public sealed class FaultInjector(FaultSchedule schedule, int queueId) : ResultFilter
 {
     private ulong _state = (ulong)(uint)schedule.Seed * 0x9e3779b97f4a7c15ul + (ulong)queueId + 1;
 
     public long Injected { get; private set; }
 
     /// <summary>How long to hold a new request before starting it, or zero.</summary>
-    public TimeSpan DrawDelay()
+    public override TimeSpan DrawDelay()
     {
         if (schedule.Delay > 0 && Next() < schedule.Delay)
         {
@@ -145,7 +106,7 @@ public sealed class FaultInjector(FaultSchedule schedule, int queueId)
     /// Rewrites a backend step's result. <paramref name="isData"/> marks READ/WRITE steps, whose
     /// positive byte counts can be shortened; <paramref name="blockSize"/> keeps short counts aligned.
     /// </summary>
-    public int Apply(int result, bool isData, int blockSize)
+    public override int Apply(int result, bool isData, int blockSize)
     {
         if (result < 0)
         {

@@ -55,7 +55,7 @@ public unsafe class RingResourceTests
     public void SteadyStateSubmitAndCompleteAllocateNothing()
     {
         using var file = new TempFile(1 << 20);
-        using var ring = Ring.Create(RingOptions.Queue(64));
+        using var ring = Ring.Create(new RingOptions { Entries = 64, CompletionEntries = 128, SingleIssuer = true, CoopTaskrun = true, DeferTaskrun = true });
         var buf = (byte*)NativeMemory.AlignedAlloc(64 * 4096, 4096);
         try
         {

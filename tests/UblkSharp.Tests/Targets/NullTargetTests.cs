@@ -19,13 +19,14 @@ public class NullTargetTests
     }
 
     [Fact]
-    public void ReadsCompleteWithoutTouchingTheBuffer()
+    public void ReadsReturnZerosWhateverTheBufferHeld()
     {
+        // A buffer comes back from a shared pool (NBD) or a tag's last request (ublk): none of it may leak.
         using var t = new NullTarget(1 << 20);
         var b = new byte[8192];
         Array.Fill(b, (byte)0x77);
         Assert.Equal(8192, t.Read(b, 4096));
-        Assert.All(b, x => Assert.Equal(0x77, x));
+        Assert.All(b, x => Assert.Equal(0, x));
         Assert.Equal(0, t.Read([], 0));
     }
 

@@ -25,9 +25,6 @@ internal static unsafe partial class Rados
     [LibraryImport(Lib, EntryPoint = "rados_shutdown")]
     public static partial void rados_shutdown(nint cluster);
 
-    [LibraryImport(Lib, EntryPoint = "rados_pool_lookup", StringMarshalling = StringMarshalling.Utf8)]
-    public static partial long rados_pool_lookup(nint cluster, string poolName);
-
     [LibraryImport(Lib, EntryPoint = "rados_ioctx_create", StringMarshalling = StringMarshalling.Utf8)]
     public static partial int rados_ioctx_create(nint cluster, string poolName, out nint ioctx);
 

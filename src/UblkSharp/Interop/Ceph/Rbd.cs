@@ -39,12 +39,6 @@ internal static unsafe partial class Rbd
     [LibraryImport(Lib, EntryPoint = "rbd_lock_acquire")]
     public static partial int rbd_lock_acquire(nint image, int lockMode);
 
-    [LibraryImport(Lib, EntryPoint = "rbd_lock_release")]
-    public static partial int rbd_lock_release(nint image);
-
-    [LibraryImport(Lib, EntryPoint = "rbd_is_exclusive_lock_owner")]
-    public static partial int rbd_is_exclusive_lock_owner(nint image, out int isOwner);
-
     [LibraryImport(Lib, EntryPoint = "rbd_update_watch")]
     public static partial int rbd_update_watch(nint image, out ulong handle, delegate* unmanaged<nint, void> callback, nint arg);
 

@@ -29,14 +29,4 @@ public sealed record RingOptions
 
     /// <summary>The setup used for a ublk control ring.</summary>
     public static RingOptions Control { get; } = new() { Entries = 32, Sqe128 = true };
-
-    /// <summary>The setup the fastest ublk servers use for a queue's ring.</summary>
-    public static RingOptions Queue(uint depth) => new()
-    {
-        Entries = depth,
-        CompletionEntries = depth * 2,
-        SingleIssuer = true,
-        CoopTaskrun = true,
-        DeferTaskrun = true,
-    };
 }

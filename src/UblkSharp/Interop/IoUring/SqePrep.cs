@@ -48,13 +48,6 @@ public unsafe partial struct Sqe
         buf_index = bufferIndex;
     }
 
-    public void PrepareWriteFixed(int fd, void* buffer, uint length, ulong offset, ushort bufferIndex, ulong userData, RwFlags rwFlags = RwFlags.None)
-    {
-        Rw(Opcode.WriteFixed, fd, (ulong)buffer, length, offset, userData);
-        buf_index = bufferIndex;
-        op_flags = (uint)rwFlags;
-    }
-
     public void PrepareFsync(int fd, FsyncFlags fsyncFlags, ulong userData)
     {
         Rw(Opcode.Fsync, fd, 0, 0, 0, userData);
