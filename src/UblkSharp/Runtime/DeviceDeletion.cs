@@ -34,8 +34,10 @@ public static class DeviceDeletion
         {
             throw new ArgumentException($"no ublk device {id} (see 'ublksharp list')");
         }
+        // Read before the stop: an unsafe state directory refuses the delete while nothing has changed yet.
+        var record = DeviceRecord.Load(id);
         StopUnlessBusy(control, id, info, force);
-        WaitForDaemon(id, info.ublksrv_pid, DeviceRecord.Load(id), DaemonExitTimeout, log);
+        WaitForDaemon(id, info.ublksrv_pid, record, DaemonExitTimeout, log);
         // Asynchronous where the kernel has it: a forced delete must not wait for a mount to go.
         UblkDevice.DeleteDevice(control, id, StopTimeout);
         DeviceRecord.Remove(id);
