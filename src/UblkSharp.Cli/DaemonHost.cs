@@ -15,12 +15,14 @@ internal static class DaemonHost
     {
         try
         {
-            using var target = TargetFactory.Create(kind, recipe);
-            using var device = recoverId is uint rid ? UblkDevice.Recover(rid, target, options) : UblkDevice.Create(target, options);
-            (DeviceRecord.Of(device, kind, recipe, target.Size) with { Autoclear = autoclear, SupervisorPid = Supervisor.ParentSupervisorPid }).Save();
+            // The handlers come first: a signal while the device starts must not end the process
+            // before the device is gone again. It is seen once the start returns, and the device deleted.
             using var stop = new ManualResetEventSlim();
             using var term = PosixSignalRegistration.Create(PosixSignal.SIGTERM, c => { c.Cancel = true; stop.Set(); });
             using var intr = PosixSignalRegistration.Create(PosixSignal.SIGINT, c => { c.Cancel = true; stop.Set(); });
+            using var target = TargetFactory.Create(kind, recipe);
+            using var device = recoverId is uint rid ? UblkDevice.Recover(rid, target, options) : UblkDevice.Create(target, options);
+            (DeviceRecord.Of(device, kind, recipe, target.Size) with { Autoclear = autoclear, SupervisorPid = Supervisor.ParentSupervisorPid }).Save();
             Console.WriteLine(device.BlockPath);
             DaemonLauncher.ReportReady(readyFile, device.Id, device.BlockPath);
             if (autoclear)

@@ -17,11 +17,14 @@ internal static class DaemonLauncher
     {
         var runDir = DeviceRecord.Directory;
         var logDir = Path.Combine(runDir, "logs");
-        Directory.CreateDirectory(logDir);
+        StateDirectory.Ensure(runDir);
+        StateDirectory.Ensure(logDir);
         var token = $"{DateTime.UtcNow:yyyyMMdd-HHmmss}-{Guid.NewGuid().ToString("N")[..8]}";
         var ready = Path.Combine(runDir, $"ready-{token}");
         var log = Path.Combine(logDir, $"daemon-{token}.log");
 
+        // The log is for its owner only, as every state file; the shell only appends to it.
+        StateDirectory.CreateFile(log);
         var self = SelfStartInfo([.. args, "--foreground", "--ready-file", ready]);
         var psi = new ProcessStartInfo("/bin/sh") { RedirectStandardOutput = true, UseShellExecute = false };
         // setsid: the daemon must outlive this command and its terminal; no stdio is shared with the
@@ -121,9 +124,7 @@ internal static class DaemonLauncher
         {
             return;
         }
-        var tmp = readyFile + ".tmp";
-        File.WriteAllText(tmp, text);
-        File.Move(tmp, readyFile, overwrite: true);
+        StateDirectory.WriteAtomically(readyFile, text);
     }
 
     private static string Tail(string log)

@@ -34,6 +34,33 @@ public class CliErrorTests
     }
 
     [Fact]
+    public void AStateDirectoryOthersMayWriteIsRefused()
+    {
+        VmEnvironment.RequireDriver();
+        // Records name the pids del signals and the targets recover rebuilds: nobody but root may write them.
+        const string dir = "/tmp/ublksharp-open-run";
+        VmEnvironment.ShOk($"rm -rf {dir} && mkdir {dir} && chmod 0777 {dir}");
+        var devices = VmEnvironment.DeviceIds();
+        try
+        {
+            var env = new Dictionary<string, string> { ["UBLKSHARP_RUN_DIR"] = dir };
+            foreach (var args in new[] { "add -t mem --size 64M", "recover -n 0" })
+            {
+                var (code, stdout, stderr) = VmEnvironment.Exec("dotnet", [VmEnvironment.CliDll, .. args.Split(' ')], TimeSpan.FromMinutes(2), env);
+                Assert.True(code == 1, $"{args} with an open state directory exited {code}:\n{stdout}{stderr}");
+                Assert.Contains($"refusing the state directory {dir}: group or others may write to it", stderr, StringComparison.Ordinal);
+                AssertOneLine(stderr);
+            }
+            Assert.Equal(devices, VmEnvironment.DeviceIds());
+            Assert.Empty(Directory.GetFileSystemEntries(dir));
+        }
+        finally
+        {
+            Directory.Delete(dir, recursive: true);
+        }
+    }
+
+    [Fact]
     public void TinyBackingFileIsRefused()
     {
         const string tiny = "/tmp/ublksharp-tiny.img";

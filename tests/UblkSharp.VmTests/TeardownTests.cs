@@ -261,6 +261,175 @@ public class TeardownTests
         }
     }
 
+    // Every request of this target waits 2.5 s, so START_DEV, which reads the partition table
+    // through the target, takes several seconds (and outlasts a start timeout of 1 s).
+    private const string SlowStart = "-t fault --base mem --size 64M --delay 1 --delay-ms 2500";
+
+    [Fact]
+    public void AStartThatTimesOutLeavesNoDeviceAndSaysWhy() => Refusal(() =>
+    {
+        // The timed-out START_DEV made the control handle unusable: the clean-up must not depend on it.
+        var output = Lifecycle.AssertRefused($"add {SlowStart} --start-timeout 1", "did not start within 1 s");
+        Assert.True(output.Trim().Split('\n').Length == 1, $"expected one line, got:\n{output}");
+        Assert.DoesNotContain("Unhandled", output, StringComparison.Ordinal);
+        Assert.DoesNotContain("   at ", CliDevices.DaemonLogs(), StringComparison.Ordinal);
+    });
+
+    [Fact]
+    public async Task SigtermWhileTheDeviceStartsDeletesIt()
+    {
+        VmEnvironment.RequireDriver();
+        var devices = VmEnvironment.DeviceIds();
+        var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
+        foreach (var a in new[] { VmEnvironment.CliDll, "add" }.Concat(SlowStart.Split(' ')).Append("--foreground"))
+        {
+            psi.ArgumentList.Add(a);
+        }
+        using var p = Process.Start(psi)!;
+        var stdout = p.StandardOutput.ReadToEndAsync(TestContext.Current.CancellationToken);
+        var stderr = p.StandardError.ReadToEndAsync(TestContext.Current.CancellationToken);
+        try
+        {
+            uint id = 0;
+            Assert.True(VmEnvironment.WaitFor(() => VmEnvironment.DeviceIds().Except(devices).ToArray() is [var d] && (id = d) == d, TimeSpan.FromMinutes(2)),
+                "the daemon added no device within 2 minutes");
+            // ADD_DEV is done and START_DEV is reading the partition table (slowly): the daemon
+            // records the device only once the start has returned.
+            Assert.False(File.Exists(DeviceRecord.PathFor(id)), "the device started before the test could signal its daemon");
+            Assert.True(Processes.Signal(p.Id, Processes.SIGTERM), "SIGTERM failed");
+            Assert.True(p.WaitForExit(TimeSpan.FromMinutes(2)), "the daemon did not exit within 2 minutes of SIGTERM");
+            var output = await stdout + await stderr;
+            VmEnvironment.Log($"SIGTERM during START_DEV: exit {p.ExitCode}: {output.Trim()}");
+            Assert.True(VmEnvironment.WaitFor(() => !VmEnvironment.DeviceIds().Contains(id), TimeSpan.FromSeconds(30)),
+                $"device {id} outlived its daemon, which got SIGTERM while the device started:\n{output}");
+            Assert.Equal(0, p.ExitCode);
+            Assert.DoesNotContain("   at ", output, StringComparison.Ordinal);
+        }
+        finally
+        {
+            if (!p.HasExited)
+            {
+                p.Kill();
+            }
+            Lifecycle.CleanUp();
+        }
+    }
+
+    // This process serves the device, so it is the daemon pid the kernel names; the record written
+    // for it names this pid but not this process (another start time, or none), as when a dead
+    // daemon's pid has been recycled. del must stop and delete the device and kill nobody.
+
+    [Fact]
+    public void DelKillsNoProcessThatTheRecordDoesNotProveToBeTheDaemon()
+    {
+        VmEnvironment.RequireDriver();
+        using var target = new MemoryTarget(64 << 20);
+        using var device = UblkDevice.Create(target, new DeviceOptions());
+        try
+        {
+            var self = Environment.ProcessId;
+            var started = Processes.StartTime(self);
+            Assert.NotNull(started);
+            (DeviceRecord.Of(device, "mem", new Dictionary<string, string> { ["size"] = "64M" }, target.Size) with { DaemonStartTime = started + 1 }).Save();
+            var sw = Stopwatch.StartNew();
+            var (code, output) = VmEnvironment.RunCli($"del -n {device.Id}", TimeSpan.FromMinutes(2));
+            VmEnvironment.Log($"del with a record of another process took {Lifecycle.Seconds(sw.Elapsed)}: {output.Trim()}");
+            Assert.True(code == 0, $"del exited {code}:\n{output}");
+            // Provably not the daemon: del does not even wait for it.
+            Assert.True(sw.Elapsed < TimeSpan.FromSeconds(25), $"del waited {Lifecycle.Seconds(sw.Elapsed)} for a process that is not the daemon");
+            Assert.True(device.WaitForStop(TimeSpan.FromSeconds(30)), "the queues did not end after del");
+            Assert.True(VmEnvironment.WaitFor(() => !VmEnvironment.DeviceIds().Contains(device.Id), TimeSpan.FromSeconds(10)), $"device {device.Id} outlived del");
+        }
+        finally
+        {
+            DeviceRecord.Remove(device.Id);
+        }
+    }
+
+    [Fact]
+    public void DelOfADeviceWithAnOldRecordWaitsButKillsNobody()
+    {
+        VmEnvironment.RequireDriver();
+        using var target = new MemoryTarget(64 << 20);
+        using var device = UblkDevice.Create(target, new DeviceOptions());
+        try
+        {
+            (DeviceRecord.Of(device, "mem", new Dictionary<string, string> { ["size"] = "64M" }, target.Size) with { DaemonStartTime = null }).Save();
+            var (code, output) = VmEnvironment.RunCli($"del -n {device.Id}", TimeSpan.FromMinutes(2));
+            VmEnvironment.Log($"del with an old record: {output.Trim()}");
+            Assert.True(code == 0, $"del exited {code}:\n{output}");
+            Assert.Contains("not killing it", output, StringComparison.Ordinal);
+            Assert.Contains("older ublksharp", output, StringComparison.Ordinal);
+            Assert.True(VmEnvironment.WaitFor(() => !VmEnvironment.DeviceIds().Contains(device.Id), TimeSpan.FromSeconds(10)), $"device {device.Id} outlived del");
+        }
+        finally
+        {
+            DeviceRecord.Remove(device.Id);
+        }
+    }
+
+    [Fact]
+    public void AFailedRecoveryEndsTheQueueThreadsItStarted()
+    {
+        VmEnvironment.RequireDriver();
+        Lifecycle.CreateImage(Image, 64 << 20);
+        try
+        {
+            var dev = CliDevices.Add($"-t loop -f {Image} -q 2 --recovery on");
+            var id = CliDevices.IdOf(dev);
+            Lifecycle.Kill9(Lifecycle.DaemonPid(id));
+            Lifecycle.WaitForState(id, DeviceState.Quiesced, TimeSpan.FromSeconds(30));
+            Assert.Empty(CliDevices.QueueThreadSwitches(Environment.ProcessId));
+            var options = new DeviceOptions { Queues = 2, Recovery = RecoveryMode.On, StartTimeout = TimeSpan.FromSeconds(30) };
+            // Queue 0 is fetching when queue 1 fails to set up. Left running, queue 0's thread would
+            // keep its ring, its tags and /dev/ublkcN open for as long as this process lives.
+            using (var broken = new SecondQueueFails(Image))
+            {
+                var e = Assert.ThrowsAny<IOException>(() => UblkDevice.Recover(id, broken, options).Dispose());
+                Assert.Contains("queue 1", e.Message, StringComparison.Ordinal);
+            }
+            Dictionary<string, long> left = [];
+            Assert.True(VmEnvironment.WaitFor(() => (left = CliDevices.QueueThreadSwitches(Environment.ProcessId)).Count == 0, TimeSpan.FromSeconds(30)),
+                $"queue threads still run after the failed recovery: {string.Join(' ', left.Keys)}");
+            // A second recovery would need Linux 6.13+: 6.12's START_USER_RECOVERY trips over a queue
+            // that never fetched (put_task_struct(NULL)). The device can still be deleted.
+            CliDevices.Del(id);
+        }
+        finally
+        {
+            Lifecycle.CleanUp();
+            File.Delete(Image);
+        }
+    }
+
+    /// <summary>A loop target whose second queue cannot set up.</summary>
+    private sealed class SecondQueueFails(string path) : BlockTarget
+    {
+        private readonly LoopTarget _inner = new(path);
+
+        public override long Size => _inner.Size;
+
+        public override string Kind => "loop";
+
+        public override bool SurvivesRestart => true;
+
+        public override int Read(Span<byte> buffer, long offset) => _inner.Read(buffer, offset);
+
+        public override int Write(ReadOnlySpan<byte> data, long offset) => _inner.Write(data, offset);
+
+        public override UringBackend? CreateUringBackend(int queueId)
+            => queueId == 1 ? throw new IOException("queue 1 is made to fail") : null;
+
+        protected override void Dispose(bool disposing)
+        {
+            if (disposing)
+            {
+                _inner.Dispose();
+            }
+            base.Dispose(disposing);
+        }
+    }
+
     /// <summary>`ublksharp ... --foreground` as a child of the test: the daemon is this child.</summary>
     private sealed class ForegroundDaemon : IDisposable
     {

@@ -13,7 +13,6 @@ internal static class AddCommand
     public static Command Create()
     {
         var target = new TargetOptions();
-        var create = new Option<bool>("--create") { Description = "cow: make a new COW file -f OVERLAY over --backing BASE" };
         var number = new Option<int>("--number", "-n") { Description = "Device id (default: the first free one)", DefaultValueFactory = _ => -1 };
         var queues = new Option<int>("--queues", "-q") { Description = "Hardware queues, one thread each", DefaultValueFactory = _ => 1 };
         var depth = new Option<int>("--depth", "-d") { Description = "Requests in flight per queue", DefaultValueFactory = _ => 128 };
@@ -22,11 +21,12 @@ internal static class AddCommand
         var recovery = new Option<string>("--recovery") { Description = "When the daemon dies: off (the device dies too), on (IO waits for 'recover'), reissue (and IO in flight is replayed), fail-io (6.13+)", DefaultValueFactory = _ => "off" };
         var supervise = new Option<bool>("--supervise") { Description = "Recover the device automatically when its daemon dies (needs --recovery on or reissue)" };
         var autoclear = new Option<bool>("--autoclear") { Description = "Delete the device once it has been mounted and its last mount is gone" };
+        var startTimeout = new Option<int>("--start-timeout") { Description = "Seconds the device may take to start (the kernel reads its partition table through the target)", DefaultValueFactory = _ => 60 };
         var readyFile = new Option<string?>("--ready-file") { Hidden = true };
 
         var command = new Command("add", "Create a ublk device and serve it")
         {
-            create, number, queues, depth, maxIo, foreground, recovery, supervise, autoclear, readyFile,
+            number, queues, depth, maxIo, foreground, recovery, supervise, autoclear, startTimeout, readyFile,
         };
         target.AddTo(command);
         command.SetAction(r =>
@@ -41,6 +41,7 @@ internal static class AddCommand
                 Depth = r.GetValue(depth),
                 MaxIoBytes = maxIoText is null ? 512 * 1024 : (int)Math.Min(int.MaxValue, ByteSize.Parse(maxIoText)),
                 Recovery = RecoveryModes.Parse(r.GetValue(recovery)!),
+                StartTimeout = TimeSpan.FromSeconds(r.GetValue(startTimeout)),
             };
             options.Validate();
             if (r.GetValue(supervise) && options.Recovery is not (RecoveryMode.On or RecoveryMode.Reissue))
@@ -48,7 +49,7 @@ internal static class AddCommand
                 throw new ArgumentException("--supervise recovers the device after a crash, so it needs --recovery on or --recovery reissue");
             }
             var args = Program.Arguments;
-            if (r.GetValue(create))
+            if (r.GetValue(target.Create))
             {
                 // The COW file is made once, here; the daemon, a supervisor's restarts and recovery reopen it.
                 if (kind != "cow")

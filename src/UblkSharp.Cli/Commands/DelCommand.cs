@@ -1,18 +1,15 @@
 using System.CommandLine;
-using UblkSharp.Interop;
 using UblkSharp.Runtime;
 using UblkSharp.Ublk;
 
 namespace UblkSharp.Cli.Commands;
 
 /// <summary>
-/// `ublksharp del`: STOP_DEV (IO drains through the daemon), wait for the daemon to exit, then
-/// DEL_DEV. A device that is mounted or held open exclusively is refused as busy.
+/// `ublksharp del`: <see cref="DeviceDeletion"/> of one device or of every one. A device that is
+/// mounted or held open exclusively is refused as busy.
 /// </summary>
 internal static class DelCommand
 {
-    private static readonly TimeSpan DaemonExitTimeout = TimeSpan.FromSeconds(30);
-
     public static Command Create()
     {
         var number = new Option<int?>("--number", "-n") { Description = "The device id" };
@@ -39,7 +36,7 @@ internal static class DelCommand
             {
                 try
                 {
-                    Delete(control, dev, r.GetValue(force));
+                    DeviceDeletion.Delete(control, dev, r.GetValue(force), message => Console.Error.WriteLine($"ublksharp: {message}"));
                 }
                 catch (Exception e) when (CliErrors.IsExpected(e) && everyDevice)
                 {
@@ -50,34 +47,5 @@ internal static class DelCommand
             return failures == 0 ? 0 : CliErrors.Failure;
         });
         return command;
-    }
-
-    private static void Delete(ControlDevice control, uint id, bool force)
-    {
-        DevInfo info;
-        try
-        {
-            info = control.GetDeviceInfo(id);
-        }
-        catch (ErrnoException e) when (e.Errno == Errno.ENODEV)
-        {
-            throw new ArgumentException($"no ublk device {id} (see 'ublksharp list')");
-        }
-        var block = $"/dev/ublkb{id}";
-        if (!force && (DeviceState)info.state == DeviceState.Live && BlockDevices.IsExclusivelyHeld(block))
-        {
-            throw new IOException($"device {id} is busy: {block} is mounted or held open exclusively; unmount it first (or del --force, and its IO fails)");
-        }
-        control.StopDevice(id, TimeSpan.FromSeconds(60));
-        var pid = info.ublksrv_pid;
-        if (pid > 0 && pid != Environment.ProcessId && !Processes.WaitForExit(pid, DaemonExitTimeout))
-        {
-            // A daemon that ignores the stop cannot keep the device: its queues are already aborted.
-            Processes.Signal(pid, Processes.SIGKILL);
-            Processes.WaitForExit(pid, TimeSpan.FromSeconds(10));
-        }
-        // Asynchronous where the kernel has it: a forced delete must not wait for a mount to go.
-        UblkDevice.DeleteDevice(control, id, TimeSpan.FromSeconds(60));
-        DeviceRecord.Remove(id);
     }
 }

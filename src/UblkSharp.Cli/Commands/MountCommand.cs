@@ -61,22 +61,15 @@ internal static class MountCommand
             if (!mount.WaitForExit(TimeSpan.FromMinutes(2)) || mount.ExitCode != 0)
             {
                 // Never mounted, so autoclear would wait forever: delete the device here.
-                Delete(id);
+                using (var control = ControlDevice.Open())
+                {
+                    DeviceDeletion.Delete(control, id, force: true, message => Console.Error.WriteLine($"ublksharp: {message}"));
+                }
                 throw new IOException($"mount {path} {target} failed: {err.Trim()}");
             }
             Console.WriteLine(path);
             return 0;
         });
         return command;
-    }
-
-    private static void Delete(uint id)
-    {
-        using var control = ControlDevice.Open();
-        var info = control.GetDeviceInfo(id);
-        control.StopDevice(id, TimeSpan.FromSeconds(60));
-        Interop.Processes.WaitForExit(info.ublksrv_pid, TimeSpan.FromSeconds(30));
-        UblkDevice.DeleteDevice(control, id, TimeSpan.FromSeconds(60));
-        DeviceRecord.Remove(id);
     }
 }

@@ -1,6 +1,5 @@
 using System.CommandLine;
 using System.Globalization;
-using UblkSharp.Interop;
 using UblkSharp.Runtime;
 using UblkSharp.Targets;
 using UblkSharp.Ublk;
@@ -67,31 +66,12 @@ internal static class RecoverCommand
         return command;
     }
 
-    // The same refusals UblkDevice.Recover makes, before a daemon is started, so they read plainly.
+    // The library's refusals, made before a daemon is started so they read plainly.
     private static void CheckRecoverable(uint id, DeviceRecord? record)
     {
-        using var control = ControlDevice.Open();
-        DevInfo info;
-        try
+        using (var control = ControlDevice.Open())
         {
-            info = control.GetDeviceInfo(id);
-        }
-        catch (ErrnoException e) when (e.Errno == Errno.ENODEV)
-        {
-            throw new ArgumentException($"no ublk device {id} (see 'ublksharp list')");
-        }
-        if ((info.flags & (ulong)UblkFeatures.UserRecovery) == 0)
-        {
-            throw new RecoveryRefusedException($"device {id} was created without recovery (add --recovery on|reissue); it cannot be recovered");
-        }
-        var state = (DeviceState)info.state;
-        if (state == DeviceState.Live && Processes.IsAlive(info.ublksrv_pid))
-        {
-            throw new RecoveryRefusedException($"device {id} is live: its daemon (pid {info.ublksrv_pid}) is serving it; there is nothing to recover");
-        }
-        if (state == DeviceState.Dead)
-        {
-            throw new RecoveryRefusedException($"device {id} is dead (stopped, or never started); only a device whose daemon died can be recovered");
+            Recoverability.Check(control, id);
         }
         if (record is null)
         {

@@ -165,4 +165,28 @@ internal static unsafe partial class Libc
         }
         return fd;
     }
+
+    // pidfd (5.3+): a handle on one process that a recycled pid cannot redirect. The numbers are
+    // the same on every architecture (the unified syscall table).
+    public const long SYS_pidfd_send_signal = 424;
+    public const long SYS_pidfd_open = 434;
+    public const short POLLIN = 0x1;
+
+    public const int AT_FDCWD = -100;
+    public const uint STATX_BASIC_STATS = 0x7ff;
+
+    /// <summary>struct statx: the same layout on every architecture, unlike struct stat.</summary>
+    [StructLayout(LayoutKind.Explicit, Size = 256)]
+    public struct Statx
+    {
+        [FieldOffset(20)]
+        public uint stx_uid;
+        [FieldOffset(24)]
+        public uint stx_gid;
+        [FieldOffset(28)]
+        public ushort stx_mode;
+    }
+
+    [LibraryImport(Lib, EntryPoint = "statx", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
+    public static partial int statx(int dirfd, string path, int flags, uint mask, Statx* buffer);
 }

@@ -16,6 +16,40 @@ public static class Processes
 
     public static bool Signal(int pid, int signal) => pid > 0 && Libc.kill(pid, signal) == 0;
 
+    /// <summary>
+    /// When process <paramref name="pid"/> started, in clock ticks since boot (/proc/PID/stat field
+    /// 22): with the pid, it names one process, since a recycled pid starts later. Null if it is gone.
+    /// </summary>
+    public static long? StartTime(int pid)
+    {
+        string stat;
+        try
+        {
+            stat = File.ReadAllText($"/proc/{pid}/stat");
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            return null;
+        }
+        // The name (field 2) may hold spaces and parentheses: count fields after its last ')'.
+        var fields = stat[(stat.LastIndexOf(')') + 2)..].Split(' ');
+        return fields.Length > 19 && long.TryParse(fields[19], System.Globalization.NumberStyles.None, System.Globalization.CultureInfo.InvariantCulture, out var ticks)
+            ? ticks : null;
+    }
+
+    /// <summary>The executable of process <paramref name="pid"/> (/proc/PID/exe), or null if it is gone or hidden.</summary>
+    public static string? ExecutablePath(int pid)
+    {
+        try
+        {
+            return File.ResolveLinkTarget($"/proc/{pid}/exe", returnFinalTarget: false)?.FullName;
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            return null;
+        }
+    }
+
     /// <summary>Waits until <paramref name="pid"/> is gone; false on timeout.</summary>
     public static bool WaitForExit(int pid, TimeSpan timeout)
     {

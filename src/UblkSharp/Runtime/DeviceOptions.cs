@@ -50,5 +50,9 @@ public sealed record DeviceOptions
         {
             throw new ArgumentOutOfRangeException(nameof(MaxIoBytes), $"The IO size limit must be a multiple of 4096 from 4 KiB to 32 MiB, not {MaxIoBytes}");
         }
+        if (StartTimeout <= TimeSpan.Zero || StopTimeout <= TimeSpan.Zero)
+        {
+            throw new ArgumentOutOfRangeException(nameof(StartTimeout), $"The start and stop timeouts must be positive, not {StartTimeout.TotalSeconds} s and {StopTimeout.TotalSeconds} s");
+        }
     }
 }

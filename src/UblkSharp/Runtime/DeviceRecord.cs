@@ -6,7 +6,8 @@ namespace UblkSharp.Runtime;
 /// <summary>
 /// What a daemon records about the device it serves, in /run/ublksharp/ID.json: the target and its
 /// recipe (enough to rebuild it) and the daemon's pid. Written atomically (temp file, then rename),
-/// so a reader never sees half a record.
+/// so a reader never sees half a record, and readable by its owner only, in a directory that only
+/// its owner may write (see <see cref="StateDirectory"/>).
 /// </summary>
 public sealed record DeviceRecord
 {
@@ -15,6 +16,16 @@ public sealed record DeviceRecord
     public required uint Id { get; init; }
 
     public required int Pid { get; init; }
+
+    /// <summary>
+    /// When the daemon started (<see cref="Interop.Processes.StartTime"/>): with <see cref="Pid"/> it
+    /// proves that a live process is this daemon, not a later one given the same pid. Records of
+    /// older versions lack it.
+    /// </summary>
+    public long? DaemonStartTime { get; init; }
+
+    /// <summary>The daemon's executable (/proc/PID/exe), checked along with the start time.</summary>
+    public string? DaemonExecutable { get; init; }
 
     public required string Target { get; init; }
 
@@ -46,6 +57,8 @@ public sealed record DeviceRecord
         {
             Id = device.Id,
             Pid = Environment.ProcessId,
+            DaemonStartTime = Interop.Processes.StartTime(Environment.ProcessId),
+            DaemonExecutable = Interop.Processes.ExecutablePath(Environment.ProcessId),
             Target = target,
             Recipe = recipe,
             Queues = device.Info.nr_hw_queues,
@@ -60,16 +73,17 @@ public sealed record DeviceRecord
 
     public void Save()
     {
-        System.IO.Directory.CreateDirectory(Directory);
-        var path = PathFor(Id);
-        var tmp = path + $".tmp{Environment.ProcessId}";
-        File.WriteAllText(tmp, JsonSerializer.Serialize(this, DeviceRecordJson.Default.DeviceRecord));
-        File.Move(tmp, path, overwrite: true);
+        StateDirectory.Ensure(Directory);
+        StateDirectory.WriteAtomically(PathFor(Id), JsonSerializer.Serialize(this, DeviceRecordJson.Default.DeviceRecord));
     }
 
-    /// <summary>The record of device <paramref name="id"/>, or null if there is none (or it is unreadable).</summary>
+    /// <summary>
+    /// The record of device <paramref name="id"/>, or null if there is none (or it is unreadable).
+    /// Throws <see cref="UnsafeStateDirectoryException"/> if others may write the directory.
+    /// </summary>
     public static DeviceRecord? Load(uint id)
     {
+        StateDirectory.Verify(Directory);
         try
         {
             return JsonSerializer.Deserialize(File.ReadAllText(PathFor(id)), DeviceRecordJson.Default.DeviceRecord);
@@ -82,6 +96,7 @@ public sealed record DeviceRecord
 
     public static void Remove(uint id)
     {
+        StateDirectory.Verify(Directory);
         try
         {
             File.Delete(PathFor(id));

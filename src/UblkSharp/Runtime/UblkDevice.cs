@@ -15,7 +15,7 @@ public sealed class RecoveryRefusedException(string message) : Exception(message
 /// </summary>
 public sealed class UblkDevice : IDisposable
 {
-    private readonly ControlDevice _control;
+    private ControlDevice _control;
     private readonly BlockTarget _target;
     private readonly DeviceOptions _options;
     private readonly UblkQueue[] _queues;
@@ -30,6 +30,22 @@ public sealed class UblkDevice : IDisposable
         Info = info;
         _queues = new UblkQueue[info.nr_hw_queues];
         _charFd = -1;
+    }
+
+    // A control command that timed out leaves its handle unusable (the kernel may still write the
+    // command's buffer): later commands, the clean-up above all, go through a fresh one.
+    private ControlDevice Control
+    {
+        get
+        {
+            if (_control.IsAbandoned)
+            {
+                var fresh = ControlDevice.Open();
+                _control.Dispose();
+                _control = fresh;
+            }
+            return _control;
+        }
     }
 
     /// <summary>What the kernel negotiated at ADD_DEV (id, queues, flags).</summary>
@@ -135,23 +151,13 @@ public sealed class UblkDevice : IDisposable
         var control = ControlDevice.Open();
         try
         {
-            var info = control.GetDeviceInfo(id);
-            if ((info.flags & (ulong)UblkFeatures.UserRecovery) == 0)
-            {
-                throw new RecoveryRefusedException($"device {id} was created without recovery (add --recovery on|reissue); it cannot be recovered");
-            }
+            var info = Recoverability.Check(control, id);
             var deadline = Environment.TickCount64 + (long)options.StartTimeout.TotalMilliseconds;
             while (true)
             {
-                var state = (DeviceState)control.GetDeviceInfo(id).state;
-                if (state == DeviceState.Live && Processes.IsAlive(info.ublksrv_pid))
-                {
-                    throw new RecoveryRefusedException($"device {id} is live: its daemon (pid {info.ublksrv_pid}) is serving it; there is nothing to recover");
-                }
-                if (state == DeviceState.Dead)
-                {
-                    throw new RecoveryRefusedException($"device {id} is dead (stopped, or never started); only a device whose daemon died can be recovered");
-                }
+                var now = control.GetDeviceInfo(id);
+                Recoverability.Check(id, now);
+                var state = (DeviceState)now.state;
                 var res = state == DeviceState.Live ? -Errno.EBUSY : control.TryStartUserRecovery(id);
                 if (res == 0)
                 {
@@ -174,6 +180,7 @@ public sealed class UblkDevice : IDisposable
             {
                 // Leave the device quiesced for another attempt; only this process's resources go.
                 device.ReleaseLocal();
+                device._control.Dispose(); // a fresh handle, if a timeout replaced the first
                 throw;
             }
             return device;
@@ -245,7 +252,7 @@ public sealed class UblkDevice : IDisposable
     {
         if (!recovering)
         {
-            _control.SetParams(Id, BuildParams());
+            Control.SetParams(Id, BuildParams());
         }
         _charFd = OpenCharDevice(CharPath);
         for (var q = 0; q < _queues.Length; q++)
@@ -255,7 +262,7 @@ public sealed class UblkDevice : IDisposable
             {
                 try
                 {
-                    cpus = _control.GetQueueAffinity(Id, q);
+                    cpus = Control.GetQueueAffinity(Id, q);
                 }
                 catch (ErrnoException)
                 {
@@ -269,11 +276,19 @@ public sealed class UblkDevice : IDisposable
         }
         if (recovering)
         {
-            _control.EndUserRecovery(Id, Environment.ProcessId, _options.StartTimeout);
+            Control.EndUserRecovery(Id, Environment.ProcessId, _options.StartTimeout);
         }
         else
         {
-            _control.StartDevice(Id, Environment.ProcessId, _options.StartTimeout);
+            try
+            {
+                Control.StartDevice(Id, Environment.ProcessId, _options.StartTimeout);
+            }
+            catch (TimeoutException e)
+            {
+                throw new TimeoutException(
+                    $"ublk device {Id} did not start within {_options.StartTimeout.TotalSeconds:0.#} s: START_DEV reads the partition table through the target, which did not answer in time", e);
+            }
         }
     }
 
@@ -359,7 +374,7 @@ public sealed class UblkDevice : IDisposable
         }
         try
         {
-            _control.StopDevice(Id, _options.StopTimeout);
+            Control.StopDevice(Id, _options.StopTimeout);
         }
         catch (ErrnoException e) when (e.Errno == Errno.ENODEV)
         {
@@ -372,19 +387,29 @@ public sealed class UblkDevice : IDisposable
         Delete();
     }
 
-    // A failed create: make the never-started (or half-started) device go away.
+    // A failed create: make the never-started (or half-started) device go away. It never throws,
+    // so the caller reports what made the create fail.
     private void Abort()
     {
         try
         {
-            _control.StopDevice(Id, _options.StopTimeout);
+            // A START_DEV that timed out is still scanning partitions, holding the device's lock:
+            // this STOP_DEV waits for it.
+            Control.StopDevice(Id, _options.StopTimeout);
             WaitForStop(_options.StopTimeout);
         }
-        catch (Exception e) when (e is ErrnoException or TimeoutException)
+        catch (Exception e) when (e is ErrnoException or TimeoutException or UblkUnavailableException)
         {
             Console.Error.WriteLine($"ublksharp: cleaning up device {Id}: {e.Message}");
         }
-        Delete();
+        try
+        {
+            Delete();
+        }
+        catch (Exception e) when (e is ErrnoException or TimeoutException or UblkUnavailableException)
+        {
+            Console.Error.WriteLine($"ublksharp: deleting device {Id}: {e.Message}; 'ublksharp del -n {Id}' may remove it later");
+        }
     }
 
     /// <summary>
@@ -412,11 +437,29 @@ public sealed class UblkDevice : IDisposable
     }
 
     // Queues, the char device and the control device of this process; the kernel's device stays.
+    // A queue still serving (its device was not stopped: a failed recovery, a stop that timed out)
+    // is told to end, or its thread would keep the ring, the tags and /dev/ublkcN for good.
     private void ReleaseLocal()
     {
         foreach (var q in _queues)
         {
-            q?.Dispose();
+            q?.RequestStop();
+        }
+        foreach (var q in _queues)
+        {
+            if (q is null)
+            {
+                continue;
+            }
+            if (q.Join(_options.StopTimeout))
+            {
+                q.Dispose();
+            }
+            else
+            {
+                // Its thread still uses what Dispose would free: leave it be.
+                Console.Error.WriteLine($"ublksharp: device {Id}: queue {q.QueueId} did not end within {_options.StopTimeout.TotalSeconds:0.#} s");
+            }
         }
         if (_charFd >= 0)
         {
@@ -435,7 +478,7 @@ public sealed class UblkDevice : IDisposable
         ReleaseLocal();
         try
         {
-            DeleteDevice(_control, Id, _options.StopTimeout);
+            DeleteDevice(Control, Id, _options.StopTimeout);
         }
         finally
         {

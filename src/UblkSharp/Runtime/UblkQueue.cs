@@ -24,6 +24,7 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
     // A step of a backend that runs its own (RunsSteps); the step's number in bits 32-63.
     private const ulong KindStep = 5ul << 16;
     private const ulong KindReapAgain = 6ul << 16;
+    private const ulong KindStop = 7ul << 16;
     private const ulong KindMask = 7ul << 16;
     private const int ReapBatch = 32;
 
@@ -40,6 +41,12 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
     private readonly Thread _thread;
     private readonly ManualResetEventSlim _ready = new();
     private Exception? _setupError;
+    // Ends the thread without the kernel's help (a failed recovery leaves the device quiesced, so
+    // no STOP_DEV aborts the fetches): a READ on it is always pending, and closing the ring cancels
+    // the fetches and lets go of /dev/ublkcN.
+    private readonly int _stopFd;
+    private ulong* _stopBuffer;
+    private bool _stopping;
 
     private Ring? _ring;
     private MappedMemory? _descMap;
@@ -73,6 +80,11 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
         _cpus = cpus;
         _onFatal = onFatal;
         _thread = new Thread(Run) { IsBackground = true, Name = $"ublk-q{queueId}" };
+        _stopFd = Libc.eventfd(0, Libc.EFD_CLOEXEC);
+        if (_stopFd < 0)
+        {
+            throw new ErrnoException(Marshal.GetLastPInvokeError(), "eventfd");
+        }
     }
 
     public int QueueId => _queueId;
@@ -122,6 +134,16 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
 
     /// <summary>Waits for the thread to end, which it does once the device is stopped and every tag is aborted.</summary>
     public bool Join(TimeSpan timeout) => _thread.ThreadState == System.Threading.ThreadState.Unstarted || _thread.Join(timeout);
+
+    /// <summary>
+    /// Makes the thread end now, whatever the device's state; it closes its ring on the way out,
+    /// which cancels its fetches. For a queue whose device will not be stopped (a failed recovery).
+    /// </summary>
+    public void RequestStop()
+    {
+        var one = 1ul;
+        _ = Libc.write(_stopFd, &one, sizeof(ulong));
+    }
 
     private void Run()
     {
@@ -223,6 +245,9 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
             ArmNotification();
         }
 
+        _stopBuffer = (ulong*)NativeMemory.AllocZeroed(sizeof(ulong));
+        _ring.GetSqe().PrepareRead(_stopFd, _stopBuffer, sizeof(ulong), 0, KindStop);
+
         for (var tag = 0; tag < _depth; tag++)
         {
             _tags[tag].Buffer = _buffers.Pointer + ((long)tag * _maxIo);
@@ -234,7 +259,7 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
     private void Serve()
     {
         var ring = _ring!;
-        while (_finishedTags < _depth || _backendInFlight > 0)
+        while ((_finishedTags < _depth || _backendInFlight > 0) && !_stopping)
         {
             ring.SubmitAndWait(1);
             if (_allocationBaseline >= 0)
@@ -275,6 +300,9 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
                         _backendInFlight--;
                         _reapAgainPending = false;
                         ReapAll();
+                        break;
+                    case KindStop:
+                        _stopping = true;
                         break;
                     default:
                         _backendInFlight--;
@@ -706,7 +734,11 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
         sqe.flags |= SqeFlags.FixedFile;
     }
 
-    public void Dispose() => _ready.Dispose();
+    public void Dispose()
+    {
+        _ready.Dispose();
+        _ = Libc.close(_stopFd);
+    }
 
     private void TearDown()
     {
@@ -731,6 +763,11 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
         {
             NativeMemory.Free(_delays);
             _delays = null;
+        }
+        if (_stopBuffer != null)
+        {
+            NativeMemory.Free(_stopBuffer); // as the notify buffer: its READ went with the ring
+            _stopBuffer = null;
         }
     }
 }

@@ -28,6 +28,12 @@ public sealed unsafe class ControlDevice : IDisposable
         _scratch = (byte*)System.Runtime.InteropServices.NativeMemory.AlignedAlloc(ScratchSize, 64);
     }
 
+    /// <summary>
+    /// Whether a command timed out on this handle. It refuses every later command then (the kernel
+    /// may still complete the lost one into its buffer): open a new one.
+    /// </summary>
+    public bool IsAbandoned => _abandoned;
+
     /// <summary>Opens the control device, with a message that says what to do when it is missing.</summary>
     public static ControlDevice Open()
     {

@@ -1,0 +1,89 @@
+using UblkSharp.Interop;
+using UblkSharp.Ublk;
+
+namespace UblkSharp.Runtime;
+
+/// <summary>The device is mounted or held open exclusively, so it is not deleted (said in words for the user).</summary>
+public sealed class DeviceBusyException(string message) : IOException(message);
+
+/// <summary>
+/// Deleting a device from outside its daemon (`ublksharp del`, a mount that failed): refuse it if
+/// busy, stop it (IO in flight drains through the daemon), wait for the daemon to exit, delete it
+/// and remove its record.
+/// </summary>
+public static class DeviceDeletion
+{
+    public static TimeSpan StopTimeout { get; } = TimeSpan.FromSeconds(60);
+
+    public static TimeSpan DaemonExitTimeout { get; } = TimeSpan.FromSeconds(30);
+
+    /// <summary>
+    /// Deletes device <paramref name="id"/>. Unless <paramref name="force"/>, a mounted or
+    /// exclusively held device is refused with <see cref="DeviceBusyException"/>; with it, the
+    /// device's IO fails from now on. <paramref name="log"/> hears what the user should know.
+    /// </summary>
+    public static void Delete(ControlDevice control, uint id, bool force, Action<string>? log = null)
+    {
+        ArgumentNullException.ThrowIfNull(control);
+        DevInfo info;
+        try
+        {
+            info = control.GetDeviceInfo(id);
+        }
+        catch (ErrnoException e) when (e.Errno == Errno.ENODEV)
+        {
+            throw new ArgumentException($"no ublk device {id} (see 'ublksharp list')");
+        }
+        // Read before the stop: an unsafe state directory refuses the delete while nothing has changed yet.
+        var record = DeviceRecord.Load(id);
+        StopUnlessBusy(control, id, info, force);
+        WaitForDaemon(id, info.ublksrv_pid, record, DaemonExitTimeout, log);
+        // Asynchronous where the kernel has it: a forced delete must not wait for a mount to go.
+        UblkDevice.DeleteDevice(control, id, StopTimeout);
+        DeviceRecord.Remove(id);
+    }
+
+    /// <summary>
+    /// The busy check and STOP_DEV, as one step. A device that is LIVE and mounted or held open
+    /// exclusively is refused unless <paramref name="force"/>; there is a window between the check
+    /// and the stop in which a mount can still come (a kernel's TRY_STOP_DEV closes it).
+    /// </summary>
+    public static void StopUnlessBusy(ControlDevice control, uint id, DevInfo info, bool force)
+    {
+        ArgumentNullException.ThrowIfNull(control);
+        var block = $"/dev/ublkb{id}";
+        if (!force && (DeviceState)info.state == DeviceState.Live && BlockDevices.IsExclusivelyHeld(block))
+        {
+            throw new DeviceBusyException($"device {id} is busy: {block} is mounted or held open exclusively; unmount it first (or del --force, and its IO fails)");
+        }
+        control.StopDevice(id, StopTimeout);
+    }
+
+    /// <summary>
+    /// After the stop, waits up to <paramref name="timeout"/> for the daemon (pid <paramref name="pid"/>,
+    /// as the kernel has it) to exit. A daemon that ignores the stop cannot keep the device (its
+    /// queues are already aborted), so it is killed, but only when <paramref name="record"/> proves
+    /// that the process is the daemon; any other process is left alone, and <paramref name="log"/> says so.
+    /// </summary>
+    public static void WaitForDaemon(uint id, int pid, DeviceRecord? record, TimeSpan timeout, Action<string>? log = null)
+    {
+        if (pid <= 0 || pid == Environment.ProcessId)
+        {
+            return;
+        }
+        using var daemon = RecordedDaemon.Find(pid, record, out var doubt);
+        if (daemon is not null)
+        {
+            if (!daemon.Process.WaitForExit(timeout))
+            {
+                log?.Invoke($"device {id}: its daemon (pid {pid}) did not exit within {timeout.TotalSeconds:0.#} s of the stop; killing it");
+                daemon.Process.Signal(Processes.SIGKILL);
+                daemon.Process.WaitForExit(TimeSpan.FromSeconds(10));
+            }
+        }
+        else if (doubt is not null && !Processes.WaitForExit(pid, timeout))
+        {
+            log?.Invoke($"device {id}: pid {pid} still runs {timeout.TotalSeconds:0.#} s after the stop; not killing it: {doubt}");
+        }
+    }
+}
