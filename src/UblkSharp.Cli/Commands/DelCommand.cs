@@ -7,11 +7,15 @@ namespace UblkSharp.Cli.Commands;
 
 /// <summary>
 /// `ublksharp del`: STOP_DEV (IO drains through the daemon), wait for the daemon to exit, then
-/// DEL_DEV. A device that is mounted or held open exclusively is refused as busy.
+/// DEL_DEV. A device that is open is refused as busy: by the kernel (TRY_STOP_DEV) where the
+/// device has SAFE_STOP_DEV, else when it is mounted or held open exclusively (a check, then the stop).
 /// </summary>
 internal static class DelCommand
 {
     private static readonly TimeSpan DaemonExitTimeout = TimeSpan.FromSeconds(30);
+
+    // A short-lived opener (udev's blkid probe after a change) is waited out; a real holder is not.
+    private static readonly TimeSpan TransientOpenerWait = TimeSpan.FromSeconds(2);
 
     public static Command Create()
     {
@@ -64,11 +68,15 @@ internal static class DelCommand
             throw new ArgumentException($"no ublk device {id} (see 'ublksharp list')");
         }
         var block = $"/dev/ublkb{id}";
-        if (!force && (DeviceState)info.state == DeviceState.Live && BlockDevices.IsExclusivelyHeld(block))
+        if (force)
         {
-            throw new IOException($"device {id} is busy: {block} is mounted or held open exclusively; unmount it first (or del --force, and its IO fails)");
+            control.StopDevice(id, TimeSpan.FromSeconds(60));
         }
-        control.StopDevice(id, TimeSpan.FromSeconds(60));
+        else if (!UblkDevice.TryStop(control, id, TimeSpan.FromSeconds(60), TransientOpenerWait))
+        {
+            var what = (info.flags & (ulong)UblkFeatures.SafeStopDev) != 0 ? "open (mounted, or held by a process)" : "mounted or held open exclusively";
+            throw new IOException($"device {id} is busy: {block} is {what}; unmount it first (or del --force, and its IO fails)");
+        }
         var pid = info.ublksrv_pid;
         if (pid > 0 && pid != Environment.ProcessId && !Processes.WaitForExit(pid, DaemonExitTimeout))
         {

@@ -61,6 +61,10 @@ public sealed class FaultTarget : BlockTarget
 
     public override long Size => Inner.Size;
 
+    public override bool CanResize => Inner.CanResize;
+
+    public override void Resize(long newSize, bool growBacking) => Inner.Resize(newSize, growBacking);
+
     public override string Kind => "fault";
 
     public override IReadOnlyDictionary<string, string> Recipe
