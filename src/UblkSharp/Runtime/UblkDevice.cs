@@ -543,16 +543,24 @@ public sealed class UblkDevice : IDisposable
     /// later opens, so no opener can slip in between the check and the stop. Elsewhere (6.12) it is
     /// a check, then STOP_DEV: only mounts and O_EXCL openers count, and an opener that comes in
     /// between sees its IO fail. A brief opener (udev's probe) is waited out for
-    /// <paramref name="transientWait"/>; a mount or O_EXCL holder is busy at once.
+    /// <paramref name="transientWait"/>; a mount or O_EXCL holder is busy at once. A device that is
+    /// not live (its daemon gone) is stopped whoever holds it, as `del` always did.
     /// </summary>
     public static bool TryStop(ControlDevice control, uint id, TimeSpan stopTimeout, TimeSpan transientWait)
     {
         ArgumentNullException.ThrowIfNull(control);
         var info = control.GetDeviceInfo(id);
         var block = $"/dev/ublkb{id}";
+        // A device whose daemon is gone (QUIESCED, FAIL_IO) is stopped as before: its openers' IO
+        // is held or failing already, and stopping it is how they are let go.
+        if ((DeviceState)info.state != DeviceState.Live)
+        {
+            control.StopDevice(id, stopTimeout);
+            return true;
+        }
         if ((info.flags & (ulong)UblkFeatures.SafeStopDev) == 0)
         {
-            if ((DeviceState)info.state == DeviceState.Live && BlockDevices.IsExclusivelyHeld(block))
+            if (BlockDevices.IsExclusivelyHeld(block))
             {
                 return false;
             }
