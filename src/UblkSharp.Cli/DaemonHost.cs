@@ -22,13 +22,55 @@ internal static class DaemonHost
             using var intr = PosixSignalRegistration.Create(PosixSignal.SIGINT, c => { c.Cancel = true; stop.Set(); });
             using var target = TargetFactory.Create(kind, recipe);
             using var device = recoverId is uint rid ? UblkDevice.Recover(rid, target, options) : UblkDevice.Create(target, options);
-            (DeviceRecord.Of(device, kind, recipe, target.Size) with { Autoclear = autoclear, SupervisorPid = Supervisor.ParentSupervisorPid }).Save();
+            var record = DeviceRecord.Of(device, kind, recipe, target.Size) with { Autoclear = autoclear, SupervisorPid = Supervisor.ParentSupervisorPid };
+            record.Save();
+            void Resized(long size)
+            {
+                // The record (and so `list`, and a recovery's target) has the new size.
+                var r = new Dictionary<string, string>(record.Recipe);
+                if (r.ContainsKey("size"))
+                {
+                    r["size"] = size.ToString(System.Globalization.CultureInfo.InvariantCulture);
+                }
+                record = record with { Size = size, Recipe = r };
+                record.Save();
+            }
+            // An rbd image resized elsewhere (`rbd resize`): the device follows where the kernel can.
+            long rbdSize = 0;
+            if (target is RbdTarget rbd && device.CanUpdateSize)
+            {
+                rbd.FollowsResizes = true;
+                rbd.Resized += (_, size) => Interlocked.Exchange(ref rbdSize, size);
+            }
+            // Requests that must run on this thread (the control ring's), between waits.
+            void Service()
+            {
+                ResizeRequests.Serve(device, Resized);
+                var follow = Interlocked.Exchange(ref rbdSize, 0) & ~511L;
+                if (follow > 0 && follow != device.KernelSize)
+                {
+                    try
+                    {
+                        device.Resize(follow, allowShrink: true, growBacking: false);
+                        Resized(device.KernelSize);
+                        Console.Error.WriteLine($"ublksharp: device {device.Id} follows its rbd image: now {follow} bytes");
+                    }
+                    catch (Exception e) when (CliErrors.IsExpected(e))
+                    {
+                        Console.Error.WriteLine($"ublksharp: device {device.Id}: following the rbd image's resize failed: {CliErrors.Describe(e)}");
+                    }
+                }
+            }
             Console.WriteLine(device.BlockPath);
             DaemonLauncher.ReportReady(readyFile, device.Id, device.BlockPath);
             if (autoclear)
             {
                 var watch = new Autoclear(device.BlockPath);
-                if (watch.WaitUntilReleased(() => stop.IsSet || device.WaitForStop(TimeSpan.Zero)))
+                if (watch.WaitUntilReleased(() =>
+                {
+                    Service();
+                    return stop.IsSet || device.WaitForStop(TimeSpan.Zero);
+                }))
                 {
                     var left = watch.Retire(TimeSpan.FromSeconds(30));
                     Console.Error.WriteLine($"ublksharp: device {device.Id} is no longer mounted; deleting it{(left > 0 ? $" ({left} openers still hold it)" : "")}");
@@ -39,6 +81,7 @@ internal static class DaemonHost
                 // Serve until a signal, or until someone else stops the device (ublksharp del).
                 while (!stop.Wait(250) && !device.WaitForStop(TimeSpan.Zero))
                 {
+                    Service();
                 }
             }
             var id = device.Id;

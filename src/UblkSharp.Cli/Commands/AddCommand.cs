@@ -22,11 +22,12 @@ internal static class AddCommand
         var supervise = new Option<bool>("--supervise") { Description = "Recover the device automatically when its daemon dies (needs --recovery on or reissue)" };
         var autoclear = new Option<bool>("--autoclear") { Description = "Delete the device once it has been mounted and its last mount is gone" };
         var startTimeout = new Option<int>("--start-timeout") { Description = "Seconds the device may take to start (the kernel reads its partition table through the target)", DefaultValueFactory = _ => 60 };
+        var noPartitionScan = new Option<bool>("--no-partition-scan") { Description = "Do not read a partition table when the device starts (Linux 7.0+)" };
         var readyFile = new Option<string?>("--ready-file") { Hidden = true };
 
         var command = new Command("add", "Create a ublk device and serve it")
         {
-            number, queues, depth, maxIo, foreground, recovery, supervise, autoclear, startTimeout, readyFile,
+            number, queues, depth, maxIo, foreground, recovery, supervise, autoclear, startTimeout, noPartitionScan, readyFile,
         };
         target.AddTo(command);
         command.SetAction(r =>
@@ -42,6 +43,7 @@ internal static class AddCommand
                 MaxIoBytes = maxIoText is null ? 512 * 1024 : (int)Math.Min(int.MaxValue, ByteSize.Parse(maxIoText)),
                 Recovery = RecoveryModes.Parse(r.GetValue(recovery)!),
                 StartTimeout = TimeSpan.FromSeconds(r.GetValue(startTimeout)),
+                NoPartitionScan = r.GetValue(noPartitionScan),
             };
             options.Validate();
             if (r.GetValue(supervise) && options.Recovery is not (RecoveryMode.On or RecoveryMode.Reissue))
@@ -79,11 +81,31 @@ internal static class AddCommand
             // Bad input is reported first, and before any daemon starts.
             TargetFactory.Create(kind, recipe).Dispose();
             Preflight.RequireRootAndDriver();
+            RequireOffered(options);
             var (_, path) = DaemonLauncher.Launch(args);
             Console.WriteLine(path);
             return 0;
         });
         return command;
+    }
+
+    // What the kernel must offer for these options, said before a daemon starts.
+    private static void RequireOffered(DeviceOptions options)
+    {
+        if (!options.NoPartitionScan && options.Recovery != RecoveryMode.FailIo)
+        {
+            return;
+        }
+        using var control = Ublk.ControlDevice.Open();
+        var offered = control.GetFeatures();
+        if (options.NoPartitionScan && (offered & Ublk.UblkFeatures.NoAutoPartScan) == 0)
+        {
+            throw new NotSupportedException($"--no-partition-scan needs NO_AUTO_PART_SCAN (Linux 7.0+); this kernel's ublk driver ({Environment.OSVersion.Version}) does not offer it");
+        }
+        if (options.Recovery == RecoveryMode.FailIo && (offered & Ublk.UblkFeatures.UserRecoveryFailIo) == 0)
+        {
+            throw new NotSupportedException($"--recovery fail-io needs USER_RECOVERY_FAIL_IO (Linux 6.13+); this kernel's ublk driver ({Environment.OSVersion.Version}) does not offer it");
+        }
     }
 
     private static string[] WithoutOptions(string[] args, params string[] drop)

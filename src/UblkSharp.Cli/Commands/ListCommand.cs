@@ -76,6 +76,13 @@ internal static class ListCommand
                 w.WriteNumber("size", x.Size);
                 w.WriteString("target", x.Target);
                 w.WriteString("flags", x.Flags);
+                // The same, as a list: which ublk features (recovery mode, SAFE_STOP_DEV, ...) the device uses.
+                w.WriteStartArray("features");
+                foreach (var name in x.Flags.Split('|', StringSplitOptions.RemoveEmptyEntries).Where(n => n != "none"))
+                {
+                    w.WriteStringValue(name);
+                }
+                w.WriteEndArray();
                 w.WriteString("path", x.Path);
                 w.WriteStartObject("options");
                 foreach (var (k, v) in x.Recipe ?? [])

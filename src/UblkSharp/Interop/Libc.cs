@@ -27,6 +27,7 @@ internal static unsafe partial class Libc
     public const int MAP_PRIVATE = 0x02;
     public const int MAP_ANONYMOUS = 0x20;
     public const int MAP_POPULATE = 0x8000;
+    public const int MAP_NORESERVE = 0x4000;
     public static readonly nint MAP_FAILED = -1;
 
     public const int EFD_CLOEXEC = 0x80000;

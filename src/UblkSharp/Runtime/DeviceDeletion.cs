@@ -43,20 +43,28 @@ public static class DeviceDeletion
         DeviceRecord.Remove(id);
     }
 
+    // A short-lived opener (udev's blkid probe after a change) is waited out; a real holder is not.
+    private static readonly TimeSpan TransientOpenerWait = TimeSpan.FromSeconds(2);
+
     /// <summary>
-    /// The busy check and STOP_DEV, as one step. A device that is LIVE and mounted or held open
-    /// exclusively is refused unless <paramref name="force"/>; there is a window between the check
-    /// and the stop in which a mount can still come (a kernel's TRY_STOP_DEV closes it).
+    /// The busy check and STOP_DEV, as one step (<see cref="UblkDevice.TryStop"/>): where the device
+    /// has SAFE_STOP_DEV (7.0+) the kernel decides with TRY_STOP_DEV, so no opener slips in between;
+    /// elsewhere a LIVE device that is mounted or held open exclusively is refused, then stopped.
+    /// <paramref name="force"/> stops it whoever holds it (its IO fails from then on).
     /// </summary>
     public static void StopUnlessBusy(ControlDevice control, uint id, DevInfo info, bool force)
     {
         ArgumentNullException.ThrowIfNull(control);
-        var block = $"/dev/ublkb{id}";
-        if (!force && (DeviceState)info.state == DeviceState.Live && BlockDevices.IsExclusivelyHeld(block))
+        if (force)
         {
-            throw new DeviceBusyException($"device {id} is busy: {block} is mounted or held open exclusively; unmount it first (or del --force, and its IO fails)");
+            control.StopDevice(id, StopTimeout);
+            return;
         }
-        control.StopDevice(id, StopTimeout);
+        if (!UblkDevice.TryStop(control, id, StopTimeout, TransientOpenerWait))
+        {
+            var what = (info.flags & (ulong)UblkFeatures.SafeStopDev) != 0 ? "open (mounted, or held by a process)" : "mounted or held open exclusively";
+            throw new DeviceBusyException($"device {id} is busy: /dev/ublkb{id} is {what}; unmount it first (or del --force, and its IO fails)");
+        }
     }
 
     /// <summary>

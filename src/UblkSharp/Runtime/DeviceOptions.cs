@@ -23,6 +23,12 @@ public sealed record DeviceOptions
     /// <summary>What happens to IO when the daemon dies, and whether the device can be recovered.</summary>
     public RecoveryMode Recovery { get; init; } = RecoveryMode.Off;
 
+    /// <summary>
+    /// NO_AUTO_PART_SCAN (Linux 7.0+): START_DEV does not read a partition table, so no /dev/ublkbNpM
+    /// appear (a later `blockdev --rereadpt` or `partx -a` still can). Refused on older kernels.
+    /// </summary>
+    public bool NoPartitionScan { get; init; }
+
     /// <summary>Pin each queue thread to the CPUs blk-mq maps to its queue (GET_QUEUE_AFFINITY).</summary>
     public bool PinQueues { get; init; } = true;
 

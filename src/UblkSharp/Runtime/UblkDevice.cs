@@ -103,9 +103,14 @@ public sealed class UblkDevice : IDisposable
         UblkDevice? device = null;
         try
         {
-            var wanted = options.Flags | options.Recovery.Flags();
+            var wanted = options.Flags | options.Recovery.Flags() | (options.NoPartitionScan ? UblkFeatures.NoAutoPartScan : 0);
             RequireFeatures(control, wanted);
             var optional = WantsUserCopy(control, target, wanted) ? UblkFeatures.UserCopy : 0;
+            // A recoverable device can also be quiesced for a hand-over where the driver can (6.16+).
+            if (options.Recovery != RecoveryMode.Off && (Offered(control) & UblkFeatures.Quiesce) != 0)
+            {
+                optional |= UblkFeatures.Quiesce;
+            }
             var request = new DevInfo
             {
                 nr_hw_queues = (ushort)options.Queues,
@@ -152,6 +157,16 @@ public sealed class UblkDevice : IDisposable
         try
         {
             var info = Recoverability.Check(control, id);
+            // The device may have been resized since its target's recipe was written: the kernel's size rules.
+            var kernelSize = (long)control.GetParams(id).basic.dev_sectors << 9;
+            if (kernelSize != target.Size)
+            {
+                if (!target.CanResize)
+                {
+                    throw new RecoveryRefusedException($"device {id} is {kernelSize} bytes but the {target.Kind} target is {target.Size} bytes");
+                }
+                target.Resize(kernelSize, growBacking: false);
+            }
             var deadline = Environment.TickCount64 + (long)options.StartTimeout.TotalMilliseconds;
             while (true)
             {
@@ -190,6 +205,122 @@ public sealed class UblkDevice : IDisposable
             control.Dispose();
             throw;
         }
+    }
+
+    // GET_FEATURES; nothing on a driver older than 6.5.
+    private static UblkFeatures Offered(ControlDevice control)
+    {
+        try
+        {
+            return control.GetFeatures();
+        }
+        catch (ErrnoException)
+        {
+            return UblkFeatures.None;
+        }
+    }
+
+    /// <summary>Whether the driver has UPDATE_SIZE (Linux 6.16+), so <see cref="Resize"/> can work.</summary>
+    public bool CanUpdateSize => (Offered(_control) & UblkFeatures.UpdateSize) != 0;
+
+    /// <summary>The capacity the kernel has for this device now (it changes with <see cref="Resize"/>).</summary>
+    public long KernelSize => (long)_control.GetParams(Id).basic.dev_sectors << 9;
+
+    /// <summary>
+    /// UPDATE_SIZE (Linux 6.16+): the device takes <paramref name="newSize"/> bytes while it serves.
+    /// The target grows before the kernel does and shrinks after it, so every request the kernel
+    /// sends is in range. A shrink needs <paramref name="allowShrink"/>: data past the new end is no
+    /// longer reachable. Call it from the thread that created the device (the control ring's).
+    /// </summary>
+    public void Resize(long newSize, bool allowShrink, bool growBacking)
+    {
+        ObjectDisposedException.ThrowIf(_deleted, this);
+        if ((Offered(_control) & UblkFeatures.UpdateSize) == 0)
+        {
+            throw new NotSupportedException(NoUpdateSizeMessage);
+        }
+        var lbs = _target.LogicalBlockSize;
+        if (newSize <= 0 || newSize % lbs != 0)
+        {
+            throw new ArgumentException($"The device size must be a positive multiple of {lbs} bytes, not {newSize}");
+        }
+        if (!_target.CanResize)
+        {
+            throw new NotSupportedException($"the {_target.Kind} target cannot change its size");
+        }
+        var old = KernelSize;
+        if (newSize < old && !allowShrink)
+        {
+            throw new ArgumentException($"device {Id} is {old} bytes; shrinking it to {newSize} cuts off what lies past the new end: pass --shrink to do it anyway");
+        }
+        if (newSize >= old)
+        {
+            _target.Resize(newSize, growBacking);
+            _control.UpdateSize(Id, (ulong)newSize >> 9);
+        }
+        else
+        {
+            _control.UpdateSize(Id, (ulong)newSize >> 9);
+            _target.Resize(newSize, growBacking);
+        }
+    }
+
+    /// <summary>What a kernel without UPDATE_SIZE is told.</summary>
+    public static string NoUpdateSizeMessage =>
+        $"this kernel's ublk driver ({Environment.OSVersion.Version}) does not offer UPDATE_SIZE (Linux 6.16+): a device keeps the size it was created with; " +
+        "delete it and add it again with the new size";
+
+    /// <summary>
+    /// QUIESCE_DEV (Linux 6.16+; a device created with recovery): the kernel waits up to
+    /// <paramref name="wait"/> for each queue to have an idle tag, holds new IO (or fails it, with
+    /// recovery fail-io) and aborts this daemon's fetches; the queues end, and this process lets go
+    /// of the device without stopping it. The device is then QUIESCED (FAIL_IO with fail-io), ready
+    /// for <see cref="Recover"/> by this or another process. False if IO did not drain in time
+    /// (nothing changed).
+    /// </summary>
+    public bool Quiesce(TimeSpan wait)
+    {
+        ObjectDisposedException.ThrowIf(_deleted, this);
+        if (((UblkFeatures)Info.flags & UblkFeatures.Quiesce) == 0)
+        {
+            throw new NotSupportedException((Offered(_control) & UblkFeatures.Quiesce) == 0
+                ? $"this kernel's ublk driver ({Environment.OSVersion.Version}) does not offer QUIESCE (Linux 6.16+)"
+                : $"device {Id} was created without recovery (--recovery on|reissue|fail-io), so it cannot be quiesced");
+        }
+        var res = _control.QuiesceDevice(Id, wait);
+        if (res == -Errno.EBUSY)
+        {
+            return false;
+        }
+        if (res < 0)
+        {
+            throw new ErrnoException(-res, "UBLK_U_CMD_QUIESCE_DEV", $"device {Id}");
+        }
+        if (!WaitForStop(_options.StopTimeout))
+        {
+            throw new TimeoutException($"ublk device {Id}: queues did not end within {_options.StopTimeout.TotalSeconds} s of QUIESCE_DEV");
+        }
+        _deleted = true;
+        ReleaseLocal();
+        try
+        {
+            // The state turns when the kernel drops the last reference to /dev/ublkcN, which a
+            // closing io_uring gives up a little later (its teardown is asynchronous).
+            var deadline = Environment.TickCount64 + (long)_options.StopTimeout.TotalMilliseconds;
+            while ((DeviceState)_control.GetDeviceInfo(Id).state == DeviceState.Live)
+            {
+                if (Environment.TickCount64 > deadline)
+                {
+                    throw new TimeoutException($"ublk device {Id} is still live {_options.StopTimeout.TotalSeconds} s after QUIESCE_DEV");
+                }
+                Thread.Sleep(10);
+            }
+        }
+        finally
+        {
+            _control.Dispose();
+        }
+        return true;
     }
 
     private static void RequireFeatures(ControlDevice control, UblkFeatures wanted)
@@ -433,6 +564,62 @@ public sealed class UblkDevice : IDisposable
         }
         catch (ErrnoException e) when (e.Errno == Errno.ENODEV)
         {
+        }
+    }
+
+    /// <summary>
+    /// Stops device <paramref name="id"/> unless its block device is open; false when it is (the device
+    /// then serves on, untouched). Where the device has SAFE_STOP_DEV (the 7.0+ driver sets it on
+    /// every device) the kernel decides with TRY_STOP_DEV under the disk's open mutex and refuses
+    /// later opens, so no opener can slip in between the check and the stop. Elsewhere (6.12) it is
+    /// a check, then STOP_DEV: only mounts and O_EXCL openers count, and an opener that comes in
+    /// between sees its IO fail. A brief opener (udev's probe) is waited out for
+    /// <paramref name="transientWait"/>; a mount or O_EXCL holder is busy at once. A device that is
+    /// not live (its daemon gone) is stopped whoever holds it, as `del` always did.
+    /// </summary>
+    public static bool TryStop(ControlDevice control, uint id, TimeSpan stopTimeout, TimeSpan transientWait)
+    {
+        ArgumentNullException.ThrowIfNull(control);
+        var info = control.GetDeviceInfo(id);
+        var block = $"/dev/ublkb{id}";
+        // A device whose daemon is gone (QUIESCED, FAIL_IO) is stopped as before: its openers' IO
+        // is held or failing already, and stopping it is how they are let go.
+        if ((DeviceState)info.state != DeviceState.Live)
+        {
+            control.StopDevice(id, stopTimeout);
+            return true;
+        }
+        if ((info.flags & (ulong)UblkFeatures.SafeStopDev) == 0)
+        {
+            if (BlockDevices.IsExclusivelyHeld(block))
+            {
+                return false;
+            }
+            control.StopDevice(id, stopTimeout);
+            return true;
+        }
+        var deadline = Environment.TickCount64 + (long)transientWait.TotalMilliseconds;
+        while (true)
+        {
+            var res = control.TryStopDevice(id, stopTimeout);
+            switch (-res)
+            {
+                case 0:
+                    return true;
+                case Errno.ENODEV when (DeviceState)control.GetDeviceInfo(id).state != DeviceState.Live:
+                    // No disk (never started, or stopped already): nothing can hold it; make sure its queues end.
+                    control.StopDevice(id, stopTimeout);
+                    return true;
+                case Errno.EBUSY:
+                    if (BlockDevices.IsExclusivelyHeld(block) || Environment.TickCount64 >= deadline)
+                    {
+                        return false;
+                    }
+                    Thread.Sleep(20);
+                    break;
+                default:
+                    throw new ErrnoException(-res, "UBLK_U_CMD_TRY_STOP_DEV", $"device {id}");
+            }
         }
     }
 

@@ -28,6 +28,18 @@ public abstract unsafe class BlockTarget : IDisposable
     /// <summary>Capacity in bytes; a multiple of <see cref="LogicalBlockSize"/>.</summary>
     public abstract long Size { get; }
 
+    /// <summary>Whether <see cref="Resize"/> can change <see cref="Size"/> while the device serves.</summary>
+    public virtual bool CanResize => false;
+
+    /// <summary>
+    /// Takes a new capacity (a multiple of <see cref="LogicalBlockSize"/>) while queues serve. The
+    /// runtime calls it before telling the kernel of a larger size, and after a smaller one, so the
+    /// target always accepts the IO the kernel may send. <paramref name="growBacking"/>: a target
+    /// with a backing file may extend the file to fit; without it, a file too small is an error.
+    /// </summary>
+    public virtual void Resize(long newSize, bool growBacking)
+        => throw new NotSupportedException($"the {Kind} target cannot change its size");
+
     /// <summary>A short name for listings, e.g. "loop".</summary>
     public abstract string Kind { get; }
 

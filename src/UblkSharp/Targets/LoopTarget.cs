@@ -55,18 +55,18 @@ public sealed unsafe class LoopTarget : BlockTarget, IUserCopyTarget
             _ => IsBlockDevice || !IsMemoryFileSystem(_fd),
         };
         // Like the loop driver, a tail shorter than a sector is not part of the device.
-        Size = (long)bytes & ~511L;
-        if (Size == 0)
+        _size = (long)bytes & ~511L;
+        if (_size == 0)
         {
             _handle.Dispose();
             throw new ArgumentException($"{path} is {bytes} bytes: a loop device needs at least 512");
         }
-        if (!UsesRing && !IsBlockDevice && Size <= MaxMappedBytes && IsMemoryFileSystem(_fd))
+        if (!UsesRing && !IsBlockDevice && _size <= MaxMappedBytes && IsMemoryFileSystem(_fd))
         {
             try
             {
-                _map = MappedMemory.Map(_fd, 0, (nuint)Size, Libc.PROT_READ | (readOnly ? 0 : Libc.PROT_WRITE), Libc.MAP_SHARED, $"loop backing file {path}");
-                _present = new long[((Size >> PageShift) + 64) / 64];
+                _map = MappedMemory.Map(_fd, 0, (nuint)_size, Libc.PROT_READ | (readOnly ? 0 : Libc.PROT_WRITE), Libc.MAP_SHARED, $"loop backing file {path}");
+                _present = new long[((_size >> PageShift) + 64) / 64];
                 FindData();
             }
             catch (ErrnoException)
@@ -91,7 +91,40 @@ public sealed unsafe class LoopTarget : BlockTarget, IUserCopyTarget
         return Libc.fstatfs(fd, buf) == 0 && buf[0] is Libc.TMPFS_MAGIC or Libc.RAMFS_MAGIC;
     }
 
-    public override long Size { get; }
+    private long _size;
+
+    public override long Size => Volatile.Read(ref _size);
+
+    // The tmpfs mapping covers the file as it was opened; IO past it (after a resize) takes pread/pwrite.
+    private long MappedBytes => _map is null ? 0 : (long)_map.Length;
+
+    public override bool CanResize => !_readOnly;
+
+    /// <summary>
+    /// The device takes a new size. The backing file must hold it: a regular file is extended
+    /// (ftruncate, a sparse tail of zeros) only with <paramref name="growBacking"/>, and never cut
+    /// on a shrink (what lies past the new end stays in the file); a block device cannot grow.
+    /// </summary>
+    public override void Resize(long newSize, bool growBacking)
+    {
+        ObjectDisposedException.ThrowIf(_handle.IsClosed, this);
+        if (_readOnly)
+        {
+            throw new NotSupportedException($"{Path} is served read-only: the device cannot change its size");
+        }
+        ulong bytes = 0;
+        var have = Libc.ioctl(_fd, Libc.BLKGETSIZE64, &bytes) == 0 ? (long)bytes : RandomAccess.GetLength(_handle);
+        if (have < newSize)
+        {
+            if (IsBlockDevice || !growBacking)
+            {
+                throw new InvalidOperationException($"{Path} is {have} bytes, less than {newSize}: " +
+                    (IsBlockDevice ? "a backing block device cannot be grown from here" : "grow the file first, or pass --grow-file"));
+            }
+            RandomAccess.SetLength(_handle, newSize);
+        }
+        Volatile.Write(ref _size, newSize);
+    }
 
     public override string Kind => "loop";
 
@@ -163,9 +196,9 @@ public sealed unsafe class LoopTarget : BlockTarget, IUserCopyTarget
             var iov = new Iovec { iov_base = p, iov_len = (nuint)length };
             n = Libc.pwritev2(_fd, &iov, 1, offset, rwFlags);
         }
-        if (n > 0 && _map is not null && offset < Size)
+        if (n > 0 && _map is not null && offset < MappedBytes)
         {
-            SetPresent(offset, Math.Min(n, Size - offset), true);
+            SetPresent(offset, Math.Min(n, MappedBytes - offset), true);
         }
         return n >= 0 ? (int)n : -Marshal.GetLastPInvokeError();
     }
@@ -205,7 +238,7 @@ public sealed unsafe class LoopTarget : BlockTarget, IUserCopyTarget
 
     private void Punched(long offset, long length)
     {
-        var n = Math.Min(length, Size - offset);
+        var n = Math.Min(length, MappedBytes - offset);
         if (_map is not null && offset >= 0 && n > 0)
         {
             SetPresent(offset, n, false);
@@ -274,7 +307,7 @@ public sealed unsafe class LoopTarget : BlockTarget, IUserCopyTarget
     int IUserCopyTarget.ReadToRequest(int charFd, long requestPosition, long offset, int length)
     {
         // A hole read through a shared tmpfs mapping would allocate pages: holes take pread, which does not.
-        if (_map is null || offset + length > Size || !AllPresent(offset, length))
+        if (_map is null || offset + length > MappedBytes || !AllPresent(offset, length))
         {
             return IUserCopyTarget.NotDirect;
         }
@@ -285,7 +318,7 @@ public sealed unsafe class LoopTarget : BlockTarget, IUserCopyTarget
     int IUserCopyTarget.WriteFromRequest(int charFd, long requestPosition, long offset, int length, bool fua)
     {
         // FUA needs nothing more: tmpfs and ramfs have no stable storage to reach (their fdatasync is a no-op).
-        if (_map is null || _readOnly || offset + length > Size)
+        if (_map is null || _readOnly || offset + length > MappedBytes)
         {
             return IUserCopyTarget.NotDirect;
         }
@@ -322,9 +355,9 @@ public sealed unsafe class LoopTarget : BlockTarget, IUserCopyTarget
     /// <summary>Marks the pages that hold data now (SEEK_DATA/SEEK_HOLE; tmpfs answers per page).</summary>
     private void FindData()
     {
-        for (long offset = 0; offset < Size;)
+        for (long offset = 0; offset < MappedBytes;)
         {
-            var n = FileRanges.Run(_fd, offset, Size - offset, out var hole);
+            var n = FileRanges.Run(_fd, offset, MappedBytes - offset, out var hole);
             if (n <= 0)
             {
                 return; // cannot tell: the rest stays "hole", served by pread

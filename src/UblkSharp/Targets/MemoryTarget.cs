@@ -14,11 +14,47 @@ public sealed unsafe class MemoryTarget : BlockTarget
         {
             throw new ArgumentOutOfRangeException(nameof(size), "The size must be a positive multiple of 4096 bytes");
         }
-        Size = size;
-        _memory = MappedMemory.MapAnonymous((nuint)size, "memory target");
+        _size = size;
+        // Address space for growth (resize), committed only as it is written; where the kernel
+        // refuses a reservation that large (strict overcommit), the device cannot grow.
+        try
+        {
+            _memory = MappedMemory.Map(-1, 0, (nuint)Math.Max(size, GrowthReserve), Libc.PROT_READ | Libc.PROT_WRITE,
+                Libc.MAP_PRIVATE | Libc.MAP_ANONYMOUS | Libc.MAP_NORESERVE, "memory target");
+        }
+        catch (ErrnoException)
+        {
+            _memory = MappedMemory.MapAnonymous((nuint)size, "memory target");
+        }
     }
 
-    public override long Size { get; }
+    /// <summary>The largest size a memory device can grow to.</summary>
+    public const long GrowthReserve = 1L << 40;
+
+    private long _size;
+
+    public override long Size => Volatile.Read(ref _size);
+
+    public override bool CanResize => true;
+
+    public override void Resize(long newSize, bool growBacking)
+    {
+        if (newSize <= 0 || newSize % 4096 != 0)
+        {
+            throw new ArgumentOutOfRangeException(nameof(newSize), "The size must be a positive multiple of 4096 bytes");
+        }
+        if ((ulong)newSize > _memory.Length)
+        {
+            throw new ArgumentOutOfRangeException(nameof(newSize), $"a memory device can grow to {_memory.Length} bytes here, not {newSize}");
+        }
+        var old = Size;
+        if (newSize > old)
+        {
+            // What grows into view reads as zeros, whatever a shrink left there.
+            ZeroAndRelease(old, newSize - old);
+        }
+        Volatile.Write(ref _size, newSize);
+    }
 
     public override string Kind => "mem";
 

@@ -11,7 +11,13 @@ namespace UblkSharp.Targets;
 /// </summary>
 public sealed class NullTarget(long size) : BlockTarget
 {
-    public override long Size { get; } = size;
+    private long _size = size;
+
+    public override long Size => Volatile.Read(ref _size);
+
+    public override bool CanResize => true;
+
+    public override void Resize(long newSize, bool growBacking) => Volatile.Write(ref _size, newSize);
 
     public override string Kind => "null";
 

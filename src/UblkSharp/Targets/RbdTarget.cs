@@ -75,8 +75,23 @@ public sealed unsafe class RbdTarget : BlockTarget
     /// <summary>"pool/image" or "pool/image@snap", for messages.</summary>
     public string Name => $"{_options.Pool}/{_options.Image}{(_options.Snapshot is null ? "" : "@" + _options.Snapshot)}";
 
-    /// <summary>The image's size when it was opened: a device cannot follow a resize on 6.12.</summary>
-    public override long Size => _size;
+    /// <summary>The image's size when it was opened, or as last followed (<see cref="Resize"/>): a device cannot follow a resize on 6.12.</summary>
+    public override long Size => Volatile.Read(ref _size);
+
+    /// <summary>Set by a daemon whose kernel has UPDATE_SIZE: it follows <see cref="Resized"/> with <see cref="Resize"/>.</summary>
+    public bool FollowsResizes { get; set; }
+
+    public override bool CanResize => !_readOnly;
+
+    /// <summary>The device follows the image: IO up to <paramref name="newSize"/> goes to librbd, which checks it against the image.</summary>
+    public override void Resize(long newSize, bool growBacking)
+    {
+        if (_readOnly)
+        {
+            throw new NotSupportedException($"{Name} is served read-only: the device cannot change its size");
+        }
+        Volatile.Write(ref _size, newSize & ~511L);
+    }
 
     /// <summary>The image's size as last seen: it differs from <see cref="Size"/> after a resize.</summary>
     public long ImageSize => Volatile.Read(ref _imageSize);
@@ -226,6 +241,12 @@ public sealed unsafe class RbdTarget : BlockTarget
             return;
         }
         var grown = (long)size > Size;
+        if (FollowsResizes)
+        {
+            Log($"rbd: the image {Name} was resized from {old} to {size} bytes; the device follows it");
+            Resized?.Invoke(old, (long)size);
+            return;
+        }
         Log($"rbd: the image {Name} was resized from {old} to {size} bytes; the device keeps its size of {Size} bytes"
             + (grown
                 ? ": growing a ublk device needs UPDATE_SIZE (Linux 6.16 or later)" + (KernelBefore616(Environment.OSVersion.Version) ? $", and this kernel is {Environment.OSVersion.Version}" : "")

@@ -25,6 +25,10 @@ public abstract class WrapperTarget : BlockTarget
 
     public override long Size => Inner.Size;
 
+    public override bool CanResize => Inner.CanResize;
+
+    public override void Resize(long newSize, bool growBacking) => Inner.Resize(newSize, growBacking);
+
     public override string Kind => Inner.Kind;
 
     public override IReadOnlyDictionary<string, string> Recipe => Inner.Recipe;

@@ -140,6 +140,33 @@ public sealed unsafe class ControlDevice : IDisposable
         Check(res, "UBLK_CMD_STOP_DEV", devId);
     }
 
+    /// <summary>
+    /// TRY_STOP_DEV (SAFE_STOP_DEV, 7.0+): STOP_DEV only if nobody has /dev/ublkbN open. The check and
+    /// the stop happen under the disk's open mutex, and a later open fails with ENXIO, so no opener can
+    /// slip in between. Returns 0, -EBUSY (held open; nothing changed), -ENODEV (no such device, or
+    /// no disk: never started or already stopped) or -EOPNOTSUPP/-EINVAL (a driver without the command).
+    /// </summary>
+    public int TryStopDevice(uint devId, TimeSpan timeout)
+        => Execute(UblkCommands.TryStopDev, new CtrlCmd { dev_id = devId, queue_id = ushort.MaxValue }, default, default, timeout);
+
+    /// <summary>UPDATE_SIZE (6.16+): the disk's capacity becomes <paramref name="sectors"/> (512-byte) at once.</summary>
+    public void UpdateSize(uint devId, ulong sectors)
+    {
+        var res = Execute(UblkCommands.UpdateSize, new CtrlCmd { dev_id = devId, queue_id = ushort.MaxValue, data = sectors }, default, default, DefaultTimeout);
+        Check(res, "UBLK_U_CMD_UPDATE_SIZE", devId);
+    }
+
+    /// <summary>
+    /// QUIESCE_DEV (6.16+, a device created with QUIESCE and USER_RECOVERY): waits up to
+    /// <paramref name="wait"/> (0 = forever, in the kernel) until every queue has an idle tag, then
+    /// aborts the daemon's fetch commands (their CQEs carry -ENODEV). Once the daemon closes
+    /// /dev/ublkcN the device is QUIESCED and a new daemon can recover it. -EBUSY: IO did not drain
+    /// in time; -EOPNOTSUPP: the device lacks QUIESCE. A device that is not live is left as it is.
+    /// </summary>
+    public int QuiesceDevice(uint devId, TimeSpan wait)
+        => Execute(UblkCommands.QuiesceDev, new CtrlCmd { dev_id = devId, queue_id = ushort.MaxValue, data = (ulong)wait.TotalMilliseconds },
+            default, default, wait + DefaultTimeout);
+
     /// <summary>DEL_DEV: waits until the daemon has closed /dev/ublkcN and its mappings.</summary>
     public void DeleteDevice(uint devId, TimeSpan timeout)
     {

@@ -26,6 +26,7 @@ public static class UblkCommands
     public static readonly uint DelDevAsync = Ctrl(IocRead, 0x14);
     public static readonly uint UpdateSize = Ctrl(IocRead | IocWrite, 0x15);
     public static readonly uint QuiesceDev = Ctrl(IocRead | IocWrite, 0x16);
+    public static readonly uint TryStopDev = Ctrl(IocRead | IocWrite, 0x17);
 
     public static readonly uint FetchReq = Io(0x20);
     public static readonly uint CommitAndFetchReq = Io(0x21);

@@ -25,6 +25,7 @@ public enum UblkFeatures : ulong
     SafeStopDev = 1ul << 17,
     NoAutoPartScan = 1ul << 18,
     ShmemZc = 1ul << 19,
+    IoDescSize = 1ul << 20,
 }
 
 public static class UblkFeatureNames
@@ -51,6 +52,8 @@ public static class UblkFeatureNames
         (UblkFeatures.SafeStopDev, "SAFE_STOP_DEV", "7.0"),
         (UblkFeatures.NoAutoPartScan, "NO_AUTO_PART_SCAN", "7.0"),
         (UblkFeatures.ShmemZc, "SHMEM_ZC", "7.1"),
+        // Offered by 7.3.4 (mask 0x1fffff); the release that added it is not pinned down here.
+        (UblkFeatures.IoDescSize, "IO_DESC_SIZE", "7.3"),
     ];
 
     /// <summary>Every known flag with its name, the mainline release that added it, and whether <paramref name="mask"/> has it.</summary>

@@ -164,5 +164,28 @@ public class StructLayoutTests
         Assert.Equal(4096L, UblkCommands.DescriptorLength(128));
     }
 
+    /// <summary>
+    /// Newer than the installed 6.1 header: values as the mainline uapi (ublk_cmd.h, 7.x) defines
+    /// them: _IOWR('u', 0x15/0x16/0x17, struct ublksrv_ctrl_cmd) with its 32 bytes, and the UBLK_F_* bits.
+    /// </summary>
+    [Fact]
+    public void SevenXControlCommandsAndFlagsMatchTheLaterUapi()
+    {
+        Assert.Equal(0xc0207515u, UblkCommands.UpdateSize);     // UBLK_U_CMD_UPDATE_SIZE
+        Assert.Equal(0xc0207516u, UblkCommands.QuiesceDev);     // UBLK_U_CMD_QUIESCE_DEV
+        Assert.Equal(0xc0207517u, UblkCommands.TryStopDev);     // UBLK_U_CMD_TRY_STOP_DEV
+        Assert.Equal(0x80207514u, UblkCommands.DelDevAsync);    // UBLK_U_CMD_DEL_DEV_ASYNC (_IOR)
+        Assert.Equal(1ul << 9, (ulong)UblkFeatures.UserRecoveryFailIo);
+        Assert.Equal(1ul << 10, (ulong)UblkFeatures.UpdateSize);
+        Assert.Equal(1ul << 12, (ulong)UblkFeatures.Quiesce);
+        Assert.Equal(1ul << 17, (ulong)UblkFeatures.SafeStopDev);
+        Assert.Equal(1ul << 18, (ulong)UblkFeatures.NoAutoPartScan);
+        Assert.Equal(1ul << 19, (ulong)UblkFeatures.ShmemZc);
+        Assert.Equal(1ul << 20, (ulong)UblkFeatures.IoDescSize);
+        // `ublksharp features` names every bit up to 20: no bit of 7.3's mask 0x1fffff goes unnamed.
+        Assert.Equal(21, UblkFeatureNames.Describe((UblkFeatures)0x1fffff).Count(f => f.Present));
+        Assert.DoesNotContain("0x", UblkFeatureNames.Format((UblkFeatures)0x1fffff));
+    }
+
     private static int SizeOf(Type t) => (int)typeof(Unsafe).GetMethod(nameof(Unsafe.SizeOf))!.MakeGenericMethod(t).Invoke(null, null)!;
 }
