@@ -3,7 +3,7 @@ using UblkSharp.Ublk;
 
 namespace UblkSharp.Runtime;
 
-/// <summary>The device is mounted or held open exclusively, so it is not deleted (said in words for the user).</summary>
+/// <summary>The device is open (mounted, or held by a process), so it is not deleted (said in words for the user).</summary>
 public sealed class DeviceBusyException(string message) : IOException(message);
 
 /// <summary>
@@ -18,8 +18,8 @@ public static class DeviceDeletion
     public static TimeSpan DaemonExitTimeout { get; } = TimeSpan.FromSeconds(30);
 
     /// <summary>
-    /// Deletes device <paramref name="id"/>. Unless <paramref name="force"/>, a mounted or
-    /// exclusively held device is refused with <see cref="DeviceBusyException"/>; with it, the
+    /// Deletes device <paramref name="id"/>. Unless <paramref name="force"/>, a busy device (see
+    /// <see cref="StopUnlessBusy"/>) is refused with <see cref="DeviceBusyException"/>; with it, the
     /// device's IO fails from now on. <paramref name="log"/> hears what the user should know.
     /// </summary>
     public static void Delete(ControlDevice control, uint id, bool force, Action<string>? log = null)
