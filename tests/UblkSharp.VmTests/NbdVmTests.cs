@@ -131,6 +131,62 @@ public class NbdVmTests
 
     [Fact]
     [Trait("kernel", "7.3")]
+    public void ASilentUpstreamFailsIoAfterTheTimeoutDelWorksAndIoWorksWhenItReturns()
+    {
+        // The reviewer's case against the real driver: the upstream stops answering without
+        // closing (a half-open connection). Before the ring backend, a direct read was still
+        // blocked 8 minutes later, and `del` with it.
+        VmEnvironment.RequireDriver();
+        using var memory = new MemoryTarget(64 << 20);
+        var socket = $"/tmp/ublksharp-sil-{Guid.NewGuid():N}"[..30] + ".sock";
+        using var server = NbdServer.Start(NbdAddress.Unix(socket), new NbdExport("disk", memory));
+        using var proxy = UblkSharp.Tests.Nbd.SilentProxy.ToUnix(socket, socket + ".proxy");
+        try
+        {
+            var dev = CliDevices.Add($"-t nbd --uri \"{proxy.Uri("disk")}\" --timeout 3");
+            var pattern = Enumerable.Repeat((byte)0xa5, 4096).ToArray();
+            DirectIo.Write(dev, 0, pattern);
+            Assert.Equal(pattern, DirectIo.Read(dev, 0, 4096));
+
+            proxy.Forwarding = false;
+            var clock = Stopwatch.StartNew();
+            var (code, output) = VmEnvironment.Sh($"dd if={dev} of=/dev/null bs=4k count=1 iflag=direct", TimeSpan.FromSeconds(90));
+            var failedAfter = clock.Elapsed;
+            VmEnvironment.Figure($"nbd target, silent upstream, --timeout 3: a direct read failed after {failedAfter.TotalSeconds:0.0} s (dd exit {code})");
+            Assert.True(code != 0, $"a read from a silent upstream succeeded:\n{output}");
+            Assert.Contains("Input/output error", output, StringComparison.Ordinal);
+            Assert.InRange(failedAfter, TimeSpan.FromSeconds(2.5), TimeSpan.FromSeconds(60));
+
+            // The upstream answers again: IO works again on the same device (the first tries may
+            // meet a connection made while it was silent, which fails within its own bound).
+            proxy.Forwarding = true;
+            clock.Restart();
+            Assert.True(VmEnvironment.WaitFor(() => VmEnvironment.Sh($"dd if={dev} of=/dev/null bs=4k count=1 iflag=direct", TimeSpan.FromSeconds(60)).ExitCode == 0, TimeSpan.FromSeconds(60)),
+                "IO did not work again after the upstream returned");
+            VmEnvironment.Figure($"nbd target: IO worked again {clock.Elapsed.TotalSeconds:0.0} s after the upstream returned");
+            Assert.Equal(pattern, DirectIo.Read(dev, 0, 4096));
+
+            // Silent again, with a read in flight: `del` still ends, and the device is gone.
+            proxy.Forwarding = false;
+            var readerExit = 0;
+            var reader = new Thread(() => readerExit = VmEnvironment.Sh($"dd if={dev} of=/dev/null bs=4k count=1 iflag=direct", TimeSpan.FromSeconds(90)).ExitCode);
+            reader.Start();
+            Thread.Sleep(500);
+            clock.Restart();
+            CliDevices.Del(CliDevices.IdOf(dev));
+            // Under TCG the CLI alone takes seconds to start: `del` of a null device takes about 13 s here.
+            VmEnvironment.Figure($"nbd target: del with a silent upstream and a read in flight took {clock.Elapsed.TotalSeconds:0.0} s");
+            Assert.True(reader.Join(TimeSpan.FromSeconds(60)), "the reader was still blocked after del");
+            Assert.NotEqual(0, readerExit);
+        }
+        finally
+        {
+            CliDevices.CleanUp();
+        }
+    }
+
+    [Fact]
+    [Trait("kernel", "7.3")]
     public void OneDaemonServesATargetAsUblkAndNbdAtOnce()
     {
         VmEnvironment.RequireDriver();

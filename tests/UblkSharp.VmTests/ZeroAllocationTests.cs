@@ -1,5 +1,7 @@
 using System.Reflection;
 using System.Runtime.CompilerServices;
+using UblkSharp.Nbd;
+using UblkSharp.Nbd.Protocol;
 using UblkSharp.Runtime;
 using UblkSharp.Targets;
 
@@ -17,6 +19,7 @@ public class ZeroAllocationTests
     [Theory]
     [InlineData("mem")]
     [InlineData("loop")]
+    [InlineData("nbd")]
     public void SteadyStateServesWithoutAllocating(string kind)
     {
         VmEnvironment.RequireDriver();
@@ -27,7 +30,17 @@ public class ZeroAllocationTests
         try
         {
             Exception? fatal = null;
-            using BlockTarget target = kind == "mem" ? new MemoryTarget(64 << 20) : new LoopTarget(Image);
+            // nbd: the ring backend in front of our own server over a unix socket, in this process
+            // (only the queue threads' allocations are counted).
+            using var remote = kind == "nbd" ? new MemoryTarget(64 << 20) : null;
+            var socket = $"/tmp/ublksharp-za-{Guid.NewGuid():N}"[..30] + ".sock";
+            using var server = remote is null ? null : NbdServer.Start(NbdAddress.Unix(socket), new NbdExport("disk", remote));
+            using BlockTarget target = kind switch
+            {
+                "mem" => new MemoryTarget(64 << 20),
+                "nbd" => new NbdTarget(NbdUri.Unix(socket, "disk")),
+                _ => new LoopTarget(Image),
+            };
             using var device = UblkDevice.Create(target, new DeviceOptions { Queues = 2, Depth = 64 }, e => fatal = e);
             // 2 jobs × 12,288 IOs of 4 KiB, one job per CPU and so per queue.
             var r = Fio.Run(device.BlockPath, TimeSpan.FromMinutes(4), "--rw=randrw", "--bs=4k", "--size=32M", "--offset_increment=32M", "--io_size=48M");

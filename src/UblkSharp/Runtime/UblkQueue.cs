@@ -317,7 +317,20 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
         if (res == UblkCommands.IoResAbort)
         {
             // The device is going away; this tag gets no more requests.
-            _finishedTags++;
+            if (++_finishedTags == _depth && _steps)
+            {
+                try
+                {
+                    _backend!.OnQueueEnding(this);
+                }
+                catch (Exception e) when (e is not OutOfMemoryException)
+                {
+                    if (++TargetExceptions <= 10)
+                    {
+                        Console.Error.WriteLine($"ublksharp: queue {_queueId}: target threw ending the queue: {e.GetType().Name}: {e.Message}");
+                    }
+                }
+            }
             return;
         }
         if (res != 0)
@@ -627,6 +640,15 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
         }
         catch (Exception e) when (e is not OutOfMemoryException)
         {
+            if (tag >= _depth)
+            {
+                // A step of the backend's own (IBackendRing.NoTag): no request to fail.
+                if (++TargetExceptions <= 10)
+                {
+                    Console.Error.WriteLine($"ublksharp: queue {_queueId}: target threw completing a step of its own: {e.GetType().Name}: {e.Message}");
+                }
+                return;
+            }
             TargetThrew("completing a step of", ref _tags[tag], e);
             if (_tags[tag].Busy)
             {
@@ -742,6 +764,9 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
 
     private void TearDown()
     {
+        // The ring first: closing it ends whatever SQEs are still pending, so none can write into
+        // memory the backend frees (a socket receive's buffer) after this.
+        _ring?.Dispose();
         try
         {
             _backend?.Dispose();
@@ -751,7 +776,6 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
             // The queue is going anyway; the rest below must still be released.
             Console.Error.WriteLine($"ublksharp: queue {_queueId}: target failed to close its backend: {e.GetType().Name}: {e.Message}");
         }
-        _ring?.Dispose();
         _descMap?.Dispose();
         _buffers?.Dispose();
         if (_notifyBuffer != null)

@@ -22,12 +22,13 @@ public sealed record NbdTargetOptions
 }
 
 /// <summary>
-/// A remote NBD export as a target (like ublksrv's nbd target): each call takes a connection from
-/// a small pool, so a multi-queue device (or several NBD clients of our own server) drives several
-/// connections at once. A broken connection is dropped and the request retried on a new one, with
-/// backoff, for up to <see cref="NbdTargetOptions.Timeout"/> in all: NBD requests are idempotent, so
-/// replaying one whose reply was lost is safe. Requests larger than the server's maximum are
-/// served in parts (short counts, which callers continue).
+/// A remote NBD export as a target (like ublksrv's nbd target). A ublk device serves it on each
+/// queue's own io_uring (<see cref="NbdUringBackend"/>: a connection per queue, every tag in flight
+/// on it, a deadline per request). Callers of the synchronous methods (our NBD server's workers,
+/// re-exporting it) take a connection each from a small pool. Either way a broken connection is
+/// dropped and the request sent again on a new one, for up to <see cref="NbdTargetOptions.Timeout"/>
+/// in all: NBD requests are idempotent, so replaying one whose reply was lost is safe. Requests
+/// larger than the server's maximum are served in parts (short counts, which callers continue).
 /// </summary>
 public sealed class NbdTarget : BlockTarget
 {
@@ -77,6 +78,11 @@ public sealed class NbdTarget : BlockTarget
 
     public NbdUri Uri { get; }
 
+    internal NbdTargetOptions Options => _options;
+
+    /// <summary>The largest READ/WRITE the server takes.</summary>
+    internal uint MaxPayload => _maxPayload;
+
     public override long Size { get; }
 
     public override string Kind => "nbd";
@@ -117,10 +123,51 @@ public sealed class NbdTarget : BlockTarget
 
     public override bool CanDiscard => !IsReadOnly && (_flags & NbdProtocol.FlagSendTrim) != 0;
 
+    /// <summary>Only when the server takes WRITE_ZEROES: otherwise the kernel writes the zeros itself.</summary>
+    public override bool CanWriteZeroes => !IsReadOnly && (_flags & NbdProtocol.FlagSendWriteZeroes) != 0;
+
     /// <summary>False: a zero is passed on without FAST_ZERO, so whether it is fast is the server's business.</summary>
     public override bool CanFastZero => false;
 
     public override bool IsRotational => (_flags & NbdProtocol.FlagRotational) != 0;
+
+    /// <summary>
+    /// Each queue's IO on its own ring and connection. Without CAN_MULTI_CONN a server's flush covers
+    /// only its own connection's writes, so such a server is served by one queue.
+    /// </summary>
+    public override UringBackend? CreateUringBackend(int queueId)
+    {
+        if (queueId > 0 && _maxConnections == 1)
+        {
+            throw new NotSupportedException($"{Uri}: only one connection may be used (the server does not offer CAN_MULTI_CONN, so a flush on one connection need not cover another's writes): serve it with one queue (-q 1)");
+        }
+        NbdClient? first = null;
+        lock (_lock)
+        {
+            ObjectDisposedException.ThrowIf(_disposed, this);
+            if (_idle.Count > 0)
+            {
+                // The backend owns it now; the pool counts it no more.
+                first = _idle.Pop();
+                _open--;
+            }
+        }
+        return new NbdUringBackend(this, queueId, first);
+    }
+
+    /// <summary>A new connection to the same export (blocking: the ring backend calls it on a thread of its own).</summary>
+    internal NbdClient Connect(TimeSpan timeout)
+    {
+        var client = NbdClient.Connect(Uri, timeout);
+        if (client.Size != _remoteSize)
+        {
+            client.Dispose();
+            throw new NbdHandshakeException($"{Uri}: the export's size changed from {_remoteSize} to {client.Size} bytes");
+        }
+        return client;
+    }
+
+    internal void CountReconnect() => Interlocked.Increment(ref _reconnects);
 
     public override int Read(Span<byte> buffer, long offset)
     {
@@ -272,12 +319,8 @@ public sealed class NbdTarget : BlockTarget
         }
         try
         {
-            var client = NbdClient.Connect(Uri, left < _options.ConnectTimeout ? left : _options.ConnectTimeout, left);
-            if (client.Size != _remoteSize)
-            {
-                client.Dispose();
-                throw new NbdHandshakeException($"{Uri}: the export's size changed from {_remoteSize} to {client.Size} bytes");
-            }
+            var client = Connect(left < _options.ConnectTimeout ? left : _options.ConnectTimeout);
+            client.IoTimeout = left;
             return client;
         }
         catch

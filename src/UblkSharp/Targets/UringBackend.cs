@@ -38,6 +38,12 @@ public readonly unsafe struct BackendRequest
 public interface IBackendRing
 {
     /// <summary>
+    /// The tag to give <see cref="GetSqe"/> for a step of the backend's own that serves no one
+    /// request (a connection's receive, a timer): its completion comes to <see cref="UringBackend.OnStep"/> with this tag.
+    /// </summary>
+    const int NoTag = 0xffff;
+
+    /// <summary>
     /// A zeroed SQE for a step of <paramref name="tag"/>'s request: prepare it with
     /// <paramref name="userData"/>, and its completion comes to <see cref="UringBackend.OnStep"/>
     /// with <paramref name="stepId"/>. The queue keeps serving until every such SQE has completed.
@@ -108,6 +114,15 @@ public abstract class UringBackend : IDisposable
 
     /// <summary>With <see cref="RunsSteps"/>: the completion of an SQE taken with <see cref="IBackendRing.GetSqe"/>.</summary>
     public virtual void OnStep(IBackendRing ring, int tag, uint stepId, int res)
+    {
+    }
+
+    /// <summary>
+    /// With <see cref="RunsSteps"/>: the queue has no request left and will get none (the device is
+    /// stopping); it keeps serving until every SQE of the backend's has completed. A backend that
+    /// keeps SQEs of its own pending (a socket's receive, a timer) ends them here.
+    /// </summary>
+    public virtual void OnQueueEnding(IBackendRing ring)
     {
     }
 

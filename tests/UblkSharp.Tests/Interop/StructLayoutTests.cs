@@ -39,6 +39,11 @@ public class StructLayoutTests
         ("io_uring_getevents_arg", typeof(GeteventsArg), [("sigmask", "sigmask"), ("sigmask_sz", "sigmask_sz"), ("pad", "pad"), ("ts", "ts")]),
         ("__kernel_timespec", typeof(KernelTimespec), [("tv_sec", "tv_sec"), ("tv_nsec", "tv_nsec")]),
         ("iovec", typeof(Iovec), [("iov_base", "iov_base"), ("iov_len", "iov_len")]),
+        ("msghdr", typeof(MsgHdr),
+        [
+            ("msg_name", "msg_name"), ("msg_namelen", "msg_namelen"), ("msg_iov", "msg_iov"), ("msg_iovlen", "msg_iovlen"),
+            ("msg_control", "msg_control"), ("msg_controllen", "msg_controllen"), ("msg_flags", "msg_flags"),
+        ]),
         ("ublksrv_ctrl_cmd", typeof(CtrlCmd), [("dev_id", "dev_id"), ("queue_id", "queue_id"), ("len", "len"), ("addr", "addr"), ("data", "data")]),
         ("ublksrv_ctrl_dev_info", typeof(DevInfo),
         [
@@ -77,6 +82,9 @@ public class StructLayoutTests
         ("IORING_OP_WRITE_FIXED", (ulong)Opcode.WriteFixed), ("IORING_OP_TIMEOUT", (ulong)Opcode.Timeout),
         ("IORING_OP_ASYNC_CANCEL", (ulong)Opcode.AsyncCancel), ("IORING_OP_FALLOCATE", (ulong)Opcode.Fallocate),
         ("IORING_OP_READ", (ulong)Opcode.Read), ("IORING_OP_WRITE", (ulong)Opcode.Write), ("IORING_OP_URING_CMD", (ulong)Opcode.UringCmd),
+        ("IORING_OP_SENDMSG", (ulong)Opcode.SendMsg), ("IORING_OP_RECVMSG", (ulong)Opcode.RecvMsg),
+        ("IORING_OP_SEND", (ulong)Opcode.Send), ("IORING_OP_RECV", (ulong)Opcode.Recv),
+        ("MSG_DONTWAIT", (ulong)MsgFlags.DontWait), ("MSG_WAITALL", (ulong)MsgFlags.WaitAll), ("MSG_NOSIGNAL", (ulong)MsgFlags.NoSignal),
         ("IOSQE_FIXED_FILE", (ulong)SqeFlags.FixedFile), ("IOSQE_IO_LINK", (ulong)SqeFlags.IoLink),
         ("IOSQE_ASYNC", (ulong)SqeFlags.Async), ("IOSQE_CQE_SKIP_SUCCESS", (ulong)SqeFlags.CqeSkipSuccess),
         ("IORING_FSYNC_DATASYNC", (ulong)FsyncFlags.DataSync), ("IORING_TIMEOUT_ABS", (ulong)TimeoutFlags.Absolute),
@@ -103,13 +111,13 @@ public class StructLayoutTests
         var values = new List<(string, string)>();
         foreach (var (c, _, fields) in Structs)
         {
-            var tag = c == "iovec" ? "struct iovec" : $"struct {c}";
+            var tag = $"struct {c}";
             values.Add(($"sizeof:{c}", $"sizeof({tag})"));
             values.AddRange(fields.Select(f => ($"{c}.{f.CField}", $"offsetof({tag}, {f.CField})")));
         }
         values.Add(("io_uring_sqe.cmd", "offsetof(struct io_uring_sqe, cmd)"));
         values.AddRange(Constants.Select((k, i) => ($"const{i}", k.C)));
-        return CHeader.Evaluate(["linux/io_uring.h", "linux/ublk_cmd.h", "linux/falloc.h", "linux/fs.h", "linux/ioctl.h", "sys/uio.h"], values);
+        return CHeader.Evaluate(["linux/io_uring.h", "linux/ublk_cmd.h", "linux/falloc.h", "linux/fs.h", "linux/ioctl.h", "sys/uio.h", "sys/socket.h"], values);
     });
 
     public static TheoryData<string> StructNames() => [.. Structs.Select(s => s.C)];

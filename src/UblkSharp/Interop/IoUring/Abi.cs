@@ -54,6 +54,8 @@ public enum Opcode : byte
     PollAdd = 6,
     PollRemove = 7,
     SyncFileRange = 8,
+    SendMsg = 9,
+    RecvMsg = 10,
     Timeout = 11,
     TimeoutRemove = 12,
     AsyncCancel = 14,
@@ -61,6 +63,8 @@ public enum Opcode : byte
     Fallocate = 17,
     Read = 22,
     Write = 23,
+    Send = 26,
+    Recv = 27,
     UringCmd = 46,
 }
 
@@ -265,4 +269,28 @@ public unsafe struct Iovec
 {
     public void* iov_base;
     public nuint iov_len;
+}
+
+/// <summary>struct msghdr (x86-64 and arm64 LP64 layout), for SENDMSG/RECVMSG.</summary>
+[StructLayout(LayoutKind.Sequential)]
+public unsafe struct MsgHdr
+{
+    public void* msg_name;
+    public uint msg_namelen;
+    public Iovec* msg_iov;
+    public nuint msg_iovlen;
+    public void* msg_control;
+    public nuint msg_controllen;
+    public int msg_flags;
+}
+
+/// <summary>send/recv flags (MSG_*) for SEND, RECV and their msg forms.</summary>
+[Flags]
+public enum MsgFlags : uint
+{
+    None = 0,
+    DontWait = 0x40,
+    WaitAll = 0x100,
+    /// <summary>No SIGPIPE on a connection the peer closed: the send fails with EPIPE instead.</summary>
+    NoSignal = 0x4000,
 }

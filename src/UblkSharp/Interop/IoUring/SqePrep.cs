@@ -58,6 +58,20 @@ public unsafe partial struct Sqe
     public void PrepareFallocate(int fd, FallocateMode mode, ulong offset, ulong length, ulong userData)
         => Rw(Opcode.Fallocate, fd, length, (uint)mode, offset, userData);
 
+    /// <summary>sendmsg(fd, msg, flags): the msghdr and its iovecs must stay valid until the completion.</summary>
+    public void PrepareSendMsg(int fd, MsgHdr* message, MsgFlags msgFlags, ulong userData)
+    {
+        Rw(Opcode.SendMsg, fd, (ulong)message, 1, 0, userData);
+        op_flags = (uint)msgFlags;
+    }
+
+    /// <summary>recv(fd, buffer, length, flags).</summary>
+    public void PrepareRecv(int fd, void* buffer, uint length, MsgFlags msgFlags, ulong userData)
+    {
+        Rw(Opcode.Recv, fd, (ulong)buffer, length, 0, userData);
+        op_flags = (uint)msgFlags;
+    }
+
     /// <summary>Cancels the request whose user_data is <paramref name="targetUserData"/>.</summary>
     public void PrepareCancel(ulong targetUserData, CancelFlags cancelFlags, ulong userData)
     {

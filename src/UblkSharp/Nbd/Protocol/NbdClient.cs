@@ -376,6 +376,17 @@ public sealed class NbdClient : IDisposable
         }
     }
 
+    /// <summary>
+    /// Hands the connected socket over (to a caller that speaks the transmission phase itself, as
+    /// the nbd target's ring backend does); this client is done with it and sends nothing more.
+    /// </summary>
+    internal Socket TakeSocket()
+    {
+        ObjectDisposedException.ThrowIf(_broken, this);
+        _broken = true;
+        return _socket;
+    }
+
     /// <summary>Sends NBD_CMD_DISC (if the connection is still in step) and closes.</summary>
     public void Dispose()
     {
