@@ -4,7 +4,8 @@
 # repetition) and leaves each run's fio JSON plus CPU counters and the daemons' RSS in OUT for the
 # host to summarise. UBLKSRV, when given, is a ublksrv `ublk` binary that joins as a peer (its null
 # and loop targets); it is only run, never built.
-# ONLY=cow (in the environment) runs only the cow set's workloads (bench/vm-fio.sh --only cow).
+# ONLY=cow (in the environment) runs only the cow set's workloads (bench/vm-fio.sh --only cow);
+# COW_ARGS adds options to the cow device's `add` (bench/vm-fio.sh --cow-args).
 # usage: bench/vm-fio-guest.sh OUT REPS RUNTIME ENGINE [UBLKSRV]
 set -euo pipefail
 out=$1 reps=$2 rt=$3 engine=$4 ublksrv=${5:-} only=${ONLY:-}
@@ -41,7 +42,9 @@ mkfs.ext4 -q -F /tmp/cowfs.img
 mount -o loop /tmp/cowfs.img /tmp/cowfs
 dd if=/dev/urandom of=/tmp/cowfs/base.img bs=1M count=256 status=none
 dev[ublk-loop-fs]=$(add -t loop -f /tmp/cowfs/base.img)
-dev[ublk-cow]=$(add -t cow -f /tmp/cowfs/over.cow --create --backing /tmp/cowfs/base.img)
+# COW_ARGS (bench/vm-fio.sh --cow-args): more options for the cow device, to compare its settings.
+read -ra cow_args <<<"${COW_ARGS:-}"
+dev[ublk-cow]=$(add -t cow -f /tmp/cowfs/over.cow --create --backing /tmp/cowfs/base.img "${cow_args[@]}")
 ours+=(ublk-loop-fs ublk-cow)
 for d in "${ours[@]}"; do
   id=${dev[$d]#/dev/ublkb}
@@ -126,6 +129,8 @@ cd /tmp  # fio's exec_prerun leaves its output file in the working directory
 run() {  # rep workload device rw bs qd
   local f=$out/$1-$2-$3.json p=${pid[$3]:-} a b fp i=0
   rm -f /tmp/vm-fio.go
+  # Each run starts clean: no run pays for writing back what the one before it left dirty.
+  sync
   fio_run "$3" "$4" "$5" "$6" "$rt" 1 "$f" --exec_prerun="touch /tmp/vm-fio.go" & fp=$!
   # fio's start-up takes 1-3 s under TCG: sample CPU from 0.5 s after the ramp to 0.5 s before the end.
   while [ ! -e /tmp/vm-fio.go ] && kill -0 $fp 2>/dev/null && [ $((i += 1)) -lt 600 ]; do sleep 0.05; done

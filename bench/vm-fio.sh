@@ -8,20 +8,21 @@
 # UBLKSRV=/path/to/ublk: a ublksrv binary (built by you; this script never builds fetched code)
 # joins as a peer with its null and loop targets. It must run in the guest as it is (the guest
 # sees the host's root read-only): a static build, or one whose libraries are installed.
-# --only cow runs only the cow rows (cow vs loop over one backing file on ext4).
+# --only cow runs only the cow rows (cow vs loop over one backing file on ext4); --cow-args "ARGS"
+# adds options to the cow device's `add` (e.g. "--writeback 1" or "--allocate 0"), to compare settings.
 # usage: bench/vm-fio.sh [--reps N] [--runtime SECONDS] [--engine io_uring|libaio] [--out PATH]
-#                   [--timeout SECONDS] [--no-build] [--only cow]
+#                   [--timeout SECONDS] [--no-build] [--only cow] [--cow-args ARGS]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-reps=3 runtime=5 engine=io_uring out=/tmp timeout='' build=1 only=
+reps=3 runtime=5 engine=io_uring out=/tmp timeout='' build=1 only= cow_args=
 usage() { sed -n 's/^# \(usage: \|  \)//p' "$0" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case $1 in
     --no-build) build=0; shift; continue;;  # measure the CLI as built (e.g. while the tree is mid-edit)
-    --reps|--runtime|--engine|--out|--timeout|--only) [ $# -ge 2 ] || usage;;
+    --reps|--runtime|--engine|--out|--timeout|--only|--cow-args) [ $# -ge 2 ] || usage;;
     *) usage;;
   esac
-  case $1 in --reps) reps=$2;; --runtime) runtime=$2;; --engine) engine=$2;; --out) out=$2;; --timeout) timeout=$2;; --only) only=$2;; esac
+  case $1 in --reps) reps=$2;; --runtime) runtime=$2;; --engine) engine=$2;; --out) out=$2;; --timeout) timeout=$2;; --only) only=$2;; --cow-args) cow_args=$2;; esac
   shift 2
 done
 [[ $reps =~ ^[1-9][0-9]*$ && $runtime =~ ^[0-9]+$ && $runtime -ge 3 ]] || { echo "vm-fio: --reps >= 1, --runtime >= 3" >&2; exit 2; }
@@ -48,7 +49,7 @@ else
 fi
 # The host's load is kept with the results: TCG figures move with whatever else the host runs.
 load0=$(cut -d' ' -f1-3 /proc/loadavg) start=$(date +%s) rc=0
-"$root/tools/ublksharp-vm" -t "$timeout" --rw "$raw" -- "ONLY=$only bash $root/bench/vm-fio-guest.sh $raw $reps $runtime $engine $ublksrv" || rc=$?
+"$root/tools/ublksharp-vm" -t "$timeout" --rw "$raw" -- "ONLY=$only COW_ARGS='$cow_args' bash $root/bench/vm-fio-guest.sh $raw $reps $runtime $engine $ublksrv" || rc=$?
 wall=$(($(date +%s) - start)) load1=$(cut -d' ' -f1-3 /proc/loadavg)
 [ "$rc" = 0 ] || echo "vm-fio: the guest failed (exit $rc); summarising what it finished" >&2
 

@@ -42,6 +42,10 @@ internal sealed class TargetOptions
 
     public Option<string?> Io { get; } = new("--io") { Description = "cow: ring (IO on each queue's io_uring), sync (on the queue thread) or auto (the ring unless a file is on tmpfs or ramfs; the default)" };
 
+    public Option<string?> Allocate { get; } = new("--allocate") { Description = "cow: allocate the COW file's data area in chunks of this size at their first write, e.g. 64K (the default) or 1M; 0 keeps it as sparse as what was written" };
+
+    public Option<string?> Writeback { get; } = new("--writeback") { Description = "cow: seconds between writing set bitmap bits back without a flush (data synced first; default 30, the page cache's own expiry); 0 for only on flush" };
+
     public Option<string?> Uri { get; } = new("--uri") { Description = "nbd: the remote export, nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH" };
 
     public Option<string?> Pool { get; } = new("--pool") { Description = "rbd: the Ceph pool" };
@@ -57,7 +61,7 @@ internal sealed class TargetOptions
     public Option<string?> Timeout { get; } = new("--timeout") { Description = "rbd, nbd: seconds connecting or one IO may wait for the cluster or server before failing with EIO (default 30)" };
 
     public IEnumerable<Option> All =>
-        [Type, File, Size, DirectIo, ReadOnly, Base, Seed, ShortIo, Again, Eio, Delay, DelayMs, Backing, Create, IgnoreBackingMismatch, Io, Uri,
+        [Type, File, Size, DirectIo, ReadOnly, Base, Seed, ShortIo, Again, Eio, Delay, DelayMs, Backing, Create, IgnoreBackingMismatch, Io, Allocate, Writeback, Uri,
             Pool, Image, Conf, ClientId, Snap, Timeout];
 
     public void AddTo(Command command)
@@ -97,6 +101,8 @@ internal sealed class TargetOptions
         Put("create", r.GetValue(Create) ? "on" : null);
         Put("ignore-backing-mismatch", r.GetValue(IgnoreBackingMismatch) ? "on" : null);
         Put("io", r.GetValue(Io));
+        Put("allocate", r.GetValue(Allocate));
+        Put("writeback", r.GetValue(Writeback));
         Put("uri", r.GetValue(Uri));
         Put("pool", r.GetValue(Pool));
         Put("image", r.GetValue(Image));

@@ -109,7 +109,8 @@ public static class TargetFactory
     /// <summary>
     /// A UML COW overlay: "file" (the COW file), "create" with "backing" to make a new one,
     /// "backing" alone to use another backing file than the header's, "ignore-backing-mismatch",
-    /// "read-only". The recipe a cow target records has no "create": rebuilding it reopens the file.
+    /// "read-only", "io", "allocate" (the allocation chunk, 0 for none), "writeback" (seconds). The recipe a cow target
+    /// records has no "create": rebuilding it reopens the file.
     /// </summary>
     private static Cow.CowTarget CreateCow(IReadOnlyDictionary<string, string> o)
     {
@@ -135,6 +136,8 @@ public static class TargetFactory
                 IgnoreBackingMismatch = Flag(o, "ignore-backing-mismatch"),
                 ReadOnly = Flag(o, "read-only"),
                 Io = Io(o),
+                AllocationChunk = AllocationChunk(o),
+                BitmapWriteback = Writeback(o),
             });
         }
         catch (IOException e)
@@ -212,6 +215,38 @@ public static class TargetFactory
             throw new ArgumentException($"bad --{key} '{text}': give a whole number");
         }
         return v;
+    }
+
+    /// <summary>"allocate": 0, or a power of two of at least 4K (the default 64K).</summary>
+    private static long AllocationChunk(IReadOnlyDictionary<string, string> o)
+    {
+        if (!o.TryGetValue("allocate", out var v))
+        {
+            return Cow.CowOpenOptions.DefaultAllocationChunk;
+        }
+        if (v.Trim() == "0")
+        {
+            return 0;
+        }
+        if (!ByteSize.TryParse(v, out var chunk) || chunk < 4096 || (chunk & (chunk - 1)) != 0)
+        {
+            throw new ArgumentException($"--allocate {v}: give 0 (no allocation ahead) or a power of two of at least 4K, e.g. 64K or 1M");
+        }
+        return chunk;
+    }
+
+    /// <summary>"writeback": seconds between bitmap writeback rounds, 0 for none (the default 30).</summary>
+    private static TimeSpan Writeback(IReadOnlyDictionary<string, string> o)
+    {
+        if (!o.TryGetValue("writeback", out var v))
+        {
+            return Cow.CowOpenOptions.DefaultBitmapWriteback;
+        }
+        if (!double.TryParse(v, System.Globalization.NumberStyles.AllowDecimalPoint, System.Globalization.CultureInfo.InvariantCulture, out var s) || s > 86400)
+        {
+            throw new ArgumentException($"--writeback {v}: give the seconds between bitmap writeback rounds, e.g. 30, or 0 for only on flush");
+        }
+        return TimeSpan.FromSeconds(s);
     }
 
     /// <summary>"io": ring, sync or auto (the default).</summary>

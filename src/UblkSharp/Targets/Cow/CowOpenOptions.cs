@@ -16,9 +16,26 @@ public sealed record CowOpenOptions
 
     /// <summary>
     /// How often newly set bitmap bits are written back without a flush (their data is synced
-    /// first). Zero writes them only on flush and close.
+    /// first, by an fdatasync that writes out every dirty page of the COW file). Zero writes them
+    /// only on flush and close. The default, 30 s, is the kernel's own dirty_expire for the page
+    /// cache: a write nobody flushed is as durable as a buffered write to a file, and a round
+    /// every second would force all data out 30 times sooner than the file system would.
     /// </summary>
-    public TimeSpan BitmapWriteback { get; init; } = TimeSpan.FromSeconds(1);
+    public TimeSpan BitmapWriteback { get; init; } = DefaultBitmapWriteback;
+
+    /// <summary>The default <see cref="BitmapWriteback"/>.</summary>
+    public static readonly TimeSpan DefaultBitmapWriteback = TimeSpan.FromSeconds(30);
+
+    /// <summary>
+    /// The first write into a chunk of this many bytes of the COW file's data area allocates the
+    /// whole chunk (a power of two, at least 4 KiB), as qcow2 allocates a cluster: filling a sparse
+    /// file 4 KiB at a time costs the file system far more than the writes. Zero leaves the file
+    /// as sparse as what was written. The price is space: up to a chunk per scattered write.
+    /// </summary>
+    public long AllocationChunk { get; init; } = DefaultAllocationChunk;
+
+    /// <summary>The default <see cref="AllocationChunk"/>: qcow2's default cluster size.</summary>
+    public const long DefaultAllocationChunk = 64 << 10;
 
     /// <summary>How ublk queues do the IO: on their io_uring (Auto, unless a file is on tmpfs or ramfs, where io_uring would punt every step to a worker thread), or synchronously.</summary>
     public LoopIo Io { get; init; } = LoopIo.Auto;

@@ -24,6 +24,12 @@ internal abstract class CowStorage : IDisposable
     /// <summary>fallocate(mode | KEEP_SIZE) over a range; -EOPNOTSUPP when the file system cannot.</summary>
     public abstract int Fallocate(FallocateMode mode, long offset, long length);
 
+    /// <summary>
+    /// Allocates the range's blocks (fallocate KEEP_SIZE, mode 0) without changing what it reads;
+    /// -EOPNOTSUPP when the storage cannot (the default).
+    /// </summary>
+    public virtual int Allocate(long offset, long length) => -Errno.EOPNOTSUPP;
+
     public abstract long Length { get; }
 
     /// <summary>The file descriptor, for IO on a ring; -1 when there is none (a test's in-memory file).</summary>
@@ -214,6 +220,8 @@ internal sealed unsafe class FileCowStorage : CowStorage
 
     public override int Fallocate(FallocateMode mode, long offset, long length)
         => Libc.fallocate(_fd, (int)(mode | FallocateMode.KeepSize), offset, length) == 0 ? 0 : -Marshal.GetLastPInvokeError();
+
+    public override int Allocate(long offset, long length) => Fallocate(FallocateMode.None, offset, length);
 
     /// <summary>Sets the file's length (a new COW file is sparse up to the end of its data area).</summary>
     public void Truncate(long length)

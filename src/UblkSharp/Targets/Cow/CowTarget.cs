@@ -48,6 +48,7 @@ public sealed unsafe class CowTarget : BlockTarget
     private byte* _scratch;
     private int[]? _pageList;
     private readonly bool _ring;
+    private readonly CowAllocationMap? _allocation;
 
     // Write-like operations completed (data written and bits set in memory), and how many of the
     // first of them are known durable: a flush that finds its count already durable returns at once.
@@ -100,6 +101,10 @@ public sealed unsafe class CowTarget : BlockTarget
                 LoopIo.Sync => false,
                 _ => !LoopTarget.IsMemoryFileSystem(_cow.Fd) && !LoopTarget.IsMemoryFileSystem(_backing.Fd),
             };
+            if (!_readOnly && options.AllocationChunk > 0)
+            {
+                _allocation = new CowAllocationMap(Size, options.AllocationChunk);
+            }
             _recipe = new Dictionary<string, string> { ["file"] = OverlayPath };
             if (options.BackingFile is not null)
             {
@@ -112,6 +117,14 @@ public sealed unsafe class CowTarget : BlockTarget
             if (_readOnly)
             {
                 _recipe["read-only"] = "on";
+            }
+            if (options.BitmapWriteback != CowOpenOptions.DefaultBitmapWriteback)
+            {
+                _recipe["writeback"] = options.BitmapWriteback.TotalSeconds.ToString(CultureInfo.InvariantCulture);
+            }
+            if (options.AllocationChunk != CowOpenOptions.DefaultAllocationChunk)
+            {
+                _recipe["allocate"] = options.AllocationChunk.ToString(CultureInfo.InvariantCulture);
             }
             if (options.Io != LoopIo.Auto)
             {
@@ -169,6 +182,26 @@ public sealed unsafe class CowTarget : BlockTarget
     internal long DataOffset => _dataOffset;
 
     internal int SectorShift => _sectorShift;
+
+    /// <summary>The data area's chunks allocated ahead of their first write; null when off (or read-only).</summary>
+    internal CowAllocationMap? Allocation => _allocation;
+
+    /// <summary>
+    /// A fallocate the map asked for has ended with <paramref name="res"/>: on success its chunks
+    /// are allocated; a file system without fallocate turns the map off. Any other error is left to
+    /// the write that follows, which says for itself whether its data fits.
+    /// </summary>
+    internal void Allocated(long start, long count, int res)
+    {
+        if (res == 0)
+        {
+            _allocation?.MarkAllocated(start, count);
+        }
+        else if (res is -Errno.EOPNOTSUPP or -Errno.ENODEV or -Errno.EINVAL)
+        {
+            _allocation?.Disable();
+        }
+    }
 
     /// <summary>Whether ublk queues do this overlay's IO on their io_uring (else synchronously on the queue thread).</summary>
     public bool UsesRing => _ring;
@@ -349,6 +382,10 @@ public sealed unsafe class CowTarget : BlockTarget
         {
             return check;
         }
+        if (_allocation is { } map && map.NeedsAllocation(offset, data.Length, out var start, out var count))
+        {
+            Allocated(start, count, _cow.Allocate(_dataOffset + start, count));
+        }
         // Data first; the bits only once it is written (see the class comment for the crash argument).
         var r = _cow.Write(data, _dataOffset + offset);
         if (r < 0)
@@ -368,6 +405,7 @@ public sealed unsafe class CowTarget : BlockTarget
         {
             return check;
         }
+        _allocation?.Forget(offset, length);
         var r = _cow.Fallocate(mayUnmap ? FallocateMode.PunchHole : FallocateMode.ZeroRange, _dataOffset + offset, length);
         if (r == -Errno.EOPNOTSUPP && !mayUnmap)
         {

@@ -12,7 +12,8 @@ namespace UblkSharp.Targets.Cow;
 /// <item>a read takes each run of sectors from where its bits say (the COW file's data area or
 /// the backing file), up to <see cref="RunsInFlight"/> runs at once, the rest of a run read again
 /// after a short read and zeros past the end of a file (as <see cref="CowStorage.ReadFull"/>);</item>
-/// <item>a write goes to the COW file; its bits are set in memory once the data is written, as
+/// <item>a write goes to the COW file, after a fallocate of each chunk of it that is not yet
+/// allocated (see <see cref="CowAllocationMap"/>); its bits are set in memory once the data is written, as
 /// the synchronous path sets them (so a bit never reaches the file before its data: see
 /// <see cref="CowTarget"/>);</item>
 /// <item>discard and write-zeroes punch or zero the range in the data area, then set its bits;</item>
@@ -42,6 +43,7 @@ internal sealed unsafe class CowUringBackend : UringBackend
     private const uint StepSyncData = 5;
     private const uint StepBitmapWrite = 6;
     private const uint StepSyncAll = 7;
+    private const uint StepAllocate = 8;
 
     private readonly CowTarget _target;
     private readonly CowBitmap _bitmap;
@@ -102,6 +104,9 @@ internal sealed unsafe class CowUringBackend : UringBackend
         public int Retries;
         /// <summary>A flush's (or FUA write's) goal: this many completed write-like operations durable.</summary>
         public long Goal;
+        /// <summary>WRITE: the chunks of the data area being allocated before it (device offsets).</summary>
+        public long AllocStart;
+        public long AllocCount;
     }
 
     /// <summary>A run of a read in flight: what is left of it.</summary>
@@ -148,6 +153,14 @@ internal sealed unsafe class CowUringBackend : UringBackend
                     {
                         return check;
                     }
+                    if (_target.Allocation is { } map && map.NeedsAllocation(w.Offset, w.Length, out w.AllocStart, out w.AllocCount))
+                    {
+                        // The chunk first, so the write lands in allocated space (see CowAllocationMap).
+                        ref var sqe = ref ring.GetSqe(tag, Step(StepAllocate), out var ud);
+                        sqe.PrepareFallocate(CowFile, FallocateMode.KeepSize, (ulong)(_dataOffset + w.AllocStart), (ulong)w.AllocCount, ud);
+                        sqe.flags |= SqeFlags.FixedFile;
+                        return Pending;
+                    }
                     SubmitWrite(ring, tag, ref w);
                     return Pending;
                 }
@@ -159,6 +172,7 @@ internal sealed unsafe class CowUringBackend : UringBackend
                     {
                         return check;
                     }
+                    _target.Allocation?.Forget(w.Offset, w.Length);
                     SubmitZero(ring, tag, ref w, w.MayUnmap ? FallocateMode.PunchHole : FallocateMode.ZeroRange);
                     return Pending;
                 }
@@ -201,6 +215,10 @@ internal sealed unsafe class CowUringBackend : UringBackend
                 break;
             case StepZero:
                 OnZero(ring, tag, ref w, res);
+                break;
+            case StepAllocate:
+                _target.Allocated(w.AllocStart, w.AllocCount, res);
+                SubmitWrite(ring, tag, ref w);
                 break;
             case StepRetry:
                 {
