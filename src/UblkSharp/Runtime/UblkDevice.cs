@@ -273,8 +273,8 @@ public sealed class UblkDevice : IDisposable
     /// <summary>
     /// QUIESCE_DEV (Linux 6.16+; a device created with recovery): the kernel waits up to
     /// <paramref name="wait"/> for each queue to have an idle tag, holds new IO (or fails it, with
-    /// recovery fail-io) and aborts this daemon's fetches; the queues end, and this process lets go
-    /// of the device without stopping it. The device is then QUIESCED (FAIL_IO with fail-io), ready
+    /// recovery fail-io) and aborts the fetches parked at that instant; the queues answer the
+    /// requests they still hold, end, and this process lets go of the device without stopping it. The device is then QUIESCED (FAIL_IO with fail-io), ready
     /// for <see cref="Recover"/> by this or another process. False if IO did not drain in time
     /// (nothing changed).
     /// </summary>
@@ -295,6 +295,12 @@ public sealed class UblkDevice : IDisposable
         if (res < 0)
         {
             throw new ErrnoException(-res, "UBLK_U_CMD_QUIESCE_DEV", $"device {Id}");
+        }
+        // A queue whose every tag the daemon held at that instant gets no ABORT (ublk_cancel_cmd
+        // skips such tags): told here, it ends once its requests are answered.
+        foreach (var q in _queues)
+        {
+            q?.RequestEnd();
         }
         if (!WaitForStop(_options.StopTimeout))
         {

@@ -41,12 +41,21 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
     private readonly Thread _thread;
     private readonly ManualResetEventSlim _ready = new();
     private Exception? _setupError;
-    // Ends the thread without the kernel's help (a failed recovery leaves the device quiesced, so
-    // no STOP_DEV aborts the fetches): a READ on it is always pending, and closing the ring cancels
-    // the fetches and lets go of /dev/ublkcN.
+    // Wakes the thread from outside (a READ on it is always pending) to end now (a failed recovery
+    // leaves the device quiesced, so no STOP_DEV aborts the fetches) or once the requests it holds
+    // are answered (after QUIESCE_DEV); closing the ring cancels the fetches and lets go of /dev/ublkcN.
     private readonly int _stopFd;
     private ulong* _stopBuffer;
     private bool _stopping;
+    private volatile bool _stopRequested;
+    private volatile bool _endRequested;
+    // No request comes any more (an ABORT arrived, or the owner quiesced the device): the thread
+    // ends once it holds none. Not every tag gets an ABORT: QUIESCE_DEV aborts only the fetches
+    // parked at that instant (ublk_cancel_dev skips a tag the daemon holds or one being dispatched),
+    // and the COMMIT_AND_FETCH of a request answered later stays parked until the ring closes.
+    private bool _ending;
+    private bool _endingAnnounced;
+    private int _busyTags;
 
     private Ring? _ring;
     private MappedMemory? _descMap;
@@ -57,7 +66,6 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
     private UringBackend? _backend;
     private bool _steps;
     private ResultFilter? _filter;
-    private int _finishedTags;
     private int _backendInFlight;
     // Backends that complete outside the ring (librbd): the fd read on the ring, its 8-byte buffer
     // (owned here, since the READ stays pending until the ring is gone) and the reap batch.
@@ -132,7 +140,10 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
         }
     }
 
-    /// <summary>Waits for the thread to end, which it does once the device is stopped and every tag is aborted.</summary>
+    /// <summary>
+    /// Waits for the thread to end, which it does once the device is stopped or quiesced (an ABORT,
+    /// or <see cref="RequestEnd"/>) and no request is left in it.
+    /// </summary>
     public bool Join(TimeSpan timeout) => _thread.ThreadState == System.Threading.ThreadState.Unstarted || _thread.Join(timeout);
 
     /// <summary>
@@ -140,6 +151,23 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
     /// which cancels its fetches. For a queue whose device will not be stopped (a failed recovery).
     /// </summary>
     public void RequestStop()
+    {
+        _stopRequested = true;
+        Wake();
+    }
+
+    /// <summary>
+    /// The device was quiesced (QUIESCE_DEV returned): no request comes any more, but a queue may
+    /// get no ABORT at all (a depth-1 queue whose one tag the daemon held). The thread answers the
+    /// requests it holds, then ends.
+    /// </summary>
+    public void RequestEnd()
+    {
+        _endRequested = true;
+        Wake();
+    }
+
+    private void Wake()
     {
         var one = 1ul;
         _ = Libc.write(_stopFd, &one, sizeof(ulong));
@@ -246,7 +274,7 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
         }
 
         _stopBuffer = (ulong*)NativeMemory.AllocZeroed(sizeof(ulong));
-        _ring.GetSqe().PrepareRead(_stopFd, _stopBuffer, sizeof(ulong), 0, KindStop);
+        ArmStop();
 
         for (var tag = 0; tag < _depth; tag++)
         {
@@ -256,12 +284,16 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
         _ring.Submit();
     }
 
+    private void ArmStop() => _ring!.GetSqe().PrepareRead(_stopFd, _stopBuffer, sizeof(ulong), 0, KindStop);
+
     private void Serve()
     {
         var ring = _ring!;
-        while ((_finishedTags < _depth || _backendInFlight > 0) && !_stopping)
+        var wait = 1u;
+        while (true)
         {
-            ring.SubmitAndWait(1);
+            ring.SubmitAndWait(wait);
+            var handled = 0;
             if (_allocationBaseline >= 0)
             {
                 SteadyStateAllocatedBytes = GC.GetAllocatedBytesForCurrentThread() - _allocationBaseline;
@@ -272,6 +304,7 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
             }
             while (ring.TryGetCompletion(out var cqe))
             {
+                handled++;
                 var tag = (int)(cqe.user_data & 0xffff);
                 switch (cqe.user_data & KindMask)
                 {
@@ -302,12 +335,67 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
                         ReapAll();
                         break;
                     case KindStop:
-                        _stopping = true;
+                        if (_stopRequested)
+                        {
+                            _stopping = true;
+                        }
+                        else
+                        {
+                            _ending |= _endRequested;
+                            ArmStop(); // a later RequestStop must still wake the thread
+                        }
                         break;
                     default:
                         _backendInFlight--;
                         break;
                 }
+            }
+            if (_stopping)
+            {
+                return;
+            }
+            if (!_ending || _busyTags > 0)
+            {
+                wait = 1;
+                continue;
+            }
+            if (!_endingAnnounced)
+            {
+                _endingAnnounced = true;
+                AnnounceEnding();
+            }
+            if (_backendInFlight > 0)
+            {
+                wait = 1;
+                continue;
+            }
+            // Idle: one more enter without waiting submits the commits just queued (a request
+            // committed is no longer the daemon's, so the ring's close cannot fail it) and runs the
+            // task work that may still hand over a request dispatched before the quiesce.
+            if (wait == 0 && handled == 0)
+            {
+                return;
+            }
+            wait = 0;
+        }
+    }
+
+    /// <summary>A backend that keeps work of its own pending (a socket receive) is told to let it go.</summary>
+    private void AnnounceEnding()
+    {
+        if (!_steps)
+        {
+            return;
+        }
+        try
+        {
+            _backend!.OnQueueEnding(this);
+        }
+        catch (Exception e) when (e is not OutOfMemoryException)
+        {
+            if (++TargetExceptions <= 10)
+            {
+                Console.Error.WriteLine($"ublksharp: queue {_queueId}: target threw ending the queue: {e.GetType().Name}: {e.Message}");
             }
         }
     }
@@ -316,21 +404,9 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
     {
         if (res == UblkCommands.IoResAbort)
         {
-            // The device is going away; this tag gets no more requests.
-            if (++_finishedTags == _depth && _steps)
-            {
-                try
-                {
-                    _backend!.OnQueueEnding(this);
-                }
-                catch (Exception e) when (e is not OutOfMemoryException)
-                {
-                    if (++TargetExceptions <= 10)
-                    {
-                        Console.Error.WriteLine($"ublksharp: queue {_queueId}: target threw ending the queue: {e.GetType().Name}: {e.Message}");
-                    }
-                }
-            }
+            // The device is stopping or quiesced: the queue gets no more requests (the kernel sets
+            // ->canceling before it aborts any fetch), though other tags may get no ABORT.
+            _ending = true;
             return;
         }
         if (res != 0)
@@ -348,6 +424,7 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
         t.InBackend = false;
         Debug.Assert(!t.Busy, "the driver handed a busy tag a new request");
         t.Busy = true;
+        _busyTags++;
         if (t.Op is not (IoOp.Read or IoOp.Write or IoOp.Flush or IoOp.Discard or IoOp.WriteZeroes))
         {
             Commit(tag, -Errno.EOPNOTSUPP);
@@ -724,6 +801,7 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
             }
         }
         t.Busy = false;
+        _busyTags--;
         Completed++;
         if (result < 0 && ++Errors <= 10)
         {
