@@ -274,8 +274,8 @@ public sealed class UblkDevice : IDisposable
     /// QUIESCE_DEV (Linux 6.16+; a device created with recovery): the kernel waits up to
     /// <paramref name="wait"/> for each queue to have an idle tag, holds new IO (or fails it, with
     /// recovery fail-io) and aborts the fetches parked at that instant; the queues answer the
-    /// requests they still hold, end, and this process lets go of the device without stopping it. The device is then QUIESCED (FAIL_IO with fail-io), ready
-    /// for <see cref="Recover"/> by this or another process. False if IO did not drain in time
+    /// requests they still hold, end, and this process lets go of the device without stopping it.
+    /// The device is then QUIESCED (FAIL_IO with fail-io), ready for <see cref="Recover"/> by this or another process. False if IO did not drain in time
     /// (nothing changed).
     /// </summary>
     public bool Quiesce(TimeSpan wait)

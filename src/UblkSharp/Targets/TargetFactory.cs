@@ -109,8 +109,8 @@ public static class TargetFactory
     /// <summary>
     /// A UML COW overlay: "file" (the COW file), "create" with "backing" to make a new one,
     /// "backing" alone to use another backing file than the header's, "ignore-backing-mismatch",
-    /// "read-only", "io", "allocate" (the allocation chunk, 0 for none), "writeback" (seconds). The recipe a cow target
-    /// records has no "create": rebuilding it reopens the file.
+    /// "read-only", "io", "allocate" (the allocation chunk, 0 for none), "writeback" (seconds).
+    /// The recipe a cow target records has no "create": rebuilding it reopens the file.
     /// </summary>
     private static Cow.CowTarget CreateCow(IReadOnlyDictionary<string, string> o)
     {

@@ -119,8 +119,8 @@ public abstract class UringBackend : IDisposable
 
     /// <summary>
     /// With <see cref="RunsSteps"/>: the queue has no request left and will get none (the device is
-    /// stopping, or quiesced); it keeps serving until every SQE of the backend's has completed. A backend that
-    /// keeps SQEs of its own pending (a socket's receive, a timer) ends them here.
+    /// stopping, or quiesced); it keeps serving until every SQE of the backend's has completed. A
+    /// backend that keeps SQEs of its own pending (a socket's receive, a timer) ends them here.
     /// </summary>
     public virtual void OnQueueEnding(IBackendRing ring)
     {

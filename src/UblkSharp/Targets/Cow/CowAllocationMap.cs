@@ -32,9 +32,6 @@ internal sealed class CowAllocationMap
 
     public long Chunk => 1L << _shift;
 
-    /// <summary>False once the file system said it cannot allocate ahead (no fallocate).</summary>
-    public bool Enabled => !_off;
-
     /// <summary>
     /// The range of the device (chunk-aligned, clipped to its end) to allocate before a write of
     /// <paramref name="length"/> bytes at <paramref name="offset"/>: from its first chunk not yet
