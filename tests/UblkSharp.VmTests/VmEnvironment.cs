@@ -44,14 +44,17 @@ internal static class VmEnvironment
         }
     }
 
-    /// <summary>The built CLI (Release), run directly: the guest has no network to restore or build with.</summary>
-    public static string CliDll => Path.Combine(RepoRoot, "src", "UblkSharp.Cli", "bin", "Release", "net10.0", "UblkSharp.Cli.dll");
+    /// <summary>
+    /// The CLI as ./test.sh and ./ublksharp publish it (ReadyToRun, artifacts/cli), run directly: the
+    /// guest has no network to restore or build with, and JIT start-up under TCG costs seconds per call.
+    /// </summary>
+    public static string CliDll => Path.Combine(RepoRoot, "artifacts", "cli", "UblkSharp.Cli.dll");
 
     public static (int ExitCode, string Output) RunCli(string args, TimeSpan? timeout = null)
     {
         if (!File.Exists(CliDll))
         {
-            Assert.Fail($"{CliDll} is missing: build the solution in Release first (./test.sh does)");
+            Assert.Fail($"{CliDll} is missing: publish it first (tools/publish-r2r src/UblkSharp.Cli artifacts/cli; ./test.sh does)");
         }
         return Run("dotnet", $"{CliDll} {args}", timeout ?? TimeSpan.FromMinutes(3));
     }
