@@ -121,25 +121,39 @@ if python3 bench/report.py --self-test; then passed=$((passed + 1)); else fail "
 log "host tests"
 run_counted "host tests" dotnet tests/UblkSharp.Tests/bin/Release/net10.0/UblkSharp.Tests.dll -noColor
 
-# One guest boot per test class: a device that hangs can only take its own class down, and each
-# boot is bounded in time. On 6.12 every class runs; on another kernel K, the classes with the
-# trait kernel=K, and in them only the tests with that trait (on the class or on the method).
+# A guest boot per test class, so that a device that hangs can only take its own class down and
+# each boot is bounded in time; except the classes marked [Trait("boot", "shared")] (short, and
+# none leaves IO held or a daemon killed), which share boots, up to UBLKSHARP_VM_BATCH (5) classes
+# a boot: a boot costs about 20 s under TCG. On 6.12 every class runs; on another kernel K, the
+# classes with the trait kernel=K, and in them only the tests with that trait (on the class or on
+# the method).
 vmdll=artifacts/vmtests/UblkSharp.VmTests.dll
+vm_classes() { # trait-filter-args...: the classes the filters select, narrowed by UBLKSHARP_VM_CLASSES
+  dotnet "$vmdll" -list classes -noColor "$@" 2>/dev/null | grep -E '^UblkSharp\.VmTests\.' | grep -E "${UBLKSHARP_VM_CLASSES:-.}"
+}
+vm_boot() { # kernel name classes...
+  local k=$1 name=$2 args="" c cstart=$SECONDS; shift 2
+  for c in "$@"; do args+=" -class $c"; done
+  echo "--- $name (Linux $k)"
+  run_counted "$name on $k" tools/ublksharp-vm -k "$k" -t "${UBLKSHARP_VM_TIMEOUT:-1200}" -- "dotnet $vmdll -noColor$args ${filter[*]}"
+  echo "($name on Linux $k took $((SECONDS - cstart)) s)"
+}
 vm_suite() { # kernel
-  local k=$1 filter=() classes class start=$SECONDS cstart
+  local k=$1 classes shared class start=$SECONDS batch=() size=${UBLKSHARP_VM_BATCH:-5}
+  filter=()
   [ "$k" = 6.12 ] || filter=(-trait "kernel=$k")
   log "VM tests on Linux $k (Debian's kernel with ublk_drv, under qemu)"
-  classes=$(dotnet "$vmdll" -list classes -noColor "${filter[@]}" 2>/dev/null | grep -E '^UblkSharp\.VmTests\.' | grep -E "${UBLKSHARP_VM_CLASSES:-.}")
+  classes=$(vm_classes "${filter[@]}")
   if [ -z "$classes" ]; then
     if [ -n "${UBLKSHARP_VM_CLASSES:-}" ]; then echo "no VM test class for Linux $k matches UBLKSHARP_VM_CLASSES"; else fail "no VM test classes for Linux $k found in $vmdll"; fi
     return
   fi
+  shared=$(vm_classes -trait boot=shared)
   for class in $classes; do
-    echo "--- $class (Linux $k)"
-    cstart=$SECONDS
-    run_counted "$class on $k" tools/ublksharp-vm -k "$k" -t "${UBLKSHARP_VM_TIMEOUT:-1200}" -- "dotnet $vmdll -noColor -class $class ${filter[*]}"
-    echo "($class on Linux $k took $((SECONDS - cstart)) s)"
+    if grep -qxF "$class" <<<"$shared"; then batch+=("$class"); else vm_boot "$k" "$class" "$class"; fi
+    if [ ${#batch[@]} -ge "$size" ]; then vm_boot "$k" "$(IFS=,; echo "${batch[*]##*.}")" "${batch[@]}"; batch=(); fi
   done
+  [ ${#batch[@]} = 0 ] || vm_boot "$k" "$(IFS=,; echo "${batch[*]##*.}")" "${batch[@]}"
   echo "(the VM suite on Linux $k took $((SECONDS - start)) s)"
 }
 

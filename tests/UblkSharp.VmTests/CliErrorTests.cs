@@ -6,6 +6,7 @@ namespace UblkSharp.VmTests;
 /// Every way `ublksharp add` and `del` are expected to fail: exit code 1, one line that says what is
 /// wrong (no stack trace), and nothing left behind (no device, no daemon).
 /// </summary>
+[Trait("boot", "shared")]
 public class CliErrorTests
 {
     [Theory]

@@ -6,6 +6,7 @@ namespace UblkSharp.VmTests;
 /// ext4 on devices served by CLI daemons: mkfs, a tree of real files and random data, a clean
 /// e2fsck, and every file's checksum after a remount (and, for loop, after a new daemon).
 /// </summary>
+[Trait("boot", "shared")]
 public class CliFileSystemTests
 {
     [Fact]

@@ -11,6 +11,7 @@ namespace UblkSharp.VmTests;
 /// test first asserts which of the two the kernel is, so a 7.3 run cannot quietly take the 6.12 path.
 /// </summary>
 [Trait("kernel", "7.3")]
+[Trait("boot", "shared")]
 public class ControlFeatureTests
 {
     private const string Image = "/tmp/ublksharp-ctl7x.img";

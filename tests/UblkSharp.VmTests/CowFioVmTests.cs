@@ -2,6 +2,7 @@ namespace UblkSharp.VmTests;
 
 /// <summary>fio crc32c verify on a cow device over random data; the merge equals what the device read.</summary>
 [Trait("kernel", "7.3")]
+[Trait("boot", "shared")]
 public sealed class CowFioVmTests : CowVmTest
 {
     [Fact]

@@ -3,6 +3,7 @@ using System.Diagnostics;
 namespace UblkSharp.VmTests;
 
 /// <summary>Our cow device and the real User-Mode Linux (run in the guest) on the same overlays, both ways.</summary>
+[Trait("boot", "shared")]
 public sealed class CowUmlVmTests : CowVmTest
 {
     [Fact]

@@ -4,6 +4,7 @@ using UblkSharp.Targets;
 namespace UblkSharp.VmTests;
 
 /// <summary>Devices served in this process, driven through /dev/ublkbN.</summary>
+[Trait("boot", "shared")]
 public class DeviceTests
 {
     [Fact]

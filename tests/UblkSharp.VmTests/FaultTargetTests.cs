@@ -10,6 +10,7 @@ namespace UblkSharp.VmTests;
 /// never seen by the client (see also <see cref="FioVerifyTests"/>, which runs the same schedule
 /// through the CLI); hard faults (EIO) reach the client, and the daemon and device live on.
 /// </summary>
+[Trait("boot", "shared")]
 public class FaultTargetTests
 {
     [Fact]

@@ -7,6 +7,7 @@ namespace UblkSharp.VmTests;
 
 /// <summary>First contact with the real ublk driver: UBLK_U_CMD_GET_FEATURES through the managed binding.</summary>
 [Trait("kernel", "7.3")]
+[Trait("boot", "shared")]
 public class FeatureProbeTests
 {
     // Debian's 6.12 kernel: COMP_IN_TASK, NEED_GET_DATA, USER_RECOVERY, RECOVERY_REISSUE,

@@ -6,6 +6,7 @@ namespace UblkSharp.VmTests;
 /// keeps data, and a read/write mix on the null target, whose reads return no data.
 /// </summary>
 [Trait("kernel", "7.3")]
+[Trait("boot", "shared")]
 public class FioVerifyTests
 {
     private const string Image = "/tmp/ublksharp-fio.img";

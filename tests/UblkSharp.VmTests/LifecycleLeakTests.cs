@@ -8,6 +8,7 @@ namespace UblkSharp.VmTests;
 /// Creating and deleting devices again and again leaves nothing behind: no ublk device or node,
 /// no thread, no file descriptor, no mapping of a char device, and no daemon process.
 /// </summary>
+[Trait("boot", "shared")]
 public class LifecycleLeakTests
 {
     [Fact]

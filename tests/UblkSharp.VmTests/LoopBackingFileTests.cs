@@ -5,6 +5,7 @@ namespace UblkSharp.VmTests;
 /// the right offsets, discard punches holes (PUNCH_HOLE|KEEP_SIZE), write-zeroes without NOUNMAP
 /// punches holes too (as the kernel's loop driver), and zeroed ranges read back as zeros.
 /// </summary>
+[Trait("boot", "shared")]
 public class LoopBackingFileTests
 {
     private const string Image = "/tmp/ublksharp-backing.img";

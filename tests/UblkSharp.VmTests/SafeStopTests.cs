@@ -25,6 +25,7 @@ namespace UblkSharp.VmTests;
 /// On 6.12 (check, then STOP_DEV) reads may fail (the race TRY_STOP_DEV closes): counted, reported.
 /// </summary>
 [Trait("kernel", "7.3")]
+[Trait("boot", "shared")]
 public class SafeStopTests
 {
     private const int Iterations = 1000;

@@ -12,6 +12,7 @@ namespace UblkSharp.VmTests;
 /// random read/write) allocates 0 bytes; and nothing in the runtime is async, so nothing is awaited
 /// on a queue thread.
 /// </summary>
+[Trait("boot", "shared")]
 public class ZeroAllocationTests
 {
     private const string Image = "/tmp/ublksharp-zero-alloc.img";
