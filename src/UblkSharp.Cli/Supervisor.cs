@@ -96,6 +96,12 @@ internal static class Supervisor
                         Console.Error.WriteLine($"ublksharp: supervisor: recovering device {id} failed: {CliErrors.Describe(e)}");
                         spare?.Process.Dispose();
                         spare = null;
+                        if (TakenOverByAnother(id) is int other)
+                        {
+                            // A `recover` by hand won the takeover lock: its daemon serves, not a child of ours.
+                            Console.Error.WriteLine($"ublksharp: supervisor: device {id} was taken over by another daemon (pid {other}); it is no longer supervised");
+                            return 0;
+                        }
                     }
                 }
                 child = next;
@@ -145,6 +151,31 @@ internal static class Supervisor
         {
             Console.Error.WriteLine($"ublksharp: supervisor: no warm spare ({e.Message}); a crash will start a cold one");
             return null;
+        }
+    }
+
+    // After our takeover lost: waits out the winner's (bounded), then the pid of the daemon it left serving, if any.
+    private static int? TakenOverByAnother(uint id)
+    {
+        WaitUntil(() => !TakeoverLock.IsHeld(id), TimeSpan.FromMinutes(2));
+        try
+        {
+            using var control = ControlDevice.Open();
+            var info = control.GetDeviceInfo(id);
+            return (DeviceState)info.state == DeviceState.Live && Interop.Processes.IsAlive(info.ublksrv_pid) ? info.ublksrv_pid : null;
+        }
+        catch (Interop.ErrnoException)
+        {
+            return null;
+        }
+    }
+
+    private static void WaitUntil(Func<bool> done, TimeSpan timeout)
+    {
+        var deadline = Environment.TickCount64 + (long)timeout.TotalMilliseconds;
+        while (!done() && Environment.TickCount64 < deadline)
+        {
+            Thread.Sleep(50);
         }
     }
 

@@ -73,6 +73,8 @@ internal static class RecoverCommand
         {
             Recoverability.Check(control, id);
         }
+        // The daemon takes the lock itself (UblkDevice.Recover); this only says so before starting one.
+        TakeoverLock.RefuseIfHeld(id);
         if (record is null)
         {
             throw new ArgumentException($"no record of device {id} in {DeviceRecord.Directory}: recover rebuilds the target from the record its first daemon wrote");

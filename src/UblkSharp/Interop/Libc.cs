@@ -186,8 +186,20 @@ internal static unsafe partial class Libc
         public uint stx_gid;
         [FieldOffset(28)]
         public ushort stx_mode;
+        [FieldOffset(32)]
+        public ulong stx_ino;
+        [FieldOffset(136)]
+        public uint stx_dev_major;
+        [FieldOffset(140)]
+        public uint stx_dev_minor;
     }
 
     [LibraryImport(Lib, EntryPoint = "statx", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
     public static partial int statx(int dirfd, string path, int flags, uint mask, Statx* buffer);
+
+    public const int LOCK_EX = 2;
+    public const int LOCK_NB = 4;
+
+    [LibraryImport(Lib, EntryPoint = "flock", SetLastError = true)]
+    public static partial int flock(int fd, int operation);
 }

@@ -148,14 +148,27 @@ public sealed class UblkDevice : IDisposable
     /// Takes over a device whose daemon died (state QUIESCED, created with recovery on): START_USER_RECOVERY,
     /// new queues fetching every tag, then END_USER_RECOVERY with this process as the daemon. The target
     /// must be rebuilt as it was (the kernel keeps the parameters; SET_PARAMS is refused now).
+    /// The device's <see cref="TakeoverLock"/> is held from before START_USER_RECOVERY until
+    /// END_USER_RECOVERY succeeded or the attempt failed: taken here, unless the caller already
+    /// holds it (<paramref name="takeover"/>, e.g. an upgrade that took it before quiescing the old
+    /// daemon). Another takeover under way fails this one with <see cref="TakeoverInProgressException"/>
+    /// before anything is changed.
     /// </summary>
-    public static UblkDevice Recover(uint id, BlockTarget target, DeviceOptions options, Action<Exception>? onFatal = null)
+    public static UblkDevice Recover(uint id, BlockTarget target, DeviceOptions options, Action<Exception>? onFatal = null, TakeoverLock? takeover = null)
     {
         ArgumentNullException.ThrowIfNull(target);
         ArgumentNullException.ThrowIfNull(options);
+        if (takeover is not null && takeover.Id != id)
+        {
+            throw new ArgumentException($"the takeover lock given is device {takeover.Id}'s, not device {id}'s", nameof(takeover));
+        }
         var control = ControlDevice.Open();
+        TakeoverLock? ownLock = null;
         try
         {
+            Recoverability.Check(control, id);
+            ownLock = takeover is null ? TakeoverLock.Take(id, "recover") : null;
+            // Read again under the lock: a takeover that finished meanwhile left the device live.
             var info = Recoverability.Check(control, id);
             // The device may have been resized since its target's recipe was written: the kernel's size rules.
             var kernelSize = (long)control.GetParams(id).basic.dev_sectors << 9;
@@ -204,6 +217,10 @@ public sealed class UblkDevice : IDisposable
         {
             control.Dispose();
             throw;
+        }
+        finally
+        {
+            ownLock?.Dispose();
         }
     }
 
