@@ -15,6 +15,11 @@ internal static class DaemonHost
     {
         try
         {
+            // A daemon must hold nothing on a file system that may live on its own device: a cwd
+            // there would pin that mount (umount says busy), and a daemon that must write back to
+            // its own device to exit can never exit, so its device can never be recovered. The
+            // recipe's paths are absolute (TargetOptions), so / costs nothing.
+            Directory.SetCurrentDirectory("/");
             // The handlers come first: a signal while the device starts must not end the process
             // before the device is gone again. It is seen once the start returns, and the device deleted.
             using var stop = new ManualResetEventSlim();

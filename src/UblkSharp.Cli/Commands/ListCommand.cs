@@ -40,7 +40,8 @@ internal static class ListCommand
                 }
                 var record = DeviceRecord.Load(id);
                 rows.Add(new Row(id, ((DeviceState)info.state).ToString().ToUpperInvariant(), info.ublksrv_pid, info.nr_hw_queues, info.queue_depth,
-                    size, record?.Target ?? "?", UblkFeatureNames.Format((UblkFeatures)info.flags), $"/dev/ublkb{id}", record?.Recipe));
+                    size, record?.Target ?? "?", UblkFeatureNames.Format((UblkFeatures)info.flags), $"/dev/ublkb{id}", record?.Recipe,
+                    Orphans.Reason(id, info, record), record?.Version));
             }
             if (r.GetValue(json))
             {
@@ -48,10 +49,15 @@ internal static class ListCommand
             }
             else
             {
-                Console.WriteLine($"{"ID",-4} {"STATE",-9} {"PID",-8} {"QUEUES",-6} {"DEPTH",-5} {"SIZE",-10} {"TARGET",-7} {"PATH",-14} FLAGS");
+                Console.WriteLine($"{"ID",-4} {"STATE",-9} {"PID",-8} {"QUEUES",-6} {"DEPTH",-5} {"SIZE",-10} {"TARGET",-7} {"PATH",-14} {"VERSION",-14} FLAGS");
                 foreach (var x in rows)
                 {
-                    Console.WriteLine($"{x.Id,-4} {x.State,-9} {x.Pid,-8} {x.Queues,-6} {x.Depth,-5} {ByteSize.Format(x.Size),-10} {x.Target,-7} {x.Path,-14} {x.Flags}");
+                    Console.WriteLine($"{x.Id,-4} {(x.Orphan is null ? x.State : "ORPHAN"),-9} {x.Pid,-8} {x.Queues,-6} {x.Depth,-5} {ByteSize.Format(x.Size),-10} {x.Target,-7} {x.Path,-14} {ShortVersion(x.Version),-14} {x.Flags}");
+                }
+                // The reason would not fit a column: one line per orphan under the table.
+                foreach (var x in rows.Where(x => x.Orphan is not null))
+                {
+                    Console.WriteLine($"device {x.Id} is an orphan (kernel state {x.State}): {x.Orphan}; 'ublksharp del -n {x.Id}' removes it");
                 }
             }
             return 0;
@@ -70,6 +76,9 @@ internal static class ListCommand
                 w.WriteStartObject();
                 w.WriteNumber("id", x.Id);
                 w.WriteString("state", x.State.ToLowerInvariant());
+                // Why nothing can bring the device back (only del helps), or null.
+                w.WriteString("orphan", x.Orphan);
+                w.WriteString("version", x.Version);
                 w.WriteNumber("pid", x.Pid);
                 w.WriteNumber("queues", x.Queues);
                 w.WriteNumber("depth", x.Depth);
@@ -97,5 +106,17 @@ internal static class ListCommand
         Console.WriteLine();
     }
 
-    private sealed record Row(uint Id, string State, int Pid, int Queues, int Depth, long Size, string Target, string Flags, string Path, Dictionary<string, string>? Recipe);
+    // "1.0.0+<40 hex digits>" is too wide for a table: the commit as git abbreviates it.
+    private static string ShortVersion(string? version)
+    {
+        if (version is null)
+        {
+            return "-";
+        }
+        var plus = version.IndexOf('+', StringComparison.Ordinal);
+        return plus >= 0 && version.Length > plus + 8 ? version[..(plus + 8)] : version;
+    }
+
+    private sealed record Row(uint Id, string State, int Pid, int Queues, int Depth, long Size, string Target, string Flags, string Path,
+        Dictionary<string, string>? Recipe, string? Orphan, string? Version);
 }

@@ -84,7 +84,8 @@ internal sealed class TargetOptions
                 recipe[key] = value;
             }
         }
-        Put("file", r.GetValue(File));
+        // Absolute: the daemon serves from / (never from a directory on its own device), and `recover` may run anywhere.
+        Put("file", r.GetValue(File) is { Length: > 0 } file ? Path.GetFullPath(file) : null);
         Put("size", r.GetValue(Size));
         Put("direct-io", r.GetValue(DirectIo) ? "on" : null);
         Put("read-only", r.GetValue(ReadOnly) ? "on" : null);
@@ -95,7 +96,7 @@ internal sealed class TargetOptions
         Put("eio", r.GetValue(Eio));
         Put("delay", r.GetValue(Delay));
         Put("delay-ms", r.GetValue(DelayMs));
-        Put("backing", r.GetValue(Backing));
+        Put("backing", r.GetValue(Backing) is { Length: > 0 } backing ? Path.GetFullPath(backing) : null);
         // Made once by whoever builds the target first; a command that builds it again (a daemon,
         // recovery) must drop "create" from the recipe after that (see AddCommand).
         Put("create", r.GetValue(Create) ? "on" : null);

@@ -1,3 +1,4 @@
+using System.Reflection;
 using System.Text.Json;
 using System.Text.Json.Serialization;
 
@@ -11,7 +12,8 @@ namespace UblkSharp.Runtime;
 /// </summary>
 public sealed record DeviceRecord
 {
-    public static string Directory { get; set; } = Environment.GetEnvironmentVariable("UBLKSHARP_RUN_DIR") ?? "/run/ublksharp";
+    // Absolute: a daemon changes its directory to / (see DaemonHost).
+    public static string Directory { get; set; } = Environment.GetEnvironmentVariable("UBLKSHARP_RUN_DIR") is { Length: > 0 } dir ? System.IO.Path.GetFullPath(dir) : "/run/ublksharp";
 
     public required uint Id { get; init; }
 
@@ -49,6 +51,13 @@ public sealed record DeviceRecord
 
     public DateTimeOffset Created { get; init; } = DateTimeOffset.UtcNow;
 
+    /// <summary>The UblkSharp build the daemon runs (<see cref="CurrentVersion"/>); records of older versions lack it.</summary>
+    public string? Version { get; init; }
+
+    /// <summary>This process's UblkSharp build: the assembly's informational version (with the commit, where the build had one).</summary>
+    public static string CurrentVersion { get; } =
+        typeof(DeviceRecord).Assembly.GetCustomAttribute<AssemblyInformationalVersionAttribute>()?.InformationalVersion ?? "unknown";
+
     /// <summary>The record of a device this process serves: its shape and recovery mode as the kernel reports them.</summary>
     public static DeviceRecord Of(UblkDevice device, string target, Dictionary<string, string> recipe, long size)
     {
@@ -66,6 +75,7 @@ public sealed record DeviceRecord
             Size = size,
             MaxIoBytes = (int)device.Info.max_io_buf_bytes,
             Recovery = RecoveryModes.FromFlags((Ublk.UblkFeatures)device.Info.flags).Name(),
+            Version = CurrentVersion,
         };
     }
 
