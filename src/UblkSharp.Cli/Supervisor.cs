@@ -185,7 +185,8 @@ internal static class Supervisor
         {
             using var control = ControlDevice.Open();
             var info = control.GetDeviceInfo(id);
-            return (info.flags & (ulong)UblkFeatures.UserRecovery) != 0 && (DeviceState)info.state != DeviceState.Dead;
+            // Recoverability's rules, with the daemon taken as dead: it just died.
+            return Recoverability.Obstacle((DeviceState)info.state, (UblkFeatures)info.flags, daemonAlive: false) == RecoveryObstacle.None;
         }
         catch (Interop.ErrnoException)
         {
