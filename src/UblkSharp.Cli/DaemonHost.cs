@@ -48,9 +48,18 @@ internal static class DaemonHost
                 rbd.Resized += (_, size) => Interlocked.Exchange(ref rbdSize, size);
             }
             // Requests that must run on this thread (the control ring's), between waits.
+            var handedOver = false;
             void Service()
             {
                 ResizeRequests.Serve(device, Resized);
+                if (HandOverRequests.Take(device.Id) is string token)
+                {
+                    handedOver = HandOver(device, target, token);
+                    if (handedOver)
+                    {
+                        return;
+                    }
+                }
                 var follow = Interlocked.Exchange(ref rbdSize, 0) & ~511L;
                 if (follow > 0 && follow != device.KernelSize)
                 {
@@ -74,8 +83,8 @@ internal static class DaemonHost
                 if (watch.WaitUntilReleased(() =>
                 {
                     Service();
-                    return stop.IsSet || device.WaitForStop(TimeSpan.Zero);
-                }))
+                    return handedOver || stop.IsSet || device.WaitForStop(TimeSpan.Zero);
+                }) && !handedOver)
                 {
                     var left = watch.Retire(TimeSpan.FromSeconds(30));
                     Console.Error.WriteLine($"ublksharp: device {device.Id} is no longer mounted; deleting it{(left > 0 ? $" ({left} openers still hold it)" : "")}");
@@ -84,10 +93,18 @@ internal static class DaemonHost
             else
             {
                 // Serve until a signal, or until someone else stops the device (ublksharp del).
-                while (!stop.Wait(250) && !device.WaitForStop(TimeSpan.Zero))
+                while (!handedOver && !stop.Wait(250) && !device.WaitForStop(TimeSpan.Zero))
                 {
                     Service();
                 }
+            }
+            if (handedOver)
+            {
+                // The next daemon serves the device now, with its record: both stay. Without
+                // QUIESCE_DEV this process's exit is what hands the waiting requests over: at once.
+                Console.Out.Flush();
+                Console.Error.Flush();
+                Interop.Processes.ExitNow(0);
             }
             var id = device.Id;
             device.Dispose();
@@ -100,5 +117,35 @@ internal static class DaemonHost
             DaemonLauncher.ReportFailure(readyFile, CliErrors.Describe(e));
             throw;
         }
+    }
+
+    // `ublksharp upgrade`'s request: true once the device is handed over (this daemon then exits);
+    // false if it was refused and this daemon still serves. A failure half way ends the daemon: the
+    // device is left quiesced, with its IO held, for the new daemon or `recover`.
+    private static bool HandOver(UblkDevice device, BlockTarget target, string token)
+    {
+        var id = device.Id;
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        try
+        {
+            device.HandOver(TimeSpan.FromSeconds(30));
+            // The next daemon opens the target's files after this answer: what this one still
+            // holds in memory (a cow overlay's bitmap) must be on disk first.
+            target.Dispose();
+        }
+        catch (RecoveryRefusedException e)
+        {
+            HandOverRequests.Answer(id, token, $"error {e.Message}");
+            Console.Error.WriteLine($"ublksharp: device {id}: hand-over refused: {e.Message}");
+            return false;
+        }
+        catch (Exception e) when (CliErrors.IsExpected(e))
+        {
+            HandOverRequests.Answer(id, token, $"error {CliErrors.Describe(e)}");
+            throw;
+        }
+        HandOverRequests.Answer(id, token, $"ok {device.LeftForNextDaemon}");
+        Console.Error.WriteLine($"ublksharp: device {id} handed over in {clock.Elapsed.TotalMilliseconds:0} ms ({device.LeftForNextDaemon} requests left to the next daemon); {device.Completed} requests served, {device.Errors} failed");
+        return true;
     }
 }

@@ -53,12 +53,20 @@ internal static class DaemonLauncher
     }
 
     /// <summary>A start of this same CLI with <paramref name="args"/>.</summary>
-    public static ProcessStartInfo SelfStartInfo(IEnumerable<string> args)
+    public static ProcessStartInfo SelfStartInfo(IEnumerable<string> args) =>
+        StartInfo(Path.GetFileNameWithoutExtension(Environment.ProcessPath) == "dotnet" ? typeof(DaemonLauncher).Assembly.Location : Environment.ProcessPath ?? "dotnet", args);
+
+    /// <summary>
+    /// A start of the CLI <paramref name="binary"/> (its UblkSharp.Cli.dll, run by dotnet, or an
+    /// executable such as the published apphost) with <paramref name="args"/>.
+    /// </summary>
+    public static ProcessStartInfo StartInfo(string binary, IEnumerable<string> args)
     {
-        var psi = new ProcessStartInfo(Environment.ProcessPath ?? "dotnet") { UseShellExecute = false };
-        if (Path.GetFileNameWithoutExtension(Environment.ProcessPath) == "dotnet")
+        var dll = binary.EndsWith(".dll", StringComparison.Ordinal);
+        var psi = new ProcessStartInfo(dll ? DotnetHost : binary) { UseShellExecute = false };
+        if (dll)
         {
-            psi.ArgumentList.Add(typeof(DaemonLauncher).Assembly.Location);
+            psi.ArgumentList.Add(binary);
         }
         foreach (var a in args)
         {
@@ -66,6 +74,50 @@ internal static class DaemonLauncher
         }
         return psi;
     }
+
+    private static string DotnetHost => Path.GetFileNameWithoutExtension(Environment.ProcessPath) == "dotnet" ? Environment.ProcessPath! : "dotnet";
+
+    /// <summary>
+    /// Starts <paramref name="start"/> detached (its own session, output appended to <paramref name="log"/>)
+    /// with its stdin a pipe from this process, which stays open while this process lives; its pid and that pipe.
+    /// </summary>
+    public static (int Pid, StreamWriter Stdin) StartDetachedWithStdin(ProcessStartInfo start, string log)
+    {
+        var psi = new ProcessStartInfo("/bin/sh") { RedirectStandardInput = true, RedirectStandardOutput = true, UseShellExecute = false };
+        // A background job's stdin would be /dev/null: it gets the pipe through fd 3.
+        psi.ArgumentList.Add("-c");
+        psi.ArgumentList.Add("exec 3<&0; setsid \"$@\" <&3 3<&- >>\"$UBLKSHARP_LOG\" 2>&1 & echo $!");
+        psi.ArgumentList.Add("sh");
+        psi.ArgumentList.Add(start.FileName);
+        foreach (var a in start.ArgumentList)
+        {
+            psi.ArgumentList.Add(a);
+        }
+        psi.Environment["UBLKSHARP_LOG"] = log;
+        var sh = Process.Start(psi) ?? throw new IOException("could not start /bin/sh");
+        var line = sh.StandardOutput.ReadLine();
+        sh.WaitForExit();
+        if (!int.TryParse(line, out var pid))
+        {
+            sh.StandardInput.Close();
+            throw new IOException($"could not start {start.FileName}");
+        }
+        return (pid, sh.StandardInput);
+    }
+
+    /// <summary>A new daemon log (owner-only) under the run directory.</summary>
+    public static string NewLog(string what)
+    {
+        var logDir = Path.Combine(DeviceRecord.Directory, "logs");
+        StateDirectory.Ensure(DeviceRecord.Directory);
+        StateDirectory.Ensure(logDir);
+        var log = Path.Combine(logDir, $"{what}-{DateTime.UtcNow:yyyyMMdd-HHmmss}-{Guid.NewGuid().ToString("N")[..8]}.log");
+        StateDirectory.CreateFile(log);
+        return log;
+    }
+
+    /// <summary>The last lines of a daemon's log.</summary>
+    public static string LogTail(string log) => Tail(log);
 
     /// <summary>Waits until the daemon <paramref name="pid"/> writes its report to <paramref name="ready"/>, dies, or times out.</summary>
     public static (uint Id, string Path) WaitForReady(int pid, string ready, string? log)

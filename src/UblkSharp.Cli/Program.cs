@@ -16,6 +16,7 @@ public static class Program
             AddCommand.Create(),
             DelCommand.Create(),
             RecoverCommand.Create(),
+            UpgradeCommand.Create(),
             ResizeCommand.Create(),
             MountCommand.Create(),
             ListCommand.Create(),

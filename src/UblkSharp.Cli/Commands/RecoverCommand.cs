@@ -2,6 +2,7 @@ using System.CommandLine;
 using System.Globalization;
 using UblkSharp.Runtime;
 using UblkSharp.Targets;
+using UblkSharp.Targets.Cow;
 using UblkSharp.Ublk;
 
 namespace UblkSharp.Cli.Commands;
@@ -19,7 +20,9 @@ internal static class RecoverCommand
         var readyFile = new Option<string?>("--ready-file") { Hidden = true };
         // A supervisor's warm spare: started ahead of time, it recovers the device when a line arrives on stdin.
         var standby = new Option<bool>("--standby") { Hidden = true };
-        var command = new Command("recover", "Restart the daemon of a device whose daemon died (created with --recovery on|reissue)") { number, foreground, readyFile, standby };
+        // Written once a spare is warm (`upgrade` waits for it before it asks the old daemon to let go).
+        var warmFile = new Option<string?>("--warm-file") { Hidden = true };
+        var command = new Command("recover", "Restart the daemon of a device whose daemon died (created with --recovery on|reissue)") { number, foreground, readyFile, standby, warmFile };
         command.SetAction(r =>
         {
             var n = r.GetValue(number);
@@ -55,7 +58,20 @@ internal static class RecoverCommand
                 {
                     control.GetDeviceInfo(id);
                 }
-                TargetFactory.Create(record.Target, record.Recipe).Dispose();
+                try
+                {
+                    TargetFactory.Create(record.Target, record.Recipe).Dispose();
+                }
+                catch (FileLockedException e)
+                {
+                    // The serving daemon holds the target's files locked (a cow overlay): they are
+                    // opened after the takeover, when it has let go of them.
+                    Console.Error.WriteLine($"ublksharp: standby for device {id}: {e.Message}; opening it at the takeover");
+                }
+                if (r.GetValue(warmFile) is string warm)
+                {
+                    Runtime.StateDirectory.WriteAtomically(warm, "warm");
+                }
                 if (Console.In.ReadLine() != "go")
                 {
                     return 0; // the supervisor went away: nothing to take over

@@ -16,6 +16,9 @@ public static class Processes
 
     public static bool Signal(int pid, int signal) => pid > 0 && Libc.kill(pid, signal) == 0;
 
+    /// <summary>Ends this process at once (_exit): no managed shutdown, nothing more runs.</summary>
+    public static void ExitNow(int code) => Libc._exit(code);
+
     /// <summary>
     /// When process <paramref name="pid"/> started, in clock ticks since boot (/proc/PID/stat field
     /// 22): with the pid, it names one process, since a recycled pid starts later. Null if it is gone.

@@ -319,31 +319,113 @@ public sealed class UblkDevice : IDisposable
         {
             q?.RequestEnd();
         }
-        if (!WaitForStop(_options.StopTimeout))
+        LetGo(WaitForStop(_options.StopTimeout), "QUIESCE_DEV");
+        return true;
+    }
+
+    /// <summary>
+    /// Why a device with these flags (its <see cref="DevInfo.flags"/>) cannot be handed to another
+    /// daemon with no failed IO, or null if it can. With QUIESCE_DEV (6.16+) any recovery mode but
+    /// fail-io can; without it (6.12) only reissue: the requests that arrive while the old daemon
+    /// lets go are requeued for the new one only with USER_RECOVERY_REISSUE, and fail without it.
+    /// </summary>
+    public static string? HandOverRefusal(uint id, ulong flags)
+    {
+        var f = (UblkFeatures)flags;
+        if ((f & UblkFeatures.UserRecovery) == 0)
         {
-            throw new TimeoutException($"ublk device {Id}: queues did not end within {_options.StopTimeout.TotalSeconds} s of QUIESCE_DEV");
+            return $"device {id} was created without recovery (add --recovery on|reissue): the kernel would fail its IO while no daemon serves it";
         }
+        if ((f & UblkFeatures.UserRecoveryFailIo) != 0)
+        {
+            return $"device {id} has recovery fail-io: its IO would fail while no daemon serves it";
+        }
+        if ((f & UblkFeatures.Quiesce) == 0 && (f & UblkFeatures.UserRecoveryReissue) == 0)
+        {
+            return $"device {id} has recovery on, and this kernel has no QUIESCE_DEV (Linux 6.16+): the requests that arrive during the hand-over would fail; only a device created with --recovery reissue can be upgraded here";
+        }
+        return null;
+    }
+
+    /// <summary>
+    /// Lets another daemon take this device over with no failed IO: every request is either answered
+    /// here or left held in the kernel for the next daemon's <see cref="Recover"/>. With QUIESCE_DEV
+    /// this is <see cref="Quiesce"/>, and the device is QUIESCED on return. Without it (6.12, recovery
+    /// reissue) the queues stop serving new requests and answer the ones in service; the process
+    /// must then exit (soon: new IO waits), which requeues the rest and quiesces the device. Throws if
+    /// <see cref="HandOverRefusal"/> refuses, or if IO did not drain within <paramref name="wait"/>
+    /// (with QUIESCE_DEV): <see cref="RecoveryRefusedException"/> when nothing changed and this process
+    /// still serves the device, anything else when it no longer does.
+    /// </summary>
+    public void HandOver(TimeSpan wait)
+    {
+        ObjectDisposedException.ThrowIf(_deleted, this);
+        if (HandOverRefusal(Id, Info.flags) is string refusal)
+        {
+            throw new RecoveryRefusedException(refusal);
+        }
+        if (((UblkFeatures)Info.flags & UblkFeatures.Quiesce) != 0)
+        {
+            if (!Quiesce(wait))
+            {
+                throw new RecoveryRefusedException($"device {Id}: IO did not drain within {wait.TotalSeconds:0.#} s for QUIESCE_DEV; the device was not handed over");
+            }
+            return;
+        }
+        // From here on the device is the next daemon's: a later Dispose must not stop it.
+        _deleted = true;
+        foreach (var q in _queues)
+        {
+            q?.RequestHandOver();
+        }
+        var deadline = DateTime.UtcNow + _options.StopTimeout;
+        foreach (var q in _queues)
+        {
+            if (q is not null && !q.WaitParked(Max(deadline - DateTime.UtcNow, TimeSpan.Zero)))
+            {
+                throw new TimeoutException($"ublk device {Id}: queue {q.QueueId} did not answer its requests within {_options.StopTimeout.TotalSeconds} s of the hand-over");
+            }
+        }
+        LeftForNextDaemon = _queues.Where(q => q is not null).Sum(q => q.LeftForNextDaemon);
+    }
+
+    // After QUIESCE_DEV or a hand-over the device is the next daemon's, whatever happens here: the
+    // queues are made to end (closing a ring requeues what it still held), and a later Dispose
+    // must not stop the device.
+    private void LetGo(bool ended, string after)
+    {
         _deleted = true;
         ReleaseLocal();
         try
         {
-            // The state turns when the kernel drops the last reference to /dev/ublkcN, which a
-            // closing io_uring gives up a little later (its teardown is asynchronous).
-            var deadline = Environment.TickCount64 + (long)_options.StopTimeout.TotalMilliseconds;
-            while ((DeviceState)_control.GetDeviceInfo(Id).state == DeviceState.Live)
+            if (!ended)
             {
-                if (Environment.TickCount64 > deadline)
-                {
-                    throw new TimeoutException($"ublk device {Id} is still live {_options.StopTimeout.TotalSeconds} s after QUIESCE_DEV");
-                }
-                Thread.Sleep(10);
+                throw new TimeoutException($"ublk device {Id}: queues did not end within {_options.StopTimeout.TotalSeconds} s of {after}");
             }
+            WaitUntilNotLive(after);
         }
         finally
         {
             _control.Dispose();
         }
-        return true;
+    }
+
+    /// <summary>Requests that arrived during <see cref="HandOver"/> and were left to the next daemon.</summary>
+    public long LeftForNextDaemon { get; private set; }
+
+    // The state turns when the kernel drops the last reference to /dev/ublkcN, which a closing
+    // io_uring gives up a little later (its teardown is asynchronous).
+    private void WaitUntilNotLive(string after)
+    {
+        var deadline = Environment.TickCount64 + (long)_options.StopTimeout.TotalMilliseconds;
+        while ((DeviceState)_control.GetDeviceInfo(Id).state == DeviceState.Live)
+        {
+            if (Environment.TickCount64 > deadline)
+            {
+                throw new TimeoutException($"ublk device {Id} is still live {_options.StopTimeout.TotalSeconds} s after {after}");
+            }
+            Thread.Sleep(2);
+        }
     }
 
     private static void RequireFeatures(ControlDevice control, UblkFeatures wanted)

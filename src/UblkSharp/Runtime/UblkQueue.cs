@@ -49,6 +49,15 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
     private bool _stopping;
     private volatile bool _stopRequested;
     private volatile bool _endRequested;
+    // A hand-over to another daemon on a kernel without QUIESCE_DEV (6.12, recovery reissue): no new
+    // request is served (those that arrive are left unanswered), the ones being served are answered,
+    // and then the thread parks with its ring open until the process exits. The exit is what makes
+    // the kernel requeue the requests left (USER_RECOVERY_REISSUE) and quiesce the device: closing
+    // the rings while the process lives left a request in flight for good in testing, and
+    // quiesce_work waits for it with the device's mutex held.
+    private volatile bool _handOverRequested;
+    private bool _handingOver;
+    private readonly ManualResetEventSlim _parked = new();
     // No request comes any more (an ABORT arrived, or the owner quiesced the device): the thread
     // ends once it holds none. Not every tag gets an ABORT: QUIESCE_DEV aborts only the fetches
     // parked at that instant (ublk_cancel_dev skips a tag the daemon holds or one being dispatched),
@@ -166,6 +175,23 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
         _endRequested = true;
         Wake();
     }
+
+    /// <summary>
+    /// Hands the queue's requests over to the next daemon (see <c>UblkDevice.HandOver</c>): requests
+    /// that arrive from now on are left for it, the ones in service are answered, then the thread
+    /// parks (<see cref="WaitParked"/>) until the process exits.
+    /// </summary>
+    public void RequestHandOver()
+    {
+        _handOverRequested = true;
+        Wake();
+    }
+
+    /// <summary>Requests that arrived during a hand-over and were left to the next daemon.</summary>
+    public long LeftForNextDaemon { get; private set; }
+
+    /// <summary>Waits until a hand-over's requests in service are answered and the thread parked.</summary>
+    public bool WaitParked(TimeSpan timeout) => _parked.Wait(timeout);
 
     private void Wake()
     {
@@ -341,7 +367,8 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
                         }
                         else
                         {
-                            _ending |= _endRequested;
+                            _handingOver |= _handOverRequested;
+                            _ending |= _endRequested || _handingOver;
                             ArmStop(); // a later RequestStop must still wake the thread
                         }
                         break;
@@ -374,6 +401,11 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
             // task work that may still hand over a request dispatched before the quiesce.
             if (wait == 0 && handled == 0)
             {
+                if (_handingOver)
+                {
+                    _parked.Set();
+                    Thread.Sleep(Timeout.Infinite); // until the process exits; see _handOverRequested
+                }
                 return;
             }
             wait = 0;
@@ -412,6 +444,11 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
         if (res != 0)
         {
             throw new ErrnoException(-res, $"ublk IO command (queue {_queueId}, tag {tag})");
+        }
+        if (_handingOver)
+        {
+            LeftForNextDaemon++;
+            return;
         }
         ref var t = ref _tags[tag];
         var desc = _descs[tag];

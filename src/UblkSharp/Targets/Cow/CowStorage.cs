@@ -114,7 +114,7 @@ internal sealed unsafe class FileCowStorage : CowStorage
             {
                 if (errno is Errno.EAGAIN or Errno.EACCES)
                 {
-                    throw new IOException($"{path} is in use by another process (it holds a lock on it: a running UML or another ublksharp device)");
+                    throw new FileLockedException($"{path} is in use by another process (it holds a lock on it: a running UML or another ublksharp device)");
                 }
                 // Some file systems (e.g. 9p) have no locks; working without one beats refusing.
             }
@@ -271,3 +271,6 @@ internal sealed unsafe class FileCowStorage : CowStorage
     public static long ModificationTime(string path)
         => new DateTimeOffset(File.GetLastWriteTimeUtc(path)).ToUnixTimeSeconds();
 }
+
+/// <summary>A file another process holds locked (a running UML, or another daemon serving it).</summary>
+public sealed class FileLockedException(string message) : IOException(message);

@@ -1,0 +1,156 @@
+using System.Diagnostics;
+
+namespace UblkSharp.VmTests;
+
+/// <summary>
+/// `ublksharp upgrade`: a new daemon takes a live device over while fio writes and verifies at
+/// depth 32 and a prober times every 4 KiB read. No fio error and no failed read may happen, and
+/// the device node and its major:minor never change. The stall (the longest time without a read
+/// completing, from the command's start) is reported as FIGURE lines. On 6.12 the hand-over goes
+/// through USER_RECOVERY_REISSUE; on 7.3 through QUIESCE_DEV, with recovery on. Loop only: mem and
+/// cow keep data in the daemon's memory and refuse recovery, and so upgrade.
+/// </summary>
+[Trait("kernel", "7.3")]
+public class UpgradeTests
+{
+    private const string Image = "/tmp/ublksharp-upgrade.img";
+    private const long ProbeSpan = 64 << 20;
+
+    // Upgrades per target under load: each costs a .NET start in the guest (several seconds under TCG).
+    private const int Upgrades = 4;
+
+    private static string RecoveryMode => VmEnvironment.Is612 ? "reissue" : "on";
+
+    [Fact]
+    public async Task UpgradesUnderFioVerifyFailNoIoAndKeepTheDevice()
+    {
+        VmEnvironment.RequireDriver();
+        Lifecycle.CreateImage(Image, 256 << 20);
+        try
+        {
+            var target = $"-t loop -f {Image}";
+            var dev = CliDevices.Add($"{target} -q 2 -d 64 --recovery {RecoveryMode}");
+            var id = CliDevices.IdOf(dev);
+            var rdev = DeviceNumber(dev);
+            using var prober = new IoProber(dev, ProbeSpan);
+            Assert.True(Lifecycle.PollFor(() => prober.Completions > 20, TimeSpan.FromSeconds(60)), $"the prober made no progress: {string.Join("; ", prober.Errors)}");
+            // Verify runs one after another until the upgrades are done, each at a bounded rate: an
+            // unthrottled fio leaves a TCG guest no CPU to start the new daemons with.
+            var upgrading = true;
+            var fio = Task.Run(() =>
+            {
+                var runs = new List<FioResult>();
+                do
+                {
+                    runs.Add(Fio.Run(dev, TimeSpan.FromMinutes(5), "--rw=randwrite", "--bsrange=4k-128k", "--verify=crc32c", "--do_verify=1",
+                        "--verify_state_save=0", "--size=8M", "--offset_increment=8M", "--rate_iops=100", $"--randseed={runs.Count + 1}"));
+                }
+                while (Volatile.Read(ref upgrading) && runs[^1].ExitCode == 0);
+                return runs;
+            }, TestContext.Current.CancellationToken);
+            var stalls = new List<double>();
+            var commands = new List<double>();
+            for (var u = 0; u < Upgrades; u++)
+            {
+                var pid = CliDevices.DaemonPid(id);
+                var start = Stopwatch.GetTimestamp();
+                var (code, output) = VmEnvironment.RunCli($"upgrade -n {id}", TimeSpan.FromMinutes(4));
+                commands.Add(Stopwatch.GetElapsedTime(start).TotalSeconds);
+                Assert.True(code == 0, $"upgrade {u} exited {code}:\n{output}\n{CliDevices.DaemonLogs()}");
+                VmEnvironment.Log($"upgrade {u}: {output.Trim()}");
+                var newPid = CliDevices.DaemonPid(id);
+                Assert.NotEqual(pid, newPid);
+                Assert.True(Lifecycle.PollFor(() => !Running(pid), TimeSpan.FromSeconds(10)), $"upgrade {u}: the old daemon {pid} still runs");
+                Assert.Equal(rdev, DeviceNumber(dev));
+                var after = Stopwatch.GetTimestamp();
+                Assert.True(Lifecycle.PollFor(() => prober.CompletionsAfter(after) > 0, TimeSpan.FromSeconds(60)), $"upgrade {u}: no read completed after it");
+                stalls.Add(prober.StallAfter(start).TotalSeconds);
+            }
+            Volatile.Write(ref upgrading, false);
+            var runs = await fio;
+            foreach (var run in runs)
+            {
+                Fio.AssertVerified(run);
+            }
+            Assert.Empty(prober.Errors);
+            Assert.True(prober.Stop(TimeSpan.FromSeconds(30)), "the prober's read did not come back");
+            stalls.Sort();
+            VmEnvironment.Figure($"UPGRADE loop on {VmEnvironment.KernelRelease} (recovery {RecoveryMode}): {Upgrades} upgrades under fio verify: IO stall median {Lifecycle.Seconds(Lifecycle.Median(stalls))}, max {Lifecycle.Seconds(stalls[^1])}; " +
+                $"the command took median {Lifecycle.Seconds(Lifecycle.Median(commands))}; {runs.Count} fio verify runs, the last: {runs[^1].Summary}");
+            CliDevices.Del(id);
+        }
+        finally
+        {
+            Lifecycle.CleanUp();
+            File.Delete(Image);
+        }
+    }
+
+    /// <summary>
+    /// The refusals and failures, each leaving the old daemon serving: a new build that cannot start,
+    /// a device without recovery, a device with recovery on where the kernel has no QUIESCE_DEV.
+    /// </summary>
+    [Fact]
+    public void AFailedOrRefusedUpgradeLeavesTheOldDaemonServing()
+    {
+        VmEnvironment.RequireDriver();
+        Lifecycle.CreateImage(Image, 64 << 20);
+        const string bad = "/tmp/ublksharp-bad-build";
+        try
+        {
+            File.WriteAllText(bad, "#!/bin/sh\necho 'this build is broken' >&2\nexit 3\n");
+            VmEnvironment.ShOk($"chmod 0700 {bad}");
+            var dev = CliDevices.Add($"-t loop -f {Image} --recovery {RecoveryMode}");
+            var id = CliDevices.IdOf(dev);
+            var pid = CliDevices.DaemonPid(id);
+            Lifecycle.AssertRefused($"upgrade -n {id} --binary {bad}", "new daemon", "old daemon keeps serving", "this build is broken");
+            Assert.Equal(pid, CliDevices.DaemonPid(id));
+            VmEnvironment.ShOk($"dd if={dev} of=/dev/null bs=4k count=16 iflag=direct status=none");
+            Lifecycle.AssertRefused($"upgrade -n {id} --binary /tmp/no-such-build", "no such file");
+            CliDevices.Del(id);
+
+            var plain = CliDevices.Add("-t null --size 64M");
+            Lifecycle.AssertRefused($"upgrade -n {CliDevices.IdOf(plain)}", "without recovery");
+            CliDevices.Del(CliDevices.IdOf(plain));
+            if (VmEnvironment.Is612)
+            {
+                var on = CliDevices.Add("-t null --size 64M --recovery on");
+                Lifecycle.AssertRefused($"upgrade -n {CliDevices.IdOf(on)}", "QUIESCE_DEV", "reissue");
+                CliDevices.Del(CliDevices.IdOf(on));
+            }
+            Lifecycle.AssertRefused("upgrade -n 999", "no ublk device 999");
+            // A mem device cannot have recovery, but the refusal says why it matters.
+            var mem = CliDevices.Add("-t mem --size 16M");
+            Lifecycle.AssertRefused($"upgrade -n {CliDevices.IdOf(mem)}", "mem target", "lose data");
+            CliDevices.Del(CliDevices.IdOf(mem));
+        }
+        finally
+        {
+            Lifecycle.CleanUp();
+            File.Delete(Image);
+            File.Delete(bad);
+        }
+    }
+
+    // Alive and not a zombie (an orphan waits for the guest's init to reap it).
+    private static bool Running(int pid)
+    {
+        try
+        {
+            var stat = File.ReadAllText($"/proc/{pid}/stat");
+            return stat[(stat.LastIndexOf(')') + 2)..].StartsWith('Z') is false;
+        }
+        catch (IOException)
+        {
+            return false;
+        }
+    }
+
+    // major:minor, in hex, as stat prints them.
+    private static string DeviceNumber(string path)
+    {
+        var st = VmEnvironment.ShOk($"stat -c '%t:%T' {path}").Trim();
+        Assert.Matches("^[0-9a-f]+:[0-9a-f]+$", st);
+        return st;
+    }
+}
