@@ -11,7 +11,7 @@ namespace UblkSharp.Cli;
 /// </summary>
 internal static class DaemonHost
 {
-    public static int Serve(string kind, Dictionary<string, string> recipe, DeviceOptions options, bool autoclear, uint? recoverId, string? readyFile)
+    public static int Serve(string kind, Dictionary<string, string> recipe, DeviceOptions options, bool autoclear, uint? recoverId, string? readyFile, TakeoverLock? takeover = null)
     {
         try
         {
@@ -26,7 +26,8 @@ internal static class DaemonHost
             using var term = PosixSignalRegistration.Create(PosixSignal.SIGTERM, c => { c.Cancel = true; stop.Set(); });
             using var intr = PosixSignalRegistration.Create(PosixSignal.SIGINT, c => { c.Cancel = true; stop.Set(); });
             using var target = TargetFactory.Create(kind, recipe);
-            using var device = recoverId is uint rid ? UblkDevice.Recover(rid, target, options) : UblkDevice.Create(target, options);
+            using var device = recoverId is uint rid ? UblkDevice.Recover(rid, target, options, takeover: takeover) : UblkDevice.Create(target, options);
+            takeover?.Dispose(); // the takeover is over once the device is live again
             var record = DeviceRecord.Of(device, kind, recipe, target.Size) with { Autoclear = autoclear, SupervisorPid = Supervisor.ParentSupervisorPid };
             record.Save();
             void Resized(long size)

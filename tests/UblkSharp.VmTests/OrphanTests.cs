@@ -91,7 +91,6 @@ public class OrphanTests
     }
 
     [Fact]
-    [Trait("kernel", "7.3")]
     public async Task OneTakeoverAtATimeAndTheOtherIsRefusedCleanly()
     {
         VmEnvironment.RequireDriver();
@@ -154,7 +153,6 @@ public class OrphanTests
     }
 
     [Fact]
-    [Trait("kernel", "7.3")]
     public void ADaemonKilledUnderAMountOnItsDeviceIsRecovered()
     {
         VmEnvironment.RequireDriver();

@@ -8,16 +8,17 @@ namespace UblkSharp.VmTests;
 /// the device node and its major:minor never change. The stall (the longest time without a read
 /// completing, from the command's start) is reported as FIGURE lines. On 6.12 the hand-over goes
 /// through USER_RECOVERY_REISSUE; on 7.3 through QUIESCE_DEV, with recovery on. Loop only: mem and
-/// cow keep data in the daemon's memory and refuse recovery, and so upgrade.
+/// cow keep data in the daemon's memory and refuse recovery, and so upgrade. CI runs it on 6.12
+/// only, for time (it passed on 7.3 by hand: tools/ublksharp-vm -k 7.3 ... -class UpgradeTests);
+/// 7.3's QUIESCE_DEV path is QuiesceTests' in the library.
 /// </summary>
-[Trait("kernel", "7.3")]
 public class UpgradeTests
 {
     private const string Image = "/tmp/ublksharp-upgrade.img";
     private const long ProbeSpan = 64 << 20;
 
     // Upgrades per target under load: each costs a .NET start in the guest (several seconds under TCG).
-    private const int Upgrades = 4;
+    private const int Upgrades = 3;
 
     private static string RecoveryMode => VmEnvironment.Is612 ? "reissue" : "on";
 
@@ -91,7 +92,7 @@ public class UpgradeTests
     /// a device without recovery, a device with recovery on where the kernel has no QUIESCE_DEV.
     /// </summary>
     [Fact]
-    public void AFailedOrRefusedUpgradeLeavesTheOldDaemonServing()
+    public async Task AFailedOrRefusedUpgradeLeavesTheOldDaemonServing()
     {
         VmEnvironment.RequireDriver();
         Lifecycle.CreateImage(Image, 64 << 20);
@@ -107,6 +108,15 @@ public class UpgradeTests
             Assert.Equal(pid, CliDevices.DaemonPid(id));
             VmEnvironment.ShOk($"dd if={dev} of=/dev/null bs=4k count=16 iflag=direct status=none");
             Lifecycle.AssertRefused($"upgrade -n {id} --binary /tmp/no-such-build", "no such file");
+            // Two upgrades at once: one takes the device over, the other fails before changing anything.
+            var results = await Task.WhenAll(Enumerable.Range(0, 2).Select(_ => Task.Run(() => VmEnvironment.RunCli($"upgrade -n {id}", TimeSpan.FromMinutes(4)), TestContext.Current.CancellationToken)));
+            VmEnvironment.Log($"two upgrades at once: exits {results[0].ExitCode} and {results[1].ExitCode}:\n{results[0].Output}\n{results[1].Output}");
+            Assert.Single(results, x => x.ExitCode == 0);
+            var loser = results.Single(x => x.ExitCode != 0).Output;
+            Assert.Contains("in progress", loser, StringComparison.Ordinal);
+            Assert.DoesNotContain("   at ", loser, StringComparison.Ordinal);
+            Assert.NotEqual(pid, CliDevices.DaemonPid(id));
+            VmEnvironment.ShOk($"dd if={dev} of=/dev/null bs=4k count=16 iflag=direct status=none");
             CliDevices.Del(id);
 
             var plain = CliDevices.Add("-t null --size 64M");

@@ -51,6 +51,7 @@ internal static class RecoverCommand
                 MaxIoBytes = record.MaxIoBytes,
                 Recovery = RecoveryModes.Parse(record.Recovery),
             };
+            TakeoverLock? takeover = null;
             if (r.GetValue(standby))
             {
                 // Everything a cold start would load is loaded now; the takeover waits for the word.
@@ -70,6 +71,9 @@ internal static class RecoverCommand
                 }
                 if (r.GetValue(warmFile) is string warm)
                 {
+                    // An upgrade's new daemon: the takeover is this one's from before the old daemon
+                    // is asked to let go, so a second upgrade or a recover fails before anything changes.
+                    takeover = TakeoverLock.Take(id, "upgrade");
                     Runtime.StateDirectory.WriteAtomically(warm, "warm");
                 }
                 if (Console.In.ReadLine() != "go")
@@ -77,7 +81,10 @@ internal static class RecoverCommand
                     return 0; // the supervisor went away: nothing to take over
                 }
             }
-            return DaemonHost.Serve(record.Target, record.Recipe, options, record.Autoclear, id, r.GetValue(readyFile));
+            using (takeover)
+            {
+                return DaemonHost.Serve(record.Target, record.Recipe, options, record.Autoclear, id, r.GetValue(readyFile), takeover);
+            }
         });
         return command;
     }
