@@ -133,9 +133,10 @@ internal static partial class CliDevices
     /// <remarks>
     /// An idle queue thread sleeps in one io_uring_enter with no timeout, so it gains no switches at all; a busy one
     /// reaps completions in batches and may sleep only a few dozen times for hundreds of requests (45 for ~700 IOs
-    /// on the fault target), so the bar is low.
+    /// on the fault target; in one CI run a queue thread gained only 8 over a whole verify run), so the bar is low:
+    /// anything above 0 is IO served.
     /// </remarks>
-    public static void AssertEveryQueueServed(int queues, Dictionary<string, long> before, Dictionary<string, long> after, long atLeast = 10)
+    public static void AssertEveryQueueServed(int queues, Dictionary<string, long> before, Dictionary<string, long> after, long atLeast = 3)
     {
         var detail = string.Join(", ", after.OrderBy(kv => kv.Key, StringComparer.Ordinal).Select(kv => $"{kv.Key}: {before.GetValueOrDefault(kv.Key)} -> {kv.Value}"));
         Assert.True(after.Count == queues, $"expected {queues} queue threads (ublk-qN), found {after.Count}: {detail}");
