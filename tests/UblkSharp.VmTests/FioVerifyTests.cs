@@ -28,11 +28,11 @@ public class FioVerifyTests
         {
             var dev = CliDevices.Add($"{target} -q 2");
             var pid = CliDevices.DaemonPid(CliDevices.IdOf(dev));
-            var before = CliDevices.QueueThreadSwitches(pid);
+            var before = CliDevices.QueueThreadCpu(pid);
             var r = Fio.Verify(dev, "32M", TimeSpan.FromMinutes(4));
             VmEnvironment.Log($"{name}: {r.Summary}");
             Fio.AssertVerified(r);
-            CliDevices.AssertEveryQueueServed(2, before, CliDevices.QueueThreadSwitches(pid));
+            CliDevices.AssertEveryQueueServed(2, before, CliDevices.QueueThreadCpu(pid));
             CliDevices.Del(CliDevices.IdOf(dev));
             Assert.False(Interop.Processes.IsAlive(pid), $"the daemon (pid {pid}) outlived del");
         }
@@ -51,13 +51,13 @@ public class FioVerifyTests
         {
             var dev = CliDevices.Add("-t null --size 1G -q 2");
             var pid = CliDevices.DaemonPid(CliDevices.IdOf(dev));
-            var before = CliDevices.QueueThreadSwitches(pid);
+            var before = CliDevices.QueueThreadCpu(pid);
             var r = Fio.Run(dev, TimeSpan.FromMinutes(2), "--rw=randrw", "--bsrange=4k-128k", "--size=512M", "--offset_increment=512M",
                 "--runtime=5", "--time_based");
             VmEnvironment.Log($"null: {r.Summary}");
             Assert.True(r.ExitCode == 0 && r.Error == 0, $"fio failed: {r}");
             Assert.True(r.ReadIos > 1000 && r.WriteIos > 1000, $"too little IO: {r}");
-            CliDevices.AssertEveryQueueServed(2, before, CliDevices.QueueThreadSwitches(pid));
+            CliDevices.AssertEveryQueueServed(2, before, CliDevices.QueueThreadCpu(pid));
             CliDevices.Del(CliDevices.IdOf(dev));
         }
         finally

@@ -379,7 +379,7 @@ public class TeardownTests
             var id = CliDevices.IdOf(dev);
             Lifecycle.Kill9(Lifecycle.DaemonPid(id));
             Lifecycle.WaitForState(id, DeviceState.Quiesced, TimeSpan.FromSeconds(30));
-            Assert.Empty(CliDevices.QueueThreadSwitches(Environment.ProcessId));
+            Assert.Empty(CliDevices.QueueThreadCpu(Environment.ProcessId));
             var options = new DeviceOptions { Queues = 2, Recovery = RecoveryMode.On, StartTimeout = TimeSpan.FromSeconds(30) };
             // Queue 0 is fetching when queue 1 fails to set up. Left running, queue 0's thread would
             // keep its ring, its tags and /dev/ublkcN open for as long as this process lives.
@@ -389,7 +389,7 @@ public class TeardownTests
                 Assert.Contains("queue 1", e.Message, StringComparison.Ordinal);
             }
             Dictionary<string, long> left = [];
-            Assert.True(VmEnvironment.WaitFor(() => (left = CliDevices.QueueThreadSwitches(Environment.ProcessId)).Count == 0, TimeSpan.FromSeconds(30)),
+            Assert.True(VmEnvironment.WaitFor(() => (left = CliDevices.QueueThreadCpu(Environment.ProcessId)).Count == 0, TimeSpan.FromSeconds(30)),
                 $"queue threads still run after the failed recovery: {string.Join(' ', left.Keys)}");
             // A second recovery would need Linux 6.13+: 6.12's START_USER_RECOVERY trips over a queue
             // that never fetched (put_task_struct(NULL)). The device can still be deleted.
