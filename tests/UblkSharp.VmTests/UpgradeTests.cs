@@ -8,10 +8,9 @@ namespace UblkSharp.VmTests;
 /// the device node and its major:minor never change. The stall (the longest time without a read
 /// completing, from the command's start) is reported as FIGURE lines. On 6.12 the hand-over goes
 /// through USER_RECOVERY_REISSUE; on 7.3 through QUIESCE_DEV, with recovery on. Loop only: mem and
-/// cow keep data in the daemon's memory and refuse recovery, and so upgrade. CI runs it on 6.12
-/// only, for time (it passed on 7.3 by hand: tools/ublksharp-vm -k 7.3 ... -class UpgradeTests);
-/// 7.3's QUIESCE_DEV path is QuiesceTests' in the library.
+/// cow keep data in the daemon's memory and refuse recovery, and so upgrade.
 /// </summary>
+[Trait("kernel", "7.3")]
 public class UpgradeTests
 {
     private const string Image = "/tmp/ublksharp-upgrade.img";
@@ -19,6 +18,10 @@ public class UpgradeTests
 
     // Upgrades per target under load: each costs a .NET start in the guest (several seconds under TCG).
     private const int Upgrades = 3;
+
+    // What an upgrade that loses to a recover may say: no daemon serves the device yet (use recover),
+    // the takeover is in progress, or the recover's daemon has not written its record yet.
+    private static readonly string[] UpgradeBesideRecoverReasons = ["recover", "in progress", "record names daemon"];
 
     private static string RecoveryMode => VmEnvironment.Is612 ? "reissue" : "on";
 
@@ -89,7 +92,8 @@ public class UpgradeTests
 
     /// <summary>
     /// The refusals and failures, each leaving the old daemon serving: a new build that cannot start,
-    /// a device without recovery, a device with recovery on where the kernel has no QUIESCE_DEV.
+    /// two upgrades at once, an upgrade during a recover, a device without recovery, a device with
+    /// recovery on where the kernel has no QUIESCE_DEV.
     /// </summary>
     [Fact]
     public async Task AFailedOrRefusedUpgradeLeavesTheOldDaemonServing()
@@ -117,6 +121,29 @@ public class UpgradeTests
             Assert.DoesNotContain("   at ", loser, StringComparison.Ordinal);
             Assert.NotEqual(pid, CliDevices.DaemonPid(id));
             VmEnvironment.ShOk($"dd if={dev} of=/dev/null bs=4k count=16 iflag=direct status=none");
+            // An upgrade during a recover, started with it and half way into it: the recover takes
+            // the device over; the upgrade is refused with the reason, or (started late) upgrades
+            // the recovered daemon. Never both half way, never a stack trace.
+            foreach (var delay in new[] { 0, 2500 })
+            {
+                var dead = CliDevices.DaemonPid(id);
+                Lifecycle.Kill9(dead);
+                var recover = Task.Run(() => VmEnvironment.RunCli($"recover -n {id}", TimeSpan.FromMinutes(2)), TestContext.Current.CancellationToken);
+                await Task.Delay(delay, TestContext.Current.CancellationToken);
+                var upgrade = VmEnvironment.RunCli($"upgrade -n {id}", TimeSpan.FromMinutes(4));
+                var recovered = await recover;
+                VmEnvironment.Figure($"upgrade {delay} ms into a recover on {VmEnvironment.KernelRelease}: " +
+                    (upgrade.ExitCode == 0 ? "it upgraded the recovered daemon" : $"refused: {upgrade.Output.Trim().Split('\n')[0]}") + $"; the recover exited {recovered.ExitCode}");
+                Assert.True(recovered.ExitCode == 0, $"the recover failed beside an upgrade:\n{recovered.Output}\n{CliDevices.DaemonLogs()}");
+                Assert.DoesNotContain("   at ", upgrade.Output, StringComparison.Ordinal);
+                if (upgrade.ExitCode != 0)
+                {
+                    Assert.True(UpgradeBesideRecoverReasons.Any(f => upgrade.Output.Contains(f, StringComparison.Ordinal)), $"the upgrade failed without saying why:\n{upgrade.Output}");
+                }
+                var serving = Lifecycle.WaitForNewDaemon(id, dead, TimeSpan.FromSeconds(30));
+                Assert.True(Lifecycle.PollFor(() => Runtime.DeviceRecord.Load(id)?.Pid == serving, TimeSpan.FromSeconds(10)), $"the record does not name the serving daemon {serving}");
+                VmEnvironment.ShOk($"dd if={dev} of=/dev/null bs=4k count=16 iflag=direct status=none");
+            }
             CliDevices.Del(id);
 
             var plain = CliDevices.Add("-t null --size 64M");
