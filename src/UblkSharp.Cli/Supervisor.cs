@@ -42,6 +42,70 @@ internal static class Supervisor
             throw;
         }
         DaemonLauncher.ReportReady(readyFile, id, path);
+        // Restarts are `recover -n ID`: nothing after the first start needs the caller's directory,
+        // and a supervisor must not pin a mount (see DaemonHost).
+        Directory.SetCurrentDirectory("/");
+        return Supervise(child, id, stop);
+    }
+
+    /// <summary>
+    /// `upgrade` of a supervised device: a new supervisor, whose first child is a warm standby
+    /// (`recover --standby --warm-file`, which writes <paramref name="warmFile"/> once warm). The
+    /// word on this process's stdin is passed on to it; once it has taken the device over, this
+    /// process supervises it as <see cref="Run"/> does. The old daemon's clean exit after its hand-over
+    /// ends the old supervisor.
+    /// </summary>
+    public static int RunTakeover(uint id, string warmFile, string? readyFile)
+    {
+        using var stop = new ManualResetEventSlim();
+        using var term = PosixSignalRegistration.Create(PosixSignal.SIGTERM, c => { c.Cancel = true; stop.Set(); });
+        using var intr = PosixSignalRegistration.Create(PosixSignal.SIGINT, c => { c.Cancel = true; stop.Set(); });
+        Directory.SetCurrentDirectory("/");
+        var idText = id.ToString(CultureInfo.InvariantCulture);
+        var childReady = Path.Combine(DeviceRecord.Directory, $"ready-{Guid.NewGuid():N}");
+        var psi = DaemonLauncher.SelfStartInfo(["recover", "-n", idText, "--foreground", "--standby", "--warm-file", warmFile, "--ready-file", childReady]);
+        psi.RedirectStandardInput = true;
+        psi.Environment[PidVariable] = Environment.ProcessId.ToString(CultureInfo.InvariantCulture);
+        Process child;
+        try
+        {
+            child = Process.Start(psi) ?? throw new IOException("could not start the new daemon");
+        }
+        catch (Exception e) when (e is IOException or System.ComponentModel.Win32Exception)
+        {
+            DaemonLauncher.ReportFailure(readyFile, e.Message);
+            return CliErrors.Failure;
+        }
+        string path;
+        try
+        {
+            if (Console.In.ReadLine() != "go")
+            {
+                // The upgrade was called off (or its command died): the standby goes away with it.
+                child.StandardInput.Close();
+                child.WaitForExit();
+                child.Dispose();
+                return 0;
+            }
+            child.StandardInput.WriteLine("go");
+            child.StandardInput.Flush();
+            (_, path) = DaemonLauncher.WaitForReady(child.Id, childReady, null);
+        }
+        catch (Exception e) when (CliErrors.IsExpected(e))
+        {
+            DaemonLauncher.ReportFailure(readyFile, CliErrors.Describe(e));
+            _ = Interop.Processes.Signal(child.Id, Interop.Processes.SIGKILL);
+            child.WaitForExit();
+            child.Dispose();
+            return CliErrors.Failure;
+        }
+        DaemonLauncher.ReportReady(readyFile, id, path);
+        return Supervise(child, id, stop);
+    }
+
+    // Waits on the serving daemon, recovers it when it dies, until it exits cleanly or this process is stopped.
+    private static int Supervise(Process child, uint id, ManualResetEventSlim stop)
+    {
         var idText = id.ToString(CultureInfo.InvariantCulture);
         var restarts = new Queue<DateTime>();
         // A warm spare cuts the stall after a crash from a cold .NET start to the takeover itself.

@@ -7,7 +7,8 @@ namespace UblkSharp.VmTests;
 /// depth 32 and a prober times every 4 KiB read. No fio error and no failed read may happen, and
 /// the device node and its major:minor never change. The stall (the longest time without a read
 /// completing, from the command's start) is reported as FIGURE lines. On 6.12 the hand-over goes
-/// through USER_RECOVERY_REISSUE; on 7.3 through QUIESCE_DEV, with recovery on. Loop only: mem and
+/// through USER_RECOVERY_REISSUE; on 7.3 through QUIESCE_DEV, with recovery on. A supervised device
+/// gets a new supervisor with its new daemon. Loop only: mem and
 /// cow keep data in the daemon's memory and refuse recovery, and so upgrade.
 /// </summary>
 [Trait("kernel", "7.3")]
@@ -166,6 +167,53 @@ public class UpgradeTests
             Lifecycle.CleanUp();
             File.Delete(Image);
             File.Delete(bad);
+        }
+    }
+
+    /// <summary>
+    /// A supervised device: the upgrade gives it a new supervisor (whose first daemon is the new
+    /// one), the old supervisor and its spare end, and the new supervisor recovers the device when
+    /// its daemon is killed; del then leaves no process behind.
+    /// </summary>
+    [Fact]
+    public void ASupervisedDeviceIsUpgradedWithItsSupervisor()
+    {
+        VmEnvironment.RequireDriver();
+        Lifecycle.CreateImage(Image, 64 << 20);
+        try
+        {
+            var dev = CliDevices.Add($"-t loop -f {Image} --recovery {RecoveryMode} --supervise");
+            var id = CliDevices.IdOf(dev);
+            var daemon = CliDevices.DaemonPid(id);
+            var supervisor = Runtime.DeviceRecord.Load(id)!.SupervisorPid;
+            Assert.True(supervisor > 0 && Running(supervisor), $"no supervisor in the record of device {id}");
+            var rdev = DeviceNumber(dev);
+            var (code, output) = VmEnvironment.RunCli($"upgrade -n {id}", TimeSpan.FromMinutes(4));
+            Assert.True(code == 0, $"upgrade exited {code}:\n{output}\n{CliDevices.DaemonLogs()}");
+            VmEnvironment.Log($"supervised upgrade: {output.Trim()}");
+            var upgraded = CliDevices.DaemonPid(id);
+            Assert.NotEqual(daemon, upgraded);
+            var record = Runtime.DeviceRecord.Load(id)!;
+            Assert.Equal(upgraded, record.Pid);
+            Assert.True(record.SupervisorPid > 0 && record.SupervisorPid != supervisor && Running(record.SupervisorPid),
+                $"the record names supervisor {record.SupervisorPid}, not a new live one (the old was {supervisor})");
+            Assert.True(Lifecycle.PollFor(() => !Running(supervisor) && !Running(daemon), TimeSpan.FromSeconds(20)),
+                $"the old supervisor {supervisor} or daemon {daemon} still runs");
+            Assert.Equal(rdev, DeviceNumber(dev));
+            VmEnvironment.ShOk($"dd if={dev} of=/dev/null bs=4k count=16 iflag=direct status=none");
+            // The new supervisor supervises: a killed daemon is recovered without a command.
+            Lifecycle.Kill9(upgraded);
+            var recovered = Lifecycle.WaitForNewDaemon(id, upgraded, TimeSpan.FromSeconds(60));
+            VmEnvironment.ShOk($"dd if={dev} of=/dev/null bs=4k count=16 iflag=direct status=none");
+            VmEnvironment.Figure($"supervised upgrade on {VmEnvironment.KernelRelease}: daemon {daemon} -> {upgraded}, supervisor {supervisor} -> {record.SupervisorPid}; after kill -9 the new supervisor recovered it (daemon {recovered})");
+            CliDevices.Del(id);
+            Assert.True(Lifecycle.PollFor(() => VmEnvironment.CliProcesses().Length == 0, TimeSpan.FromSeconds(20)),
+                $"processes outlived del: {string.Join(", ", VmEnvironment.CliProcesses())}");
+        }
+        finally
+        {
+            Lifecycle.CleanUp();
+            File.Delete(Image);
         }
     }
 

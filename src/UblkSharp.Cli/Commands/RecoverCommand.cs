@@ -22,7 +22,9 @@ internal static class RecoverCommand
         var standby = new Option<bool>("--standby") { Hidden = true };
         // Written once a spare is warm (`upgrade` waits for it before it asks the old daemon to let go).
         var warmFile = new Option<string?>("--warm-file") { Hidden = true };
-        var command = new Command("recover", "Restart the daemon of a device whose daemon died (created with --recovery on|reissue)") { number, foreground, readyFile, standby, warmFile };
+        // With --standby and --warm-file: a new supervisor for an upgrade, whose first daemon is that standby.
+        var supervise = new Option<bool>("--supervise") { Hidden = true };
+        var command = new Command("recover", "Restart the daemon of a device whose daemon died (created with --recovery on|reissue)") { number, foreground, readyFile, standby, warmFile, supervise };
         command.SetAction(r =>
         {
             var n = r.GetValue(number);
@@ -43,6 +45,14 @@ internal static class RecoverCommand
             if (record is null)
             {
                 throw new ArgumentException($"no record of device {id} in {DeviceRecord.Directory}: recover rebuilds the target from the record its first daemon wrote");
+            }
+            if (r.GetValue(supervise))
+            {
+                if (!r.GetValue(standby) || r.GetValue(warmFile) is not string warmPath)
+                {
+                    throw new ArgumentException("--supervise goes with --standby and --warm-file (an upgrade's new supervisor)");
+                }
+                return Supervisor.RunTakeover(id, warmPath, r.GetValue(readyFile));
             }
             var options = new DeviceOptions
             {

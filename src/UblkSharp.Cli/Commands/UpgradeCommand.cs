@@ -12,7 +12,9 @@ namespace UblkSharp.Cli.Commands;
 /// live device over while its IO waits in the kernel, and the old daemon exits. The new daemon is
 /// started and warmed up first; only then is the old one asked to hand over (<see cref="UblkDevice.HandOver"/>),
 /// and the new one recovers the device (START/END_USER_RECOVERY). If the new daemon cannot start,
-/// the old one keeps serving. The device node and its major:minor never change.
+/// the old one keeps serving. The device node and its major:minor never change. A supervised device
+/// gets a new supervisor (<see cref="Supervisor.RunTakeover"/>) whose first daemon is the new one;
+/// the old supervisor ends with its daemon's clean exit.
 /// </summary>
 internal static class UpgradeCommand
 {
@@ -83,7 +85,9 @@ internal static class UpgradeCommand
         var log = DaemonLauncher.NewLog("upgrade");
         var warm = Path.Combine(DeviceRecord.Directory, $"warm-{Guid.NewGuid():N}");
         var ready = Path.Combine(DeviceRecord.Directory, $"ready-{Guid.NewGuid():N}");
-        string[] args = ["recover", "-n", idText, "--foreground", "--standby", "--warm-file", warm, "--ready-file", ready];
+        // A supervised device gets a new supervisor too (of the new build), whose first daemon is the standby.
+        var supervised = record.SupervisorPid != 0 && Processes.IsAlive(record.SupervisorPid);
+        string[] args = ["recover", "-n", idText, "--foreground", "--standby", "--warm-file", warm, "--ready-file", ready, .. supervised ? (string[])["--supervise"] : []];
         var start = binary is null ? DaemonLauncher.SelfStartInfo(args) : DaemonLauncher.StartInfo(binary, args);
         var (pid, stdin) = DaemonLauncher.StartDetachedWithStdin(start, log);
         using (stdin)
@@ -95,7 +99,8 @@ internal static class UpgradeCommand
             }
             catch
             {
-                _ = Processes.Signal(pid, Processes.SIGKILL);
+                // Its own session (setsid): a new supervisor's standby daemon goes with it.
+                _ = Processes.SignalGroup(pid, Processes.SIGKILL);
                 File.Delete(warm);
                 throw;
             }
@@ -128,13 +133,14 @@ internal static class UpgradeCommand
             }
             catch (Exception e) when (CliErrors.IsExpected(e))
             {
-                _ = Processes.Signal(pid, Processes.SIGKILL);
+                _ = Processes.SignalGroup(pid, Processes.SIGKILL);
                 // The device is quiesced with its IO held: a daemon of this build takes it instead.
                 Console.Error.WriteLine($"ublksharp: device {id}: the new daemon failed to take over ({CliErrors.Describe(e)}); recovering it with this build");
                 var (_, path) = DaemonLauncher.Launch(["recover", "-n", idText]);
-                throw new IOException($"device {id}: upgrade failed; {path} is served again by this build's daemon, with no IO lost");
+                throw new IOException($"device {id}: upgrade failed; {path} is served again by this build's daemon, with no IO lost" +
+                    (supervised ? "; it is no longer supervised (delete and add it again with --supervise to be)" : ""));
             }
-            Console.Error.WriteLine($"ublksharp: device {id}: daemon {daemon} handed over to {pid} in {handedOver.TotalMilliseconds:0} ms, taken over in {(clock.Elapsed - handedOver).TotalMilliseconds:0} ms ({left} requests waited in the kernel)");
+            Console.Error.WriteLine($"ublksharp: device {id}: daemon {daemon} handed over to {(supervised ? "the new supervisor " : "")}{pid} in {handedOver.TotalMilliseconds:0} ms, taken over in {(clock.Elapsed - handedOver).TotalMilliseconds:0} ms ({left} requests waited in the kernel)");
             Console.WriteLine($"/dev/ublkb{id}");
         }
     }
@@ -155,10 +161,6 @@ internal static class UpgradeCommand
         if (UblkDevice.HandOverRefusal(id, info.flags) is string refusal)
         {
             throw new RecoveryRefusedException(refusal);
-        }
-        if (record.SupervisorPid != 0 && Processes.IsAlive(record.SupervisorPid))
-        {
-            throw new RecoveryRefusedException($"device {id} is supervised (supervisor pid {record.SupervisorPid}): upgrading a supervised device is not supported yet");
         }
         if (record.Pid != info.ublksrv_pid)
         {

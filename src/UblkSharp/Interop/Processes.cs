@@ -16,6 +16,9 @@ public static class Processes
 
     public static bool Signal(int pid, int signal) => pid > 0 && Libc.kill(pid, signal) == 0;
 
+    /// <summary>Sends <paramref name="signal"/> to every process of process group <paramref name="pgid"/>; false if there is none.</summary>
+    public static bool SignalGroup(int pgid, int signal) => pgid > 0 && Libc.kill(-pgid, signal) == 0;
+
     /// <summary>Ends this process at once (_exit): no managed shutdown, nothing more runs.</summary>
     public static void ExitNow(int code) => Libc._exit(code);
 
