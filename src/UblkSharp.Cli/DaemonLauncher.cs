@@ -52,9 +52,14 @@ internal static class DaemonLauncher
         return WaitForReady(pid, ready, log);
     }
 
-    /// <summary>A start of this same CLI with <paramref name="args"/>.</summary>
+    /// <summary>
+    /// A start of this same CLI with <paramref name="args"/>: run by dotnet, the same dll; otherwise
+    /// (the apphost, or a native AOT build) the same executable.
+    /// </summary>
     public static ProcessStartInfo SelfStartInfo(IEnumerable<string> args) =>
-        StartInfo(Path.GetFileNameWithoutExtension(Environment.ProcessPath) == "dotnet" ? typeof(DaemonLauncher).Assembly.Location : Environment.ProcessPath ?? "dotnet", args);
+        StartInfo(Path.GetFileNameWithoutExtension(Environment.ProcessPath) == "dotnet"
+            ? Path.Combine(AppContext.BaseDirectory, typeof(DaemonLauncher).Assembly.GetName().Name + ".dll")
+            : Environment.ProcessPath ?? "dotnet", args);
 
     /// <summary>
     /// A start of the CLI <paramref name="binary"/> (its UblkSharp.Cli.dll, run by dotnet, or an

@@ -33,7 +33,7 @@ internal static partial class CliDevices
     /// <summary>`ublksharp list --json`, as id to the row's JSON.</summary>
     public static Dictionary<uint, JsonElement> List()
     {
-        var (code, stdout, stderr) = VmEnvironment.Exec("dotnet", [VmEnvironment.CliDll, "list", "--json"], TimeSpan.FromMinutes(1));
+        var (code, stdout, stderr) = VmEnvironment.Exec(VmEnvironment.Cli, ["list", "--json"], TimeSpan.FromMinutes(1));
         Assert.True(code == 0, $"list --json exited {code}:\n{stdout}{stderr}");
         using var doc = JsonDocument.Parse(stdout);
         return doc.RootElement.EnumerateArray().ToDictionary(e => e.GetProperty("id").GetUInt32(), e => e.Clone());

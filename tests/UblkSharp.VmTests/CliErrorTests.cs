@@ -47,7 +47,7 @@ public class CliErrorTests
             var env = new Dictionary<string, string> { ["UBLKSHARP_RUN_DIR"] = dir };
             foreach (var args in new[] { "add -t mem --size 64M", "recover -n 0" })
             {
-                var (code, stdout, stderr) = VmEnvironment.Exec("dotnet", [VmEnvironment.CliDll, .. args.Split(' ')], TimeSpan.FromMinutes(2), env);
+                var (code, stdout, stderr) = VmEnvironment.Exec(VmEnvironment.Cli, [.. args.Split(' ')], TimeSpan.FromMinutes(2), env);
                 Assert.True(code == 1, $"{args} with an open state directory exited {code}:\n{stdout}{stderr}");
                 Assert.Contains($"refusing the state directory {dir}: group or others may write to it", stderr, StringComparison.Ordinal);
                 AssertOneLine(stderr);
@@ -88,7 +88,7 @@ public class CliErrorTests
         foreach (var args in new[] { "add -t mem --size 64M", "list", "del -n 0" })
         {
             var (code, stdout, stderr) = VmEnvironment.Exec("setpriv",
-                ["--reuid=65534", "--regid=65534", "--clear-groups", "dotnet", VmEnvironment.CliDll, .. args.Split(' ')], TimeSpan.FromMinutes(2), env);
+                ["--reuid=65534", "--regid=65534", "--clear-groups", VmEnvironment.Cli, .. args.Split(' ')], TimeSpan.FromMinutes(2), env);
             Assert.True(code == 1, $"{args} as nobody exited {code}:\n{stdout}{stderr}");
             Assert.Contains("need root", stderr, StringComparison.Ordinal);
             AssertOneLine(stderr);

@@ -41,8 +41,8 @@ public sealed class CowKillVmTests : CowVmTest
         Assert.Equal(0, VmEnvironment.RunCli($"cow create {over} --backing {baseImg}").ExitCode);
 
         // The daemon in the foreground, as our child, so that it can be killed outright.
-        var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
-        foreach (var a in new[] { VmEnvironment.CliDll, "add", "-t", "cow", "-f", over, "--io", "ring", "-q", "2", "-d", "32", "--foreground" })
+        var psi = new ProcessStartInfo(VmEnvironment.Cli) { RedirectStandardOutput = true, RedirectStandardError = true };
+        foreach (var a in new[] { "add", "-t", "cow", "-f", over, "--io", "ring", "-q", "2", "-d", "32", "--foreground" })
         {
             psi.ArgumentList.Add(a);
         }

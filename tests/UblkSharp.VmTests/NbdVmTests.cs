@@ -191,8 +191,8 @@ public class NbdVmTests
     {
         VmEnvironment.RequireDriver();
         var socket = $"/tmp/ublksharp-both-{Guid.NewGuid():N}"[..30] + ".sock";
-        var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
-        foreach (var a in (string[])[VmEnvironment.CliDll, "serve", "-t", "mem", "--size", "64M", "--listen", $"unix://{socket}", "--export", "both", "--ublk", "-q", "2"])
+        var psi = new ProcessStartInfo(VmEnvironment.Cli) { RedirectStandardOutput = true, RedirectStandardError = true };
+        foreach (var a in (string[])["serve", "-t", "mem", "--size", "64M", "--listen", $"unix://{socket}", "--export", "both", "--ublk", "-q", "2"])
         {
             psi.ArgumentList.Add(a);
         }

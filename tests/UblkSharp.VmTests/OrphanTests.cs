@@ -173,7 +173,7 @@ public class OrphanTests
             Lifecycle.WaitForState(id, DeviceState.Quiesced, TimeSpan.FromSeconds(30));
 
             // `recover` run from inside the mount: the new daemon must not keep that as its directory.
-            var output = VmEnvironment.ShOk($"cd {Mnt} && dotnet {VmEnvironment.CliDll} recover -n {id}", TimeSpan.FromMinutes(2));
+            var output = VmEnvironment.ShOk($"cd {Mnt} && {VmEnvironment.Cli} recover -n {id}", TimeSpan.FromMinutes(2));
             Assert.Contains(dev, output, StringComparison.Ordinal);
             var newPid = Lifecycle.WaitForNewDaemon(id, pid, TimeSpan.FromSeconds(30));
             AssertHoldsNothingUnder(newPid, Mnt);

@@ -280,8 +280,8 @@ public class TeardownTests
     {
         VmEnvironment.RequireDriver();
         var devices = VmEnvironment.DeviceIds();
-        var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
-        foreach (var a in new[] { VmEnvironment.CliDll, "add" }.Concat(SlowStart.Split(' ')).Append("--foreground"))
+        var psi = new ProcessStartInfo(VmEnvironment.Cli) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
+        foreach (var a in SlowStart.Split(' ').Prepend("add").Append("--foreground"))
         {
             psi.ArgumentList.Add(a);
         }
@@ -458,8 +458,7 @@ public class TeardownTests
 
         public static ForegroundDaemon Start(params string[] args)
         {
-            var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
-            psi.ArgumentList.Add(VmEnvironment.CliDll);
+            var psi = new ProcessStartInfo(VmEnvironment.Cli) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
             foreach (var a in args)
             {
                 psi.ArgumentList.Add(a);

@@ -45,18 +45,18 @@ internal static class VmEnvironment
     }
 
     /// <summary>
-    /// The CLI as ./test.sh and ./ublksharp publish it (ReadyToRun, artifacts/cli), run directly: the
-    /// guest has no network to restore or build with, and JIT start-up under TCG costs seconds per call.
+    /// The CLI as ./test.sh and ./ublksharp publish it (native AOT, artifacts/cli), run directly: the
+    /// guest has no network to restore or build with, and a .NET start under TCG costs seconds per call.
     /// </summary>
-    public static string CliDll => Path.Combine(RepoRoot, "artifacts", "cli", "UblkSharp.Cli.dll");
+    public static string Cli => Path.Combine(RepoRoot, "artifacts", "cli", "UblkSharp.Cli");
 
     public static (int ExitCode, string Output) RunCli(string args, TimeSpan? timeout = null)
     {
-        if (!File.Exists(CliDll))
+        if (!File.Exists(Cli))
         {
-            Assert.Fail($"{CliDll} is missing: publish it first (tools/publish-r2r src/UblkSharp.Cli artifacts/cli; ./test.sh does)");
+            Assert.Fail($"{Cli} is missing: publish it first (tools/publish-cli artifacts/cli; ./test.sh does)");
         }
-        return Run("dotnet", $"{CliDll} {args}", timeout ?? TimeSpan.FromMinutes(3));
+        return Run(Cli, args, timeout ?? TimeSpan.FromMinutes(3));
     }
 
     /// <summary>Runs a program with a time bound; returns its exit code and combined output.</summary>
