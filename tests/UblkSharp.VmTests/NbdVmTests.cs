@@ -166,16 +166,20 @@ public class NbdVmTests
             VmEnvironment.Figure($"nbd target: IO worked again {clock.Elapsed.TotalSeconds:0.0} s after the upstream returned");
             Assert.Equal(pattern, DirectIo.Read(dev, 0, 4096));
 
-            // Silent again, with a read in flight: `del` still ends, and the device is gone.
+            // Silent again, with a read in flight: `del --force` (plain `del` refuses a device held
+            // open, and dd holds it until its read fails) still ends, and the device is gone.
             proxy.Forwarding = false;
             var readerExit = 0;
             var reader = new Thread(() => readerExit = VmEnvironment.Sh($"dd if={dev} of=/dev/null bs=4k count=1 iflag=direct", TimeSpan.FromSeconds(90)).ExitCode);
             reader.Start();
             Thread.Sleep(500);
             clock.Restart();
-            CliDevices.Del(CliDevices.IdOf(dev));
-            // Under TCG the CLI alone takes seconds to start: `del` of a null device takes about 13 s here.
-            VmEnvironment.Figure($"nbd target: del with a silent upstream and a read in flight took {clock.Elapsed.TotalSeconds:0.0} s");
+            var id = CliDevices.IdOf(dev);
+            var (delCode, delOutput) = VmEnvironment.RunCli($"del -n {id} --force");
+            var inFlight = reader.IsAlive;
+            Assert.True(delCode == 0, $"del -n {id} --force exited {delCode}:\n{delOutput}");
+            Assert.True(VmEnvironment.WaitFor(() => !VmEnvironment.DeviceIds().Contains(id), TimeSpan.FromSeconds(10)), $"device {id} still exists after del --force");
+            VmEnvironment.Figure($"nbd target: del --force with a silent upstream and a read {(inFlight ? "still" : "no longer")} in flight took {clock.Elapsed.TotalSeconds:0.0} s");
             Assert.True(reader.Join(TimeSpan.FromSeconds(60)), "the reader was still blocked after del");
             Assert.NotEqual(0, readerExit);
         }
