@@ -45,19 +45,28 @@ internal static class VmEnvironment
     }
 
     /// <summary>
-    /// The CLI as ./test.sh and ./ublksharp publish it (native AOT, artifacts/cli), run directly: the
-    /// guest has no network to restore or build with, and a .NET start under TCG costs seconds per call.
+    /// The CLI as ./test.sh and ./ublksharp publish it (native AOT, artifacts/cli), run directly (the
+    /// guest has no network to restore or build with), from a copy in the guest's /tmp (tmpfs): as
+    /// installed on a local disk. Run from the host's tree over virtio-9p, each start paged the 5 MB
+    /// executable in again, 0.68 s a start against 0.27 s from tmpfs (6.12 guest, `--help` x5).
     /// </summary>
-    public static string Cli => Path.Combine(RepoRoot, "artifacts", "cli", "UblkSharp.Cli");
+    public static string Cli => LocalCli.Value;
 
-    public static (int ExitCode, string Output) RunCli(string args, TimeSpan? timeout = null)
+    private static readonly Lazy<string> LocalCli = new(() =>
     {
-        if (!File.Exists(Cli))
+        var published = Path.Combine(RepoRoot, "artifacts", "cli", "UblkSharp.Cli");
+        if (!File.Exists(published))
         {
-            Assert.Fail($"{Cli} is missing: publish it first (tools/publish-cli artifacts/cli; ./test.sh does)");
+            Assert.Fail($"{published} is missing: publish it first (tools/publish-cli artifacts/cli; ./test.sh does)");
         }
-        return Run(Cli, args, timeout ?? TimeSpan.FromMinutes(3));
-    }
+        var dir = Directory.CreateTempSubdirectory("ublksharp-cli-").FullName;
+        var local = Path.Combine(dir, "UblkSharp.Cli");
+        File.Copy(published, local); // with its mode: executable
+        return local;
+    });
+
+    public static (int ExitCode, string Output) RunCli(string args, TimeSpan? timeout = null) =>
+        Run(Cli, args, timeout ?? TimeSpan.FromMinutes(3));
 
     /// <summary>Runs a program with a time bound; returns its exit code and combined output.</summary>
     public static (int ExitCode, string Output) Run(string file, string args, TimeSpan timeout)
