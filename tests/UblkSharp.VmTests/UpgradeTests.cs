@@ -8,8 +8,8 @@ namespace UblkSharp.VmTests;
 /// the device node and its major:minor never change. The stall (the longest time without a read
 /// completing, from the command's start) is reported as FIGURE lines. On 6.12 the hand-over goes
 /// through USER_RECOVERY_REISSUE; on 7.3 through QUIESCE_DEV, with recovery on. A supervised device
-/// gets a new supervisor with its new daemon. Loop only: mem and
-/// cow keep data in the daemon's memory and refuse recovery, and so upgrade.
+/// gets a new supervisor with its new daemon. Loop only: mem and cow keep data in the daemon's
+/// memory and refuse recovery, and so upgrade.
 /// </summary>
 [Trait("kernel", "7.3")]
 public class UpgradeTests
