@@ -11,7 +11,8 @@ namespace UblkSharp.Cli;
 /// </summary>
 internal static class DaemonHost
 {
-    public static int Serve(string kind, Dictionary<string, string> recipe, DeviceOptions options, bool autoclear, uint? recoverId, string? readyFile, TakeoverLock? takeover = null)
+    // handedOver: for a recovery, the last daemon handed the device over (its record says so).
+    public static int Serve(string kind, Dictionary<string, string> recipe, DeviceOptions options, bool autoclear, uint? recoverId, string? readyFile, TakeoverLock? takeover = null, bool handedOver = false)
     {
         try
         {
@@ -26,7 +27,7 @@ internal static class DaemonHost
             using var term = PosixSignalRegistration.Create(PosixSignal.SIGTERM, c => { c.Cancel = true; stop.Set(); });
             using var intr = PosixSignalRegistration.Create(PosixSignal.SIGINT, c => { c.Cancel = true; stop.Set(); });
             using var target = TargetFactory.Create(kind, recipe);
-            using var device = recoverId is uint rid ? UblkDevice.Recover(rid, target, options, takeover: takeover) : UblkDevice.Create(target, options);
+            using var device = recoverId is uint rid ? UblkDevice.Recover(rid, target, options, takeover: takeover, handedOver: handedOver) : UblkDevice.Create(target, options);
             takeover?.Dispose(); // the takeover is over once the device is live again
             var record = DeviceRecord.Of(device, kind, recipe, target.Size) with { Autoclear = autoclear, SupervisorPid = Supervisor.ParentSupervisorPid };
             record.Save();
@@ -49,14 +50,15 @@ internal static class DaemonHost
                 rbd.Resized += (_, size) => Interlocked.Exchange(ref rbdSize, size);
             }
             // Requests that must run on this thread (the control ring's), between waits.
-            var handedOver = false;
+            var letGo = false;
             void Service()
             {
                 ResizeRequests.Serve(device, Resized);
                 if (HandOverRequests.Take(device.Id) is string token)
                 {
-                    handedOver = HandOver(device, target, token);
-                    if (handedOver)
+                    // The record says the target's state is on disk before the next daemon reads it.
+                    letGo = HandOver(device, target, token, () => (record with { Released = true }).Save());
+                    if (letGo)
                     {
                         return;
                     }
@@ -84,8 +86,8 @@ internal static class DaemonHost
                 if (watch.WaitUntilReleased(() =>
                 {
                     Service();
-                    return handedOver || stop.IsSet || device.WaitForStop(TimeSpan.Zero);
-                }) && !handedOver)
+                    return letGo || stop.IsSet || device.WaitForStop(TimeSpan.Zero);
+                }) && !letGo)
                 {
                     var left = watch.Retire(TimeSpan.FromSeconds(30));
                     Console.Error.WriteLine($"ublksharp: device {device.Id} is no longer mounted; deleting it{(left > 0 ? $" ({left} openers still hold it)" : "")}");
@@ -94,12 +96,12 @@ internal static class DaemonHost
             else
             {
                 // Serve until a signal, or until someone else stops the device (ublksharp del).
-                while (!handedOver && !stop.Wait(250) && !device.WaitForStop(TimeSpan.Zero))
+                while (!letGo && !stop.Wait(250) && !device.WaitForStop(TimeSpan.Zero))
                 {
                     Service();
                 }
             }
-            if (handedOver)
+            if (letGo)
             {
                 // The next daemon serves the device now, with its record: both stay. Without
                 // QUIESCE_DEV this process's exit is what hands the waiting requests over: at once.
@@ -123,7 +125,7 @@ internal static class DaemonHost
     // `ublksharp upgrade`'s request: true once the device is handed over (this daemon then exits);
     // false if it was refused and this daemon still serves. A failure half way ends the daemon: the
     // device is left quiesced, with its IO held, for the new daemon or `recover`.
-    private static bool HandOver(UblkDevice device, BlockTarget target, string token)
+    private static bool HandOver(UblkDevice device, BlockTarget target, string token, Action markReleased)
     {
         var id = device.Id;
         var clock = System.Diagnostics.Stopwatch.StartNew();
@@ -133,6 +135,7 @@ internal static class DaemonHost
             // The next daemon opens the target's files after this answer: what this one still
             // holds in memory (a cow overlay's bitmap) must be on disk first.
             target.Dispose();
+            markReleased();
         }
         catch (RecoveryRefusedException e)
         {

@@ -51,6 +51,7 @@ internal static class AddCommand
                 throw new ArgumentException("--supervise recovers the device after a crash, so it needs --recovery on or --recovery reissue");
             }
             var args = Program.Arguments;
+            var supervised = r.GetValue(supervise);
             if (r.GetValue(target.Create))
             {
                 // The COW file is made once, here; the daemon, a supervisor's restarts and recovery reopen it.
@@ -59,6 +60,10 @@ internal static class AddCommand
                     throw new ArgumentException("--create makes a COW file: it goes with -t cow");
                 }
                 // Bad input first, then the driver, and only then a new file on disk.
+                if (supervised && !r.GetValue(target.ReadOnly))
+                {
+                    throw SupervisionRefused(kind); // a writable overlay, as its target would say
+                }
                 if (recipe.TryGetValue("file", out var overlay) && recipe.TryGetValue("backing", out var backingFile))
                 {
                     Targets.Cow.CowTarget.CheckCreate(overlay, backingFile);
@@ -68,10 +73,18 @@ internal static class AddCommand
                 recipe.Remove("create");
                 args = WithoutOptions(args, "--create");
             }
+            if (supervised)
+            {
+                using var t = TargetFactory.Create(kind, recipe);
+                if (!t.SurvivesRestart)
+                {
+                    throw SupervisionRefused(kind);
+                }
+            }
             if (r.GetValue(foreground))
             {
                 Preflight.RequireRootAndDriver();
-                if (r.GetValue(supervise))
+                if (supervised)
                 {
                     // The supervisor runs the same command, minus the options that made it a supervisor.
                     return Supervisor.Run(WithoutOptions(args, "--supervise", "--foreground", "--ready-file"), r.GetValue(readyFile));
@@ -88,6 +101,10 @@ internal static class AddCommand
         });
         return command;
     }
+
+    // A cow overlay can be handed over (upgrade), but a crash loses its latest bitmap bits.
+    private static ArgumentException SupervisionRefused(string kind) =>
+        new($"--supervise recovers the device after its daemon crashes, and a writable {kind} target loses its latest state in a crash (recovery on a {kind} device is for 'ublksharp upgrade' only)");
 
     // What the kernel must offer for these options, said before a daemon starts.
     private static void RequireOffered(DeviceOptions options)

@@ -73,7 +73,7 @@ internal static class RecoverCommand
                 {
                     TargetFactory.Create(record.Target, record.Recipe).Dispose();
                 }
-                catch (FileLockedException e)
+                catch (Exception e) when (e is FileLockedException || e.InnerException is FileLockedException)
                 {
                     // The serving daemon holds the target's files locked (a cow overlay): they are
                     // opened after the takeover, when it has let go of them.
@@ -90,10 +90,12 @@ internal static class RecoverCommand
                 {
                     return 0; // the supervisor went away: nothing to take over
                 }
+                // Read again: the daemon that let go has marked its record released since.
+                record = DeviceRecord.Load(id) ?? record;
             }
             using (takeover)
             {
-                return DaemonHost.Serve(record.Target, record.Recipe, options, record.Autoclear, id, r.GetValue(readyFile), takeover);
+                return DaemonHost.Serve(record.Target, record.Recipe, options, record.Autoclear, id, r.GetValue(readyFile), takeover, record.Released);
             }
         });
         return command;
@@ -111,6 +113,10 @@ internal static class RecoverCommand
         if (record is null)
         {
             throw new ArgumentException($"no record of device {id} in {DeviceRecord.Directory}: recover rebuilds the target from the record its first daemon wrote");
+        }
+        if (record is { CrashSafe: false, Released: false })
+        {
+            throw new RecoveryRefusedException(UblkDevice.CrashLostStateMessage(id, record.Target));
         }
     }
 }

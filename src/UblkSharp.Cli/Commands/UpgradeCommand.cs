@@ -152,10 +152,10 @@ internal static class UpgradeCommand
         {
             throw new RecoveryRefusedException($"device {id} is {((DeviceState)info.state).ToString().ToLowerInvariant()} and no daemon serves it: use 'ublksharp recover -n {id}'");
         }
-        if (record.Target is "mem" or "cow")
+        if (record.Target is "mem")
         {
-            // As for recovery, which `add` refuses them: a cow overlay's bitmap is written out every
-            // 30 s, so a daemon's memory holds the latest of it.
+            // As for recovery, which `add` refuses it. (A cow overlay's daemon writes its bitmap out
+            // before it lets go, so a cow device created with recovery can be upgraded.)
             throw new RecoveryRefusedException($"device {id}: the {record.Target} target keeps data in its daemon's memory, which a new daemon cannot take over: upgrading it is refused (it would lose data)");
         }
         if (UblkDevice.HandOverRefusal(id, info.flags) is string refusal)

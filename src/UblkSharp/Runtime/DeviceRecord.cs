@@ -53,6 +53,19 @@ public sealed record DeviceRecord
     /// <summary>The UblkSharp build the daemon runs (<see cref="CurrentVersion"/>); records of older versions lack it.</summary>
     public string? Version { get; init; }
 
+    /// <summary>
+    /// Whether the target's state is whole on disk even when its daemon dies (<see cref="Targets.BlockTarget.SurvivesRestart"/>).
+    /// False for a writable cow overlay, whose latest bitmap bits live in the daemon's memory: such a
+    /// device can be handed over (<see cref="Released"/>) but not recovered after a crash.
+    /// </summary>
+    public bool CrashSafe { get; init; } = true;
+
+    /// <summary>
+    /// Set by a daemon that handed the device over: its target's state is on disk and it serves no
+    /// more, so the next daemon may take the device even if <see cref="CrashSafe"/> is false.
+    /// </summary>
+    public bool Released { get; init; }
+
     /// <summary>This process's UblkSharp build: the assembly's informational version (with the commit, where the build had one).</summary>
     public static string CurrentVersion { get; } =
         typeof(DeviceRecord).Assembly.GetCustomAttribute<AssemblyInformationalVersionAttribute>()?.InformationalVersion ?? "unknown";
@@ -75,6 +88,7 @@ public sealed record DeviceRecord
             MaxIoBytes = (int)device.Info.max_io_buf_bytes,
             Recovery = RecoveryModes.FromFlags((Ublk.UblkFeatures)device.Info.flags).Name(),
             Version = CurrentVersion,
+            CrashSafe = device.Target.SurvivesRestart,
         };
     }
 
@@ -123,6 +137,15 @@ public sealed record DeviceRecord
             w.WriteNumber("supervisorPid", SupervisorPid);
             w.WriteString("created", Created);
             w.WriteString("version", Version);
+            // Only when they differ from their defaults: records stay as they were for other targets.
+            if (!CrashSafe)
+            {
+                w.WriteBoolean("crashSafe", false);
+            }
+            if (Released)
+            {
+                w.WriteBoolean("released", true);
+            }
             w.WriteEndObject();
         }
         return System.Text.Encoding.UTF8.GetString(buffer.WrittenSpan);
@@ -161,6 +184,8 @@ public sealed record DeviceRecord
                 SupervisorPid = Optional(root, "supervisorPid")?.GetInt32() ?? 0,
                 Created = Optional(root, "created")?.GetDateTimeOffset() ?? DateTimeOffset.UtcNow,
                 Version = Optional(root, "version")?.GetString(),
+                CrashSafe = Optional(root, "crashSafe")?.GetBoolean() ?? true,
+                Released = Optional(root, "released")?.GetBoolean() ?? false,
             };
         }
         catch (Exception e) when (e is InvalidOperationException or FormatException)

@@ -12,10 +12,11 @@ public static class Orphans
 {
     /// <summary>
     /// Why device <paramref name="id"/> is an orphan, or null if it is not: a pure function of the
-    /// kernel's state and flags, whether a daemon (or a takeover) is at work on it, and whether its
-    /// recipe (/run/ublksharp/ID.json) exists.
+    /// kernel's state and flags, whether a daemon (or a takeover) is at work on it, whether its
+    /// recipe (/run/ublksharp/ID.json) exists, and whether its target's state died with its daemon
+    /// (<paramref name="stateLost"/>: a cow overlay whose daemon ended without handing it over).
     /// </summary>
-    public static string? Reason(uint id, DeviceState state, UblkFeatures flags, bool daemonAlive, bool recipePresent)
+    public static string? Reason(uint id, DeviceState state, UblkFeatures flags, bool daemonAlive, bool recipePresent, bool stateLost = false)
     {
         if (daemonAlive)
         {
@@ -26,13 +27,14 @@ public static class Orphans
             RecoveryObstacle.NoRecovery => "its daemon is gone and it was created without recovery",
             RecoveryObstacle.Stopped => "it is stopped (DEAD) and no daemon serves it",
             _ when !recipePresent => $"its daemon is gone and its recipe {DeviceRecord.PathFor(id)} is lost",
+            _ when stateLost => "its daemon died with its target's latest state in memory (a cow overlay's bitmap): a recovered device would lose writes its file system counts as done",
             _ => null,
         };
     }
 
-    /// <summary><see cref="Reason(uint, DeviceState, UblkFeatures, bool, bool)"/> for a device as the kernel and its record have it now.</summary>
+    /// <summary><see cref="Reason(uint, DeviceState, UblkFeatures, bool, bool, bool)"/> for a device as the kernel and its record have it now.</summary>
     public static string? Reason(uint id, DevInfo info, DeviceRecord? record)
-        => Reason(id, (DeviceState)info.state, (UblkFeatures)info.flags, DaemonAlive(id, info, record), record is not null);
+        => Reason(id, (DeviceState)info.state, (UblkFeatures)info.flags, DaemonAlive(id, info, record), record is not null, record is { CrashSafe: false, Released: false });
 
     /// <summary>
     /// Whether a process serves (or is taking over) device <paramref name="id"/>: the daemon the

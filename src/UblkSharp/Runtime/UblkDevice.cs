@@ -95,7 +95,7 @@ public sealed class UblkDevice : IDisposable
         ArgumentNullException.ThrowIfNull(options);
         options.Validate();
         ValidateTarget(target);
-        if (options.Recovery != RecoveryMode.Off && !target.SurvivesRestart)
+        if (options.Recovery != RecoveryMode.Off && !target.SurvivesHandOver)
         {
             throw new ArgumentException($"the {target.Kind} target keeps its data in the daemon's memory, so a recovered device would come back empty: it cannot use --recovery");
         }
@@ -152,15 +152,22 @@ public sealed class UblkDevice : IDisposable
     /// END_USER_RECOVERY succeeded or the attempt failed: taken here, unless the caller already
     /// holds it (<paramref name="takeover"/>, e.g. an upgrade that took it before quiescing the old
     /// daemon). Another takeover under way fails this one with <see cref="TakeoverInProgressException"/>
-    /// before anything is changed.
+    /// before anything is changed. A target that does not survive a crash (<see cref="BlockTarget.SurvivesRestart"/>
+    /// false: a cow overlay) is taken over only from a daemon that handed the device over
+    /// (<paramref name="handedOver"/>, its record's <see cref="DeviceRecord.Released"/>); after a
+    /// crash it is refused, since the device would lose writes its file system counts as done.
     /// </summary>
-    public static UblkDevice Recover(uint id, BlockTarget target, DeviceOptions options, Action<Exception>? onFatal = null, TakeoverLock? takeover = null)
+    public static UblkDevice Recover(uint id, BlockTarget target, DeviceOptions options, Action<Exception>? onFatal = null, TakeoverLock? takeover = null, bool handedOver = false)
     {
         ArgumentNullException.ThrowIfNull(target);
         ArgumentNullException.ThrowIfNull(options);
         if (takeover is not null && takeover.Id != id)
         {
             throw new ArgumentException($"the takeover lock given is device {takeover.Id}'s, not device {id}'s", nameof(takeover));
+        }
+        if (!target.SurvivesRestart && !(handedOver && target.SurvivesHandOver))
+        {
+            throw new RecoveryRefusedException(CrashLostStateMessage(id, target.Kind));
         }
         var control = ControlDevice.Open();
         TakeoverLock? ownLock = null;
@@ -223,6 +230,10 @@ public sealed class UblkDevice : IDisposable
             ownLock?.Dispose();
         }
     }
+
+    /// <summary>Why a device whose target's state died with its daemon is not recovered.</summary>
+    public static string CrashLostStateMessage(uint id, string kind) =>
+        $"device {id}: its daemon ended without handing it over, and the {kind} target keeps its latest state in the daemon's memory (a cow overlay's bitmap bits since the last write-back): a recovered device would lose writes its file system counts as done, so it is not recovered; 'ublksharp del -n {id}' removes it";
 
     // GET_FEATURES; nothing on a driver older than 6.5.
     private static UblkFeatures Offered(ControlDevice control)

@@ -73,6 +73,14 @@ public abstract unsafe class BlockTarget : IDisposable
     /// </summary>
     public virtual bool SurvivesRestart => false;
 
+    /// <summary>
+    /// Whether a new daemon that rebuilds this target from its recipe sees the same data once this
+    /// one was disposed (it wrote out what it held in memory), so the device may use user recovery
+    /// for a planned hand-over (`upgrade`) even where a crash would lose data. Defaults to
+    /// <see cref="SurvivesRestart"/>.
+    /// </summary>
+    public virtual bool SurvivesHandOver => SurvivesRestart;
+
     public abstract int Read(Span<byte> buffer, long offset);
 
     public virtual int Write(ReadOnlySpan<byte> data, long offset) => -Errno.EROFS;

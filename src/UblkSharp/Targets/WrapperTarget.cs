@@ -53,6 +53,8 @@ public abstract class WrapperTarget : BlockTarget
 
     public override bool SurvivesRestart => Inner.SurvivesRestart;
 
+    public override bool SurvivesHandOver => Inner.SurvivesHandOver;
+
     public override int Read(Span<byte> buffer, long offset) => Inner.Read(buffer, offset);
 
     public override int Write(ReadOnlySpan<byte> data, long offset) => Inner.Write(data, offset);

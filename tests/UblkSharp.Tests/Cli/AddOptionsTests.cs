@@ -22,7 +22,42 @@ public class AddOptionsTests
         Assert.True(twice.Count == 0, $"defined more than once: {string.Join(' ', twice)}\n{help}");
     }
 
+    [Fact]
+    public async Task ASupervisedCowDeviceIsRefusedBeforeAnythingStarts()
+    {
+        var dir = Directory.CreateTempSubdirectory("ublksharp-add-");
+        try
+        {
+            var basePath = Path.Combine(dir.FullName, "base.img");
+            File.WriteAllBytes(basePath, new byte[1 << 20]);
+            var overlay = Path.Combine(dir.FullName, "over.cow");
+            global::UblkSharp.Targets.Cow.CowTarget.CreateOverlay(overlay, basePath);
+            var (code, _, stderr) = await Run($"add -t cow -f {overlay} --recovery reissue --supervise");
+            Assert.NotEqual(0, code);
+            Assert.Contains("--supervise recovers the device after its daemon crashes", stderr, StringComparison.Ordinal);
+            // With --create: refused before the COW file is made.
+            var fresh = Path.Combine(dir.FullName, "fresh.cow");
+            (code, _, stderr) = await Run($"add -t cow -f {fresh} --create --backing {basePath} --recovery reissue --supervise");
+            Assert.False(File.Exists(fresh), "a refused add made its COW file");
+            Assert.NotEqual(0, code);
+            Assert.Contains("--supervise recovers the device after its daemon crashes", stderr, StringComparison.Ordinal);
+            Assert.Contains("upgrade", stderr, StringComparison.Ordinal);
+            Assert.DoesNotContain("   at ", stderr, StringComparison.Ordinal); // no stack trace
+        }
+        finally
+        {
+            dir.Delete(recursive: true);
+        }
+    }
+
     private static async Task<string> Cli(string args)
+    {
+        var (code, stdout, stderr) = await Run(args);
+        Assert.True(code == 0, $"ublksharp {args} exited {code}: {stderr}");
+        return stdout;
+    }
+
+    private static async Task<(int Code, string Stdout, string Stderr)> Run(string args)
     {
         string? dll = null;
         for (var d = new DirectoryInfo(AppContext.BaseDirectory); d is not null && dll is null; d = d.Parent)
@@ -39,7 +74,6 @@ public class AddOptionsTests
         using var cts = CancellationTokenSource.CreateLinkedTokenSource(TestContext.Current.CancellationToken);
         cts.CancelAfter(TimeSpan.FromSeconds(60));
         await p.WaitForExitAsync(cts.Token);
-        Assert.True(p.ExitCode == 0, $"ublksharp {args} exited {p.ExitCode}: {await stderr}");
-        return await stdout;
+        return (p.ExitCode, await stdout, await stderr);
     }
 }

@@ -44,6 +44,26 @@ public class CowTargetTests
     }
 
     [Fact]
+    public void AWritableOverlaySurvivesAHandOverButNotACrash()
+    {
+        var (dir, _, overlay) = NewOverlay();
+        using (dir)
+        {
+            // Bits set since the last write-back are in memory only: a crash loses them, Dispose writes them.
+            using (var t = new CowTarget(overlay))
+            {
+                Assert.False(t.SurvivesRestart);
+                Assert.True(t.SurvivesHandOver);
+            }
+            using (var ro = new CowTarget(overlay, new CowOpenOptions { ReadOnly = true }))
+            {
+                Assert.True(ro.SurvivesRestart);
+                Assert.True(ro.SurvivesHandOver);
+            }
+        }
+    }
+
+    [Fact]
     public void ReadsSplitBetweenCowAndBacking()
     {
         var (dir, basePath, overlay) = NewOverlay();

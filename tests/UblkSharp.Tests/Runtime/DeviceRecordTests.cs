@@ -32,6 +32,25 @@ public sealed class DeviceRecordTests : IDisposable
     }
 
     [Fact]
+    public void CrashSafetyAndReleaseAreWrittenOnlyWhenNotTheirDefaults()
+    {
+        var record = new DeviceRecord { Id = 1, Pid = 10, Target = "null", Recipe = new() { ["size"] = "1048576" }, Queues = 1, Depth = 64, Size = 1 << 20 };
+        Assert.DoesNotContain("crashSafe", record.ToJson(), StringComparison.Ordinal);
+        Assert.DoesNotContain("released", record.ToJson(), StringComparison.Ordinal);
+        var cow = record with { CrashSafe = false };
+        Assert.Contains("\"crashSafe\": false", cow.ToJson(), StringComparison.Ordinal);
+        Assert.False(DeviceRecord.Parse(cow.ToJson()).CrashSafe);
+        Assert.False(DeviceRecord.Parse(cow.ToJson()).Released);
+        var released = cow with { Released = true };
+        Assert.Contains("\"released\": true", released.ToJson(), StringComparison.Ordinal);
+        Assert.True(DeviceRecord.Parse(released.ToJson()).Released);
+        // A record of an older build has neither: crash-safe, not released.
+        var old = DeviceRecord.Parse(record.ToJson());
+        Assert.True(old.CrashSafe);
+        Assert.False(old.Released);
+    }
+
+    [Fact]
     public void EveryMemberRoundTrips()
     {
         var record = new DeviceRecord
@@ -51,6 +70,8 @@ public sealed class DeviceRecordTests : IDisposable
             SupervisorPid = 77,
             Created = new DateTimeOffset(2026, 12, 6, 21, 0, 0, 123, TimeSpan.Zero),
             Version = "0.9.0+deadbeef",
+            CrashSafe = false,
+            Released = true,
         };
         var back = DeviceRecord.Parse(record.ToJson());
         // A record's Recipe is a Dictionary: compare it apart from the rest.

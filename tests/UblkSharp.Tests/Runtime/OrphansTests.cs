@@ -56,6 +56,19 @@ public class OrphansTests
     }
 
     [Theory]
+    [InlineData(DeviceState.Quiesced, On)]
+    [InlineData(DeviceState.Quiesced, Reissue)]
+    [InlineData(DeviceState.Live, Reissue)]
+    public void ADeviceWhoseTargetStateDiedWithItsDaemonIsAnOrphan(DeviceState state, UblkFeatures flags)
+    {
+        var reason = Orphans.Reason(5, state, flags, daemonAlive: false, recipePresent: true, stateLost: true);
+        Assert.NotNull(reason);
+        Assert.Contains("would lose writes", reason, StringComparison.Ordinal);
+        // While a daemon (or a takeover) is at work, it is not.
+        Assert.Null(Orphans.Reason(5, state, flags, daemonAlive: true, recipePresent: true, stateLost: true));
+    }
+
+    [Theory]
     [InlineData(DeviceState.Live, Off, true, RecoveryObstacle.NoRecovery)]
     [InlineData(DeviceState.Quiesced, Off, false, RecoveryObstacle.NoRecovery)]
     [InlineData(DeviceState.Live, On, true, RecoveryObstacle.Serving)]

@@ -67,7 +67,7 @@ public class WrapperTargetTests
     private static object[] Capabilities(BlockTarget t) =>
     [
         t.Size, t.LogicalBlockSize, t.PhysicalBlockSize, t.IsReadOnly, t.HasVolatileCache, t.CanDiscard,
-        t.CanWriteZeroes, t.CanFastZero, t.HasNativeFua, t.IsRotational, t.SurvivesRestart,
+        t.CanWriteZeroes, t.CanFastZero, t.HasNativeFua, t.IsRotational, t.SurvivesRestart, t.SurvivesHandOver,
     ];
 
     public static TheoryData<string> Inners => ["mem", "null", "loop", "loop-ro", "read-only", "plain"];

@@ -164,6 +164,12 @@ public sealed unsafe class CowTarget : BlockTarget
 
     public override bool IsReadOnly => _readOnly;
 
+    // Bits set since the last bitmap write live in memory only (up to --writeback seconds of them):
+    // a crash loses them, while Dispose writes them out first. A read-only overlay sets none.
+    public override bool SurvivesRestart => _readOnly;
+
+    public override bool SurvivesHandOver => true;
+
     public override bool HasVolatileCache => !_readOnly;
 
     public override bool CanDiscard => !_readOnly;
