@@ -110,6 +110,7 @@ internal static class DaemonHost
                 Interop.Processes.ExitNow(0);
             }
             var id = device.Id;
+            SystemdNotify.Stopping();
             device.Dispose();
             DeviceRecord.Remove(id);
             Console.Error.WriteLine($"ublksharp: device {id} stopped; {device.Completed} requests served, {device.Errors} failed");

@@ -171,7 +171,12 @@ internal static class DaemonLauncher
         }
     }
 
-    public static void ReportReady(string? readyFile, uint id, string path) => Write(readyFile, $"ok {id} {path}");
+    /// <summary>The device serves IO: told to whoever waits (a ready file, or systemd through NOTIFY_SOCKET).</summary>
+    public static void ReportReady(string? readyFile, uint id, string path)
+    {
+        Write(readyFile, $"ok {id} {path}");
+        SystemdNotify.Ready(path);
+    }
 
     public static void ReportFailure(string? readyFile, string message) => Write(readyFile, $"error {message}");
 

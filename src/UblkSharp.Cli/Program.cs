@@ -11,6 +11,8 @@ public static class Program
     public static int Main(string[] args)
     {
         Arguments = args;
+        // Before any child is started: only this process speaks for a systemd service.
+        SystemdNotify.TakeFromEnvironment();
         var root = new RootCommand("ublksharp: userspace block devices for Linux (ublk), written in C#.")
         {
             AddCommand.Create(),
@@ -23,6 +25,7 @@ public static class Program
             FeaturesCommand.Create(),
             ServeCommand.Create(),
             CowCommand.Create(),
+            RunCommand.Create(),
         };
         // Our own handler gives one clear line per failure instead of a stack trace.
         var config = new InvocationConfiguration { EnableDefaultExceptionHandler = false };

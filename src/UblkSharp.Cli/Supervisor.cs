@@ -119,6 +119,7 @@ internal static class Supervisor
                     if (stop.IsSet)
                     {
                         // Our stop is the daemon's stop: it drains IO, then stops and deletes the device.
+                        SystemdNotify.Stopping();
                         _ = Interop.Processes.Signal(child.Id, Interop.Processes.SIGTERM);
                         child.WaitForExit();
                         return 0;
