@@ -1,4 +1,5 @@
 using System.CommandLine;
+using System.CommandLine.Help;
 using UblkSharp.Cli.Commands;
 
 namespace UblkSharp.Cli;
@@ -13,8 +14,11 @@ public static class Program
         Arguments = args;
         // Before any child is started: only this process speaks for a systemd service.
         SystemdNotify.TakeFromEnvironment();
-        var root = new RootCommand("ublksharp: userspace block devices for Linux (ublk), written in C#.")
+        // Named, not RootCommand (which takes the executable's name, UblkSharp.Cli): the usage line says ublksharp.
+        var root = new Command("ublksharp", "ublksharp: userspace block devices for Linux (ublk), written in C#.")
         {
+            new HelpOption(),
+            new VersionOption(),
             AddCommand.Create(),
             DelCommand.Create(),
             RecoverCommand.Create(),

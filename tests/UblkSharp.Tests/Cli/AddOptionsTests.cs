@@ -17,6 +17,8 @@ public class AddOptionsTests
             .Where(o => o.StartsWith("--", StringComparison.Ordinal))
             .ToList();
         Assert.Contains("--create", options);
+        // The usage line names the command as users type it, not the assembly (UblkSharp.Cli).
+        Assert.Contains("ublksharp add [options]", help, StringComparison.Ordinal);
         Assert.Contains("--start-timeout", options);
         var twice = options.GroupBy(o => o, StringComparer.Ordinal).Where(g => g.Count() > 1).Select(g => g.Key).ToList();
         Assert.True(twice.Count == 0, $"defined more than once: {string.Join(' ', twice)}\n{help}");
