@@ -78,6 +78,7 @@ internal static class DaemonHost
                     }
                 }
             }
+            using var stats = StatsEndpoint.Start(device);
             Console.WriteLine(device.BlockPath);
             DaemonLauncher.ReportReady(readyFile, device.Id, device.BlockPath);
             if (autoclear)

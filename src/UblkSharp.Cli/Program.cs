@@ -30,6 +30,7 @@ public static class Program
             ServeCommand.Create(),
             CowCommand.Create(),
             RunCommand.Create(),
+            StatsCommand.Create(),
         };
         // Our own handler gives one clear line per failure instead of a stack trace.
         var config = new InvocationConfiguration { EnableDefaultExceptionHandler = false };

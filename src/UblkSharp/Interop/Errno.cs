@@ -72,6 +72,23 @@ public static class Errno
         var n => $"errno {n}",
     };
 
+    /// <summary>The number <see cref="Name"/> gave <paramref name="name"/> ("EIO" or "errno 300"); <see cref="FormatException"/> otherwise.</summary>
+    public static int Number(string name)
+    {
+        if (name.StartsWith("errno ", StringComparison.Ordinal) && int.TryParse(name.AsSpan(6), System.Globalization.NumberStyles.None, System.Globalization.CultureInfo.InvariantCulture, out var n))
+        {
+            return n;
+        }
+        for (var e = 1; e < 256; e++)
+        {
+            if (Name(e) == name)
+            {
+                return e;
+            }
+        }
+        throw new FormatException($"'{name}' is not an errno name");
+    }
+
     /// <summary>"EBADF (9): Bad file descriptor".</summary>
     public static string Describe(int errno)
     {

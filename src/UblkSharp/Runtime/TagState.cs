@@ -24,6 +24,8 @@ internal unsafe struct TagState
     /// <summary>Submitted to a completion-fd backend and not reaped yet.</summary>
     public bool InBackend;
     public byte* Buffer;
+    /// <summary>When the request arrived (<see cref="System.Diagnostics.Stopwatch.GetTimestamp"/>), for its latency.</summary>
+    public long StartTicks;
 
     public readonly long Length => Progress.Length;
 

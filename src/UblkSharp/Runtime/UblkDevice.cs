@@ -59,6 +59,10 @@ public sealed class UblkDevice : IDisposable
 
     public BlockTarget Target => _target;
 
+    /// <summary>Each queue's requests, bytes, errors and latencies now (read while the queues run).</summary>
+    public Metrics.DeviceStats Stats() =>
+        new(Id, DateTimeOffset.UtcNow.ToUnixTimeMilliseconds(), [.. _queues.Where(q => q is not null).Select(q => q.Stats.Snapshot(q.QueueId))]);
+
     /// <summary>Requests committed with an error, over all queues.</summary>
     public long Errors => _queues.Where(q => q is not null).Sum(q => q.Errors);
 
@@ -128,6 +132,7 @@ public sealed class UblkDevice : IDisposable
                 throw new NotSupportedException($"this kernel's ublk driver dropped {UblkFeatureNames.Format(dropped)} at ADD_DEV");
             }
             device.SetUp(onFatal ?? DefaultFatalHandler, recovering: false);
+            Metrics.UblkMeter.Add(device, device.Stats);
             return device;
         }
         catch
@@ -210,6 +215,7 @@ public sealed class UblkDevice : IDisposable
             try
             {
                 device.SetUp(onFatal ?? DefaultFatalHandler, recovering: true);
+                Metrics.UblkMeter.Add(device, device.Stats);
             }
             catch
             {
@@ -744,6 +750,7 @@ public sealed class UblkDevice : IDisposable
     // is told to end, or its thread would keep the ring, the tags and /dev/ublkcN for good.
     private void ReleaseLocal()
     {
+        Metrics.UblkMeter.Remove(this);
         foreach (var q in _queues)
         {
             q?.RequestStop();

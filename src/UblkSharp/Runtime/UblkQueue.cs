@@ -106,6 +106,9 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
 
     public int QueueId => _queueId;
 
+    /// <summary>Requests, bytes, errors and latencies, by operation (written by the queue thread alone).</summary>
+    public Metrics.QueueStats Stats { get; } = new();
+
     /// <summary>Requests committed with an error.</summary>
     public long Errors { get; private set; }
 
@@ -462,6 +465,8 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
         Debug.Assert(!t.Busy, "the driver handed a busy tag a new request");
         t.Busy = true;
         _busyTags++;
+        t.StartTicks = Stopwatch.GetTimestamp();
+        Stats.Started();
         if (t.Op is not (IoOp.Read or IoOp.Write or IoOp.Flush or IoOp.Discard or IoOp.WriteZeroes))
         {
             Commit(tag, -Errno.EOPNOTSUPP);
@@ -806,6 +811,7 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
         if (t.Progress.Next(res, out var error))
         {
             Retries++;
+            Stats.Retried();
             return true;
         }
         if (error == 0 && t.Progress.ZeroRest)
@@ -840,6 +846,7 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
         t.Busy = false;
         _busyTags--;
         Completed++;
+        Stats.Completed(t.Op, result, t.StartTicks);
         if (result < 0 && ++Errors <= 10)
         {
             // The first few failures say what failed; after that only the count grows.
