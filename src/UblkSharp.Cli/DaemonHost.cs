@@ -12,7 +12,8 @@ namespace UblkSharp.Cli;
 internal static class DaemonHost
 {
     // handedOver: for a recovery, the last daemon handed the device over (its record says so).
-    public static int Serve(string kind, Dictionary<string, string> recipe, DeviceOptions options, bool autoclear, uint? recoverId, string? readyFile, TakeoverLock? takeover = null, bool handedOver = false)
+    // metrics: where to serve the figures for Prometheus (checked by the command that took it).
+    public static int Serve(string kind, Dictionary<string, string> recipe, DeviceOptions options, bool autoclear, uint? recoverId, string? readyFile, TakeoverLock? takeover = null, bool handedOver = false, string? metrics = null)
     {
         try
         {
@@ -29,7 +30,7 @@ internal static class DaemonHost
             using var target = TargetFactory.Create(kind, recipe);
             using var device = recoverId is uint rid ? UblkDevice.Recover(rid, target, options, takeover: takeover, handedOver: handedOver) : UblkDevice.Create(target, options);
             takeover?.Dispose(); // the takeover is over once the device is live again
-            var record = DeviceRecord.Of(device, kind, recipe, target.Size) with { Autoclear = autoclear, SupervisorPid = Supervisor.ParentSupervisorPid };
+            var record = DeviceRecord.Of(device, kind, recipe, target.Size) with { Autoclear = autoclear, SupervisorPid = Supervisor.ParentSupervisorPid, Metrics = metrics };
             record.Save();
             void Resized(long size)
             {
@@ -79,6 +80,7 @@ internal static class DaemonHost
                 }
             }
             using var stats = StatsEndpoint.Start(device);
+            using var prometheus = StartMetrics(metrics, device);
             Console.WriteLine(device.BlockPath);
             DaemonLauncher.ReportReady(readyFile, device.Id, device.BlockPath);
             if (autoclear)
@@ -121,6 +123,24 @@ internal static class DaemonHost
         {
             DaemonLauncher.ReportFailure(readyFile, CliErrors.Describe(e));
             throw;
+        }
+    }
+
+    // The figures for Prometheus, if asked for; a failure to listen is said and the device served anyway.
+    private static MetricsEndpoint? StartMetrics(string? metrics, UblkDevice device)
+    {
+        if (metrics is null)
+        {
+            return null;
+        }
+        try
+        {
+            return MetricsEndpoint.Start(MetricsEndpoint.Parse(metrics, insecure: true), () => [device.Stats()]);
+        }
+        catch (Exception e) when (e is System.Net.Sockets.SocketException or IOException or ArgumentException)
+        {
+            Console.Error.WriteLine($"ublksharp: device {device.Id}: no metrics at {metrics}: {e.Message}");
+            return null;
         }
     }
 

@@ -16,10 +16,12 @@ public class StatsTests
     public async Task StatsCountWhatTheKernelCountsAndWatchPrintsRates()
     {
         VmEnvironment.RequireDriver();
+        // The guest's init leaves its own loopback down (the guest has no network at all).
+        VmEnvironment.ShOk("ip link set lo up");
         Lifecycle.CreateImage(Image, 64 << 20);
         try
         {
-            var dev = CliDevices.Add($"-t loop -f {Image} -q 2 -d 32");
+            var dev = CliDevices.Add($"-t loop -f {Image} -q 2 -d 32 --metrics tcp://127.0.0.1:9560");
             var id = CliDevices.IdOf(dev);
             var fio = Task.Run(() => VmEnvironment.Sh($"fio --name=s --filename={dev} --direct=1 --ioengine=libaio --rw=randrw --bs=4k --iodepth=16 --numjobs=2 --time_based --runtime=6 --size=32M --group_reporting > /dev/null", TimeSpan.FromMinutes(2)), TestContext.Current.CancellationToken);
             await Task.Delay(1500, TestContext.Current.CancellationToken);
@@ -54,12 +56,28 @@ public class StatsTests
             Assert.Empty(total.GetProperty("errors").EnumerateObject());
             VmEnvironment.Figure($"STATS on {VmEnvironment.KernelRelease}: {reads} reads and {writes} writes, as the kernel counts them; read p50 {p50} us, p99 {p99} us");
 
+            // The same figures for Prometheus, as a scrape gets them, read by its own parser.
+            var scrape = VmEnvironment.ShOk("curl -sS --max-time 10 http://127.0.0.1:9560/metrics");
+            File.WriteAllText("/tmp/ublksharp-scrape.txt", scrape);
+            File.WriteAllText("/tmp/ublksharp-scrape.py", """
+                import sys
+                from prometheus_client.parser import text_string_to_metric_families as families
+                print(sum(s.value for m in families(sys.stdin.read()) for s in m.samples
+                          if s.name == "ublksharp_requests_total" and s.labels["op"] == "read"))
+                """);
+            var scrapedReads = VmEnvironment.ShOk("/usr/bin/python3 /tmp/ublksharp-scrape.py < /tmp/ublksharp-scrape.txt").Trim();
+            Assert.Equal(reads, (long)double.Parse(scrapedReads, System.Globalization.CultureInfo.InvariantCulture));
+            Assert.Contains("ublksharp_request_duration_seconds_bucket{device=", scrape, StringComparison.Ordinal);
+            Assert.Contains("404", VmEnvironment.ShOk("curl -s -o /dev/null -w '%{http_code}' --max-time 10 http://127.0.0.1:9560/"), StringComparison.Ordinal);
+            VmEnvironment.Figure($"SCRAPE on {VmEnvironment.KernelRelease} (first lines):\n{string.Join('\n', scrape.Split('\n').Take(12))}");
+
             // A table without --watch; and a device no daemon serves is refused clearly.
             var (tcode, table) = VmEnvironment.RunCli($"stats", TimeSpan.FromMinutes(1));
             Assert.True(tcode == 0 && table.Contains($"{id}    all", StringComparison.Ordinal), $"stats exited {tcode}:\n{table}");
             Lifecycle.AssertRefused("stats -n 99", "no daemon answers");
             CliDevices.Del(id);
             Assert.False(File.Exists($"/run/ublksharp/{id}.stats"), "the stats socket outlived its device");
+            Assert.NotEqual(0, VmEnvironment.Sh("curl -s --max-time 5 http://127.0.0.1:9560/metrics").ExitCode);
         }
         finally
         {

@@ -24,10 +24,12 @@ internal static class AddCommand
         var startTimeout = new Option<int>("--start-timeout") { Description = "Seconds the device may take to start (the kernel reads its partition table through the target)", DefaultValueFactory = _ => 60 };
         var noPartitionScan = new Option<bool>("--no-partition-scan") { Description = "Do not read a partition table when the device starts (Linux 7.0+)" };
         var readyFile = new Option<string?>("--ready-file") { Hidden = true };
+        var metrics = new Option<string?>("--metrics") { Description = "Serve live figures for Prometheus (GET /metrics) at tcp://127.0.0.1:PORT or unix:///PATH" };
+        var metricsInsecure = new Option<bool>("--metrics-insecure") { Description = "Allow --metrics on an address beyond loopback" };
 
         var command = new Command("add", "Create a ublk device and serve it")
         {
-            number, queues, depth, maxIo, foreground, recovery, supervise, autoclear, startTimeout, noPartitionScan, readyFile,
+            number, queues, depth, maxIo, foreground, recovery, supervise, autoclear, startTimeout, noPartitionScan, readyFile, metrics, metricsInsecure,
         };
         target.AddTo(command);
         command.SetAction(r =>
@@ -52,6 +54,15 @@ internal static class AddCommand
             }
             var args = Program.Arguments;
             var supervised = r.GetValue(supervise);
+            var metricsAddress = r.GetValue(metrics);
+            if (metricsAddress is not null)
+            {
+                _ = MetricsEndpoint.Parse(metricsAddress, r.GetValue(metricsInsecure));
+                if (r.GetValue(metricsInsecure))
+                {
+                    Console.Error.WriteLine($"ublksharp: warning: --metrics-insecure: the device's figures are served beyond loopback at {metricsAddress}, to anyone who can reach it");
+                }
+            }
             if (r.GetValue(target.Create))
             {
                 // The COW file is made once, here; the daemon, a supervisor's restarts and recovery reopen it.
@@ -89,7 +100,7 @@ internal static class AddCommand
                     // The supervisor runs the same command, minus the options that made it a supervisor.
                     return Supervisor.Run(WithoutOptions(args, "--supervise", "--foreground", "--ready-file"), r.GetValue(readyFile));
                 }
-                return DaemonHost.Serve(kind, recipe, options, r.GetValue(autoclear), null, r.GetValue(readyFile));
+                return DaemonHost.Serve(kind, recipe, options, r.GetValue(autoclear), null, r.GetValue(readyFile), metrics: metricsAddress);
             }
             // Bad input is reported first, and before any daemon starts.
             TargetFactory.Create(kind, recipe).Dispose();

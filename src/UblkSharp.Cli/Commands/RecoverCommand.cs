@@ -95,7 +95,7 @@ internal static class RecoverCommand
             }
             using (takeover)
             {
-                return DaemonHost.Serve(record.Target, record.Recipe, options, record.Autoclear, id, r.GetValue(readyFile), takeover, record.Released);
+                return DaemonHost.Serve(record.Target, record.Recipe, options, record.Autoclear, id, r.GetValue(readyFile), takeover, record.Released, record.Metrics);
             }
         });
         return command;

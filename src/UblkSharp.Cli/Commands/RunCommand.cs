@@ -42,7 +42,7 @@ internal static class RunCommand
                     MaxIoBytes = record.MaxIoBytes,
                     Recovery = RecoveryModes.Parse(record.Recovery),
                 };
-                return DaemonHost.Serve(record.Target, record.Recipe, recovered, record.Autoclear, config.Id, null, handedOver: record.Released);
+                return DaemonHost.Serve(record.Target, record.Recipe, recovered, record.Autoclear, config.Id, null, handedOver: record.Released, metrics: record.Metrics);
             }
             return DaemonHost.Serve(config.Target, config.Options, options, config.Autoclear, null, null);
         });

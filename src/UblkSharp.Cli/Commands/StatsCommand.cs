@@ -150,7 +150,7 @@ internal static class StatsCommand
         long D(long a, long b) => a >= b ? a - b : a;
         double Rate(long a, long b) => D(a, b) / seconds;
         long[] Delta(long[] a, long[]? b) => b is null ? a : [.. a.Select((v, i) => D(v, b[i]))];
-        var p = prev ?? new QueueStatsSnapshot(s.Queue, new long[QueueStats.OpCount], new long[QueueStats.OpCount], [], 0, 0, [.. Enumerable.Range(0, QueueStats.OpCount).Select(_ => new long[LatencyHistogram.BucketCount])]);
+        var p = prev ?? QueueStatsSnapshot.Empty(s.Queue);
         var mib = 1024.0 * 1024.0;
         Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
             $"{id,-4} {queue,-5} {Rate(s.Requests[0], p.Requests[0]),9:0} {Rate(s.Requests[1], p.Requests[1]),9:0} {Rate(s.Requests[2], p.Requests[2]),8:0} {Rate(s.Bytes[0], p.Bytes[0]) / mib,9:0.0} {Rate(s.Bytes[1], p.Bytes[1]) / mib,9:0.0} {Rate(s.TotalErrors, p.TotalErrors),6:0} {s.InFlight,5} {Latency(Delta(s.Latency[0], p.Latency[0])),15} {Latency(Delta(s.Latency[1], p.Latency[1])),15}"));

@@ -66,6 +66,9 @@ public sealed record DeviceRecord
     /// </summary>
     public bool Released { get; init; }
 
+    /// <summary>Where the daemon serves its figures for Prometheus (`add --metrics`), or null; a recovery serves them there again.</summary>
+    public string? Metrics { get; init; }
+
     /// <summary>This process's UblkSharp build: the assembly's informational version (with the commit, where the build had one).</summary>
     public static string CurrentVersion { get; } =
         typeof(DeviceRecord).Assembly.GetCustomAttribute<AssemblyInformationalVersionAttribute>()?.InformationalVersion ?? "unknown";
@@ -146,6 +149,10 @@ public sealed record DeviceRecord
             {
                 w.WriteBoolean("released", true);
             }
+            if (Metrics is not null)
+            {
+                w.WriteString("metrics", Metrics);
+            }
             w.WriteEndObject();
         }
         return System.Text.Encoding.UTF8.GetString(buffer.WrittenSpan);
@@ -186,6 +193,7 @@ public sealed record DeviceRecord
                 Version = Optional(root, "version")?.GetString(),
                 CrashSafe = Optional(root, "crashSafe")?.GetBoolean() ?? true,
                 Released = Optional(root, "released")?.GetBoolean() ?? false,
+                Metrics = Optional(root, "metrics")?.GetString(),
             };
         }
         catch (Exception e) when (e is InvalidOperationException or FormatException)

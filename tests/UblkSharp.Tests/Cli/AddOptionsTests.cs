@@ -52,6 +52,19 @@ public class AddOptionsTests
         }
     }
 
+    [Theory]
+    [InlineData("tcp://0.0.0.0:9560", "beyond this machine")]
+    [InlineData("tcp://192.0.2.1:9560", "--metrics-insecure")]
+    [InlineData("tcp://127.0.0.1", "give the port")]
+    [InlineData("http://127.0.0.1:9560", "bad --metrics address")]
+    public async Task AMetricsAddressBeyondLoopbackOrWithoutAPortIsRefused(string address, string expected)
+    {
+        var (code, _, stderr) = await Run($"add -t null --size 1M --metrics {address}");
+        Assert.NotEqual(0, code);
+        Assert.Contains(expected, stderr, StringComparison.Ordinal);
+        Assert.DoesNotContain("   at ", stderr, StringComparison.Ordinal);
+    }
+
     private static async Task<string> Cli(string args)
     {
         var (code, stdout, stderr) = await Run(args);

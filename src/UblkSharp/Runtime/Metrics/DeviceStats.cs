@@ -55,6 +55,7 @@ public sealed record DeviceStats(uint Device, long TakenAtUnixMs, IReadOnlyList<
             w.WriteStartObject(OpNames[i]);
             w.WriteNumber("requests", s.Requests[i]);
             w.WriteNumber("bytes", s.Bytes[i]);
+            w.WriteNumber("latencySumNs", s.LatencySumNs[i]);
             w.WriteStartObject("latencyUs");
             foreach (var q in Quantiles)
             {
@@ -107,12 +108,14 @@ public sealed record DeviceStats(uint Device, long TakenAtUnixMs, IReadOnlyList<
         var requests = new long[QueueStats.OpCount];
         var bytes = new long[QueueStats.OpCount];
         var latency = new long[QueueStats.OpCount][];
+        var sum = new long[QueueStats.OpCount];
         var ops = q.GetProperty("ops");
         for (var i = 0; i < QueueStats.OpCount; i++)
         {
             var op = ops.GetProperty(OpNames[i]);
             requests[i] = op.GetProperty("requests").GetInt64();
             bytes[i] = op.GetProperty("bytes").GetInt64();
+            sum[i] = op.GetProperty("latencySumNs").GetInt64();
             latency[i] = new long[LatencyHistogram.BucketCount];
             foreach (var b in op.GetProperty("buckets").EnumerateObject())
             {
@@ -128,6 +131,6 @@ public sealed record DeviceStats(uint Device, long TakenAtUnixMs, IReadOnlyList<
         {
             errors[Interop.Errno.Number(e.Name)] = e.Value.GetInt64();
         }
-        return new QueueStatsSnapshot(q.GetProperty("queue").GetInt32(), requests, bytes, errors, q.GetProperty("retries").GetInt64(), q.GetProperty("inFlight").GetInt32(), latency);
+        return new QueueStatsSnapshot(q.GetProperty("queue").GetInt32(), requests, bytes, errors, q.GetProperty("retries").GetInt64(), q.GetProperty("inFlight").GetInt32(), latency, sum);
     }
 }

@@ -30,6 +30,7 @@ public sealed class QueueStats
     private readonly long[] _bytes = new long[OpCount];
     private readonly long[] _errors = new long[MaxErrno + 1];
     private readonly LatencyHistogram[] _latency = [new(), new(), new(), new(), new(), new()];
+    private readonly long[] _latencySum = new long[OpCount];
     private long _retries;
     private int _inFlight;
 
@@ -67,7 +68,9 @@ public sealed class QueueStats
             _errors[Math.Min(-result, MaxErrno)]++;
         }
         var ticks = Stopwatch.GetTimestamp() - startTicks;
-        _latency[kind].Record(TicksAreNs ? ticks : (long)(ticks * NsPerTick));
+        var ns = TicksAreNs ? ticks : (long)(ticks * NsPerTick);
+        _latency[kind].Record(ns);
+        _latencySum[kind] += ns;
         _inFlight--;
     }
 
@@ -80,8 +83,10 @@ public sealed class QueueStats
         var requests = new long[OpCount];
         var bytes = new long[OpCount];
         var latency = new long[OpCount][];
+        var sum = new long[OpCount];
         for (var i = 0; i < OpCount; i++)
         {
+            sum[i] = Volatile.Read(ref _latencySum[i]);
             requests[i] = Volatile.Read(ref _requests[i]);
             bytes[i] = Volatile.Read(ref _bytes[i]);
             latency[i] = _latency[i].Snapshot();
@@ -94,12 +99,12 @@ public sealed class QueueStats
                 errors[e] = n;
             }
         }
-        return new QueueStatsSnapshot(queueId, requests, bytes, errors, Volatile.Read(ref _retries), Math.Max(0, Volatile.Read(ref _inFlight)), latency);
+        return new QueueStatsSnapshot(queueId, requests, bytes, errors, Volatile.Read(ref _retries), Math.Max(0, Volatile.Read(ref _inFlight)), latency, sum);
     }
 }
 
 /// <summary>One queue's figures at one moment (<see cref="QueueStats.Snapshot"/>); arrays are indexed by <see cref="StatOp"/>.</summary>
-public sealed record QueueStatsSnapshot(int Queue, long[] Requests, long[] Bytes, Dictionary<int, long> Errors, long Retries, int InFlight, long[][] Latency)
+public sealed record QueueStatsSnapshot(int Queue, long[] Requests, long[] Bytes, Dictionary<int, long> Errors, long Retries, int InFlight, long[][] Latency, long[] LatencySumNs)
 {
     public long TotalRequests => Requests.Sum();
 
@@ -108,12 +113,16 @@ public sealed record QueueStatsSnapshot(int Queue, long[] Requests, long[] Bytes
     /// <summary>The latency percentile (ns) of one operation (<see cref="LatencyHistogram.Percentile"/>).</summary>
     public long Percentile(StatOp op, double quantile) => LatencyHistogram.Percentile(Latency[(int)op], quantile);
 
+    /// <summary>No requests yet (a queue a reader has not seen before).</summary>
+    public static QueueStatsSnapshot Empty(int queue) => Sum(queue, []);
+
     /// <summary>The figures of several queues as one (the device's).</summary>
     public static QueueStatsSnapshot Sum(int queue, IEnumerable<QueueStatsSnapshot> parts)
     {
         var requests = new long[QueueStats.OpCount];
         var bytes = new long[QueueStats.OpCount];
         var latency = new long[QueueStats.OpCount][];
+        var sum = new long[QueueStats.OpCount];
         for (var i = 0; i < QueueStats.OpCount; i++)
         {
             latency[i] = new long[LatencyHistogram.BucketCount];
@@ -126,6 +135,7 @@ public sealed record QueueStatsSnapshot(int Queue, long[] Requests, long[] Bytes
             for (var i = 0; i < QueueStats.OpCount; i++)
             {
                 requests[i] += p.Requests[i];
+                sum[i] += p.LatencySumNs[i];
                 bytes[i] += p.Bytes[i];
                 for (var b = 0; b < LatencyHistogram.BucketCount; b++)
                 {
@@ -139,6 +149,6 @@ public sealed record QueueStatsSnapshot(int Queue, long[] Requests, long[] Bytes
             retries += p.Retries;
             inFlight += p.InFlight;
         }
-        return new QueueStatsSnapshot(queue, requests, bytes, errors, retries, inFlight, latency);
+        return new QueueStatsSnapshot(queue, requests, bytes, errors, retries, inFlight, latency, sum);
     }
 }
