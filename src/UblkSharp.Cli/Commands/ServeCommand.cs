@@ -111,7 +111,7 @@ internal static class ServeCommand
             if (deviceOptions is not null)
             {
                 device = UblkDevice.Create(target, deviceOptions);
-                DeviceRecord.Of(device, kind, recipe, target.Size).Save();
+                (DeviceRecord.Of(device, kind, recipe, target.Size) with { Files = FileIdentity.OfRecipe(recipe) }).Save();
                 Console.WriteLine(device.BlockPath);
             }
             Console.Error.WriteLine($"ublksharp: serving {kind} ({target.Size} bytes{(export.IsReadOnly ? ", read-only" : "")}) as export '{exportName}' on {server.Address}" +
