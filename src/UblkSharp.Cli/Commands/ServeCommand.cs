@@ -45,7 +45,7 @@ internal static class ServeCommand
             var serverOptions = new NbdServerOptions
             {
                 MaxConnections = r.GetValue(maxConnections),
-                HandshakeTimeout = Seconds(r.GetValue(handshakeTimeout), "--handshake-timeout"),
+                HandshakeTimeout = Seconds(r.GetValue(handshakeTimeout), "--handshake-timeout", zeroAllowed: false),
                 IdleTimeout = Seconds(r.GetValue(idleTimeout), "--idle-timeout"),
                 Workers = r.GetValue(workers),
                 Execution = r.GetValue(execution) switch
@@ -76,10 +76,10 @@ internal static class ServeCommand
         return command;
     }
 
-    private static TimeSpan Seconds(double value, string option)
-        => double.IsFinite(value) && value is >= 0 and <= 86_400 * 365
+    private static TimeSpan Seconds(double value, string option, bool zeroAllowed = true)
+        => double.IsFinite(value) && value <= 86_400 * 365 && (value > 0 || (zeroAllowed && value == 0))
             ? TimeSpan.FromSeconds(value)
-            : throw new ArgumentException($"bad {option} {value}: give seconds, from 0 to a year");
+            : throw new ArgumentException($"bad {option} {value}: give seconds, from {(zeroAllowed ? "0 (never)" : "more than 0")} to a year");
 
     private static int Serve(string kind, Dictionary<string, string> recipe, NbdAddress address, string exportName, string? description,
         bool readOnly, NbdServerOptions serverOptions, DeviceOptions? deviceOptions)
