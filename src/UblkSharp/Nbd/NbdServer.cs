@@ -159,7 +159,9 @@ public sealed class NbdServer : IDisposable
                 }
             }
             socket.Bind(endPoint);
-            socket.Listen(128);
+            // A burst of connects beyond the backlog has its SYNs dropped, and each such client
+            // waits a second for the retry: 1024 (the default MaxConnections) rides out a flood.
+            socket.Listen(1024);
             return socket;
         }
         catch (SocketException e)
@@ -261,8 +263,8 @@ public sealed class NbdServer : IDisposable
             }
             if (evict is not null)
             {
-                evict.Abort();
                 Interlocked.Increment(ref _evicted);
+                evict.Abort();
                 if (_evictedLog.ShouldLog(out var more))
                 {
                     Log($"{Options.MaxConnections} connections are open: closed the oldest one still in its handshake to let a new client in{LogThrottle.More(more)}");
@@ -327,8 +329,9 @@ public sealed class NbdServer : IDisposable
             {
                 if (c.InHandshake && now - c.AcceptedAt >= handshakeMs && c.ClaimReap())
                 {
-                    c.Abort();
+                    // Counted first: whoever sees the connection end sees it counted.
                     Interlocked.Increment(ref _handshakeTimeouts);
+                    c.Abort();
                     if (_handshakeLog.ShouldLog(out var more))
                     {
                         Log($"client cut off: no handshake within {Options.HandshakeTimeout.TotalSeconds} s{LogThrottle.More(more)}");
@@ -336,8 +339,8 @@ public sealed class NbdServer : IDisposable
                 }
                 else if (idleMs > 0 && c.IsIdle(now, idleMs) && c.ClaimReap())
                 {
-                    c.Shutdown();
                     Interlocked.Increment(ref _idleClosed);
+                    c.Shutdown();
                     if (_idleLog.ShouldLog(out var more))
                     {
                         Log($"closed a connection idle for {Options.IdleTimeout.TotalSeconds} s (--idle-timeout){LogThrottle.More(more)}");
