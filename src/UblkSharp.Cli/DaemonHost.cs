@@ -30,7 +30,14 @@ internal static class DaemonHost
             using var target = TargetFactory.Create(kind, recipe);
             using var device = recoverId is uint rid ? UblkDevice.Recover(rid, target, options, takeover: takeover, handedOver: handedOver) : UblkDevice.Create(target, options);
             takeover?.Dispose(); // the takeover is over once the device is live again
-            var record = DeviceRecord.Of(device, kind, recipe, target.Size) with { Autoclear = autoclear, SupervisorPid = Supervisor.ParentSupervisorPid, Metrics = metrics };
+            // The files' identities are taken with the target open: a recovery checks that its paths still name them.
+            var record = DeviceRecord.Of(device, kind, recipe, target.Size) with
+            {
+                Autoclear = autoclear,
+                SupervisorPid = Supervisor.ParentSupervisorPid,
+                Files = FileIdentity.OfRecipe(recipe),
+                Metrics = metrics,
+            };
             record.Save();
             void Resized(long size)
             {

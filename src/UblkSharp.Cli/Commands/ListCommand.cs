@@ -38,7 +38,16 @@ internal static class ListCommand
                 catch (ErrnoException)
                 {
                 }
-                var record = DeviceRecord.Load(id);
+                DeviceRecord? record = null;
+                try
+                {
+                    record = DeviceRecord.Load(id);
+                }
+                catch (UnsafeStateFileException e)
+                {
+                    // One bad recipe must not hide the other devices: listed as having none.
+                    Console.Error.WriteLine($"ublksharp: device {id}: {e.Message}");
+                }
                 rows.Add(new Row(id, ((DeviceState)info.state).ToString().ToUpperInvariant(), info.ublksrv_pid, info.nr_hw_queues, info.queue_depth,
                     size, record?.Target ?? "?", UblkFeatureNames.Format((UblkFeatures)info.flags), $"/dev/ublkb{id}", record?.Recipe,
                     Orphans.Reason(id, info, record), record?.Version));

@@ -35,6 +35,11 @@ internal static class RecoverCommand
             var id = (uint)n;
             Preflight.RequireRootAndDriver();
             var record = DeviceRecord.Load(id);
+            // Before anything opens them (a daemon, a warm spare, an upgrade's new daemon).
+            if (record?.FilesProblem() is string changed)
+            {
+                throw new RecoveryRefusedException(changed);
+            }
             if (!r.GetValue(foreground))
             {
                 CheckRecoverable(id, record);
@@ -92,6 +97,11 @@ internal static class RecoverCommand
                 }
                 // Read again: the daemon that let go has marked its record released since.
                 record = DeviceRecord.Load(id) ?? record;
+                // A warm spare may have waited for hours: its files are checked again before it opens them.
+                if (record.FilesProblem() is string replaced)
+                {
+                    throw new RecoveryRefusedException(replaced);
+                }
             }
             using (takeover)
             {

@@ -21,6 +21,8 @@ internal static class ServeCommand
         var export = new Option<string>("--export", "-e") { Description = "The export's name (clients asking for the default export get it too)", DefaultValueFactory = _ => "" };
         var description = new Option<string?>("--description") { Description = "The export's description, shown by nbdinfo" };
         var maxConnections = new Option<int>("--max-connections") { Description = "Connections served at once", DefaultValueFactory = _ => 1024 };
+        var handshakeTimeout = new Option<double>("--handshake-timeout") { Description = "Seconds a client has to finish the handshake, counted from its connect", DefaultValueFactory = _ => 10 };
+        var idleTimeout = new Option<double>("--idle-timeout") { Description = "Close a connection that sent no request for this many seconds (0: never; the Linux nbd driver keeps idle connections open)", DefaultValueFactory = _ => 0 };
         var workers = new Option<int>("--workers") { Description = "Threads for target calls that may block, shared by all connections", DefaultValueFactory = _ => 16 };
         var execution = new Option<string>("--execution") { Description = "Where target calls run: auto (inline while they are fast), inline, or workers", DefaultValueFactory = _ => "auto" };
         var ublk = new Option<bool>("--ublk") { Description = "Also serve the target as a ublk device (/dev/ublkbN) from this process" };
@@ -30,7 +32,7 @@ internal static class ServeCommand
 
         var command = new Command("serve", "Export a target over NBD (and, with --ublk, as a ublk device too) until SIGTERM or SIGINT");
         target.AddTo(command);
-        foreach (var o in new Option[] { listen, export, description, maxConnections, workers, execution, ublk, number, queues, depth })
+        foreach (var o in new Option[] { listen, export, description, maxConnections, handshakeTimeout, idleTimeout, workers, execution, ublk, number, queues, depth })
         {
             command.Options.Add(o);
         }
@@ -43,6 +45,8 @@ internal static class ServeCommand
             var serverOptions = new NbdServerOptions
             {
                 MaxConnections = r.GetValue(maxConnections),
+                HandshakeTimeout = Seconds(r.GetValue(handshakeTimeout), "--handshake-timeout", zeroAllowed: false),
+                IdleTimeout = Seconds(r.GetValue(idleTimeout), "--idle-timeout"),
                 Workers = r.GetValue(workers),
                 Execution = r.GetValue(execution) switch
                 {
@@ -71,6 +75,11 @@ internal static class ServeCommand
         });
         return command;
     }
+
+    private static TimeSpan Seconds(double value, string option, bool zeroAllowed = true)
+        => double.IsFinite(value) && value <= 86_400 * 365 && (value > 0 || (zeroAllowed && value == 0))
+            ? TimeSpan.FromSeconds(value)
+            : throw new ArgumentException($"bad {option} {value}: give seconds, from {(zeroAllowed ? "0 (never)" : "more than 0")} to a year");
 
     private static int Serve(string kind, Dictionary<string, string> recipe, NbdAddress address, string exportName, string? description,
         bool readOnly, NbdServerOptions serverOptions, DeviceOptions? deviceOptions)
@@ -102,7 +111,7 @@ internal static class ServeCommand
             if (deviceOptions is not null)
             {
                 device = UblkDevice.Create(target, deviceOptions);
-                DeviceRecord.Of(device, kind, recipe, target.Size).Save();
+                (DeviceRecord.Of(device, kind, recipe, target.Size) with { Files = FileIdentity.OfRecipe(recipe) }).Save();
                 Console.WriteLine(device.BlockPath);
             }
             Console.Error.WriteLine($"ublksharp: serving {kind} ({target.Size} bytes{(export.IsReadOnly ? ", read-only" : "")}) as export '{exportName}' on {server.Address}" +

@@ -20,6 +20,7 @@ public static class Errno
     public const int EBUSY = 16;
     public const int EEXIST = 17;
     public const int ENODEV = 19;
+    public const int ENOTDIR = 20;
     public const int EINVAL = 22;
     public const int ENFILE = 23;
     public const int EMFILE = 24;

@@ -174,6 +174,7 @@ internal static unsafe partial class Libc
     public const short POLLIN = 0x1;
 
     public const int AT_FDCWD = -100;
+    public const int AT_EMPTY_PATH = 0x1000;
     public const uint STATX_BASIC_STATS = 0x7ff;
 
     /// <summary>struct statx: the same layout on every architecture, unlike struct stat.</summary>

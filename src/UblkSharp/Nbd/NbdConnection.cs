@@ -53,6 +53,9 @@ internal sealed class NbdConnection : IDisposable
     private long _ewmaTicks;
     private long _inlineSinceFlush;
     private volatile bool _closing;
+    private volatile bool _transmitting;
+    private long _lastRequest;
+    private int _reaped;
 
     public NbdConnection(NbdServer server, Socket socket, long id)
     {
@@ -66,6 +69,38 @@ internal sealed class NbdConnection : IDisposable
     }
 
     public long Id { get; }
+
+    /// <summary>When the client connected (<see cref="Environment.TickCount64"/>): the handshake's deadline counts from it.</summary>
+    public long AcceptedAt { get; } = Environment.TickCount64;
+
+    /// <summary>Still in the handshake (not yet in the transmission phase).</summary>
+    public bool InHandshake => !_transmitting;
+
+    /// <summary>Taken by a newer connection (the server's lock guards it): it no longer counts against MaxConnections.</summary>
+    public bool Evicted { get; set; }
+
+    /// <summary>In the transmission phase with no request in flight and none received for <paramref name="idleMs"/>.</summary>
+    public bool IsIdle(long now, long idleMs)
+        => _transmitting && Volatile.Read(ref _inFlight) == 0 && now - Volatile.Read(ref _lastRequest) >= idleMs;
+
+    /// <summary>True the first time only: the server's reaper closes a connection once.</summary>
+    public bool ClaimReap() => Interlocked.Exchange(ref _reaped, 1) == 0;
+
+    /// <summary>
+    /// Ends a connection that has nothing in flight (a handshake): both directions are shut, so a
+    /// thread blocked sending to a client that does not read wakes up too.
+    /// </summary>
+    public void Abort()
+    {
+        _closing = true;
+        try
+        {
+            _socket.Shutdown(SocketShutdown.Both);
+        }
+        catch (Exception e) when (SocketIo.IsConnectionError(e))
+        {
+        }
+    }
 
     public void Start() => _thread.Start();
 
@@ -92,7 +127,7 @@ internal sealed class NbdConnection : IDisposable
         try
         {
             _socket.ReceiveTimeout = (int)Math.Min(int.MaxValue, _options.HandshakeTimeout.TotalMilliseconds);
-            _session = NbdHandshake.Negotiate(_socket, _server);
+            _session = NbdHandshake.Negotiate(_socket, _server, EnterTransmission);
             if (_session is null || _closing)
             {
                 return;
@@ -112,6 +147,12 @@ internal sealed class NbdConnection : IDisposable
         {
             Close();
         }
+    }
+
+    private void EnterTransmission()
+    {
+        Volatile.Write(ref _lastRequest, Environment.TickCount64);
+        _transmitting = true;
     }
 
     private void Close()
@@ -173,6 +214,7 @@ internal sealed class NbdConnection : IDisposable
             var offset = BinaryPrimitives.ReadUInt64BigEndian(h[16..]);
             var length = BinaryPrimitives.ReadUInt32BigEndian(h[24..]);
             _start += RequestSize;
+            Volatile.Write(ref _lastRequest, Environment.TickCount64);
             if (magic != RequestMagic)
             {
                 // Nothing after a bad header can be trusted to be a header: hard disconnect.

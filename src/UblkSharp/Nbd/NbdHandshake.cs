@@ -24,18 +24,24 @@ internal sealed class NbdHandshake
 
     private readonly Socket _socket;
     private readonly NbdServer _server;
+    private readonly Action _entering;
     private bool _structured;
     private string? _metaExport;
     private bool _baseAllocation;
 
-    private NbdHandshake(Socket socket, NbdServer server)
+    private NbdHandshake(Socket socket, NbdServer server, Action entering)
     {
         _socket = socket;
         _server = server;
+        _entering = entering;
     }
 
-    /// <summary>Runs the handshake; null when it ended without a transmission phase.</summary>
-    public static NbdSession? Negotiate(Socket socket, NbdServer server) => new NbdHandshake(socket, server).Run();
+    /// <summary>
+    /// Runs the handshake; null when it ended without a transmission phase. <paramref name="entering"/>
+    /// runs just before the reply that ends it goes out: a client that has that reply is never
+    /// taken for one still in its handshake.
+    /// </summary>
+    public static NbdSession? Negotiate(Socket socket, NbdServer server, Action entering) => new NbdHandshake(socket, server, entering).Run();
 
     private NbdSession? Run()
     {
@@ -166,6 +172,7 @@ internal sealed class NbdHandshake
         var reply = new byte[noZeroes ? 10 : 134];
         BinaryPrimitives.WriteUInt64BigEndian(reply, (ulong)export.Size);
         BinaryPrimitives.WriteUInt16BigEndian(reply.AsSpan(8), session.Flags);
+        _entering();
         SocketIo.SendAll(_socket, reply);
         return session;
     }
@@ -244,6 +251,10 @@ internal sealed class NbdHandshake
         BinaryPrimitives.WriteUInt32BigEndian(sizes.AsSpan(6), export.PreferredBlockSize);
         BinaryPrimitives.WriteUInt32BigEndian(sizes.AsSpan(10), NbdExport.MaxPayload);
         Reply(option, RepInfo, sizes);
+        if (option == OptGo)
+        {
+            _entering();
+        }
         Reply(option, RepAck);
         return option == OptGo ? session : null;
     }

@@ -10,7 +10,7 @@ namespace UblkSharp.Nbd;
 /// fixed newstyle handshake, structured replies, block status, and many concurrent connections.
 /// One thread accepts; each connection has its own thread, and target calls that may block run
 /// on a small shared pool of workers. Dispose stops accepting, lets every connection finish what
-/// it has in flight, and closes them.
+/// it has in flight, and closes them. A reaper thread enforces the handshake and idle timeouts.
 /// </summary>
 public sealed class NbdServer : IDisposable
 {
@@ -20,6 +20,18 @@ public sealed class NbdServer : IDisposable
     private readonly object _lock = new();
     private readonly string? _socketPath;
     private readonly List<IDisposable> _releaseWhenIdle = [];
+    private readonly Thread _reaperThread;
+    private readonly ManualResetEventSlim _stopReaper = new();
+    // One line per 10 s for each kind of connection dropped in bulk (an attack must not flood the log).
+    private readonly LogThrottle _refusedLog = new(TimeSpan.FromSeconds(10));
+    private readonly LogThrottle _evictedLog = new(TimeSpan.FromSeconds(10));
+    private readonly LogThrottle _handshakeLog = new(TimeSpan.FromSeconds(10));
+    private readonly LogThrottle _idleLog = new(TimeSpan.FromSeconds(10));
+    // Evicted connections still in the table (their threads are ending): they hold no slot.
+    private int _evictPending;
+    private long _evicted;
+    private long _handshakeTimeouts;
+    private long _idleClosed;
     private long _nextId;
     private long _accepted;
     private long _refusedConnections;
@@ -43,6 +55,7 @@ public sealed class NbdServer : IDisposable
         }
         Workers = new NbdWorkerPool(options.Workers, NoteInternalError);
         _acceptThread = new Thread(AcceptLoop) { IsBackground = true, Name = "nbd-accept" };
+        _reaperThread = new Thread(ReapLoop) { IsBackground = true, Name = "nbd-reaper" };
     }
 
     /// <summary>Where the server listens (with the actual port when port 0 was asked for).</summary>
@@ -68,8 +81,20 @@ public sealed class NbdServer : IDisposable
 
     public long ConnectionsAccepted => Interlocked.Read(ref _accepted);
 
-    /// <summary>Connections closed at once because <see cref="NbdServerOptions.MaxConnections"/> were open.</summary>
+    /// <summary>
+    /// Connections closed at once because <see cref="NbdServerOptions.MaxConnections"/> were open,
+    /// all past their handshake.
+    /// </summary>
     public long ConnectionsRefused => Interlocked.Read(ref _refusedConnections);
+
+    /// <summary>Connections still in their handshake closed to make room for a new one (MaxConnections were open).</summary>
+    public long ConnectionsEvicted => Interlocked.Read(ref _evicted);
+
+    /// <summary>Connections closed for not finishing the handshake within <see cref="NbdServerOptions.HandshakeTimeout"/>.</summary>
+    public long HandshakeTimeouts => Interlocked.Read(ref _handshakeTimeouts);
+
+    /// <summary>Connections closed after <see cref="NbdServerOptions.IdleTimeout"/> without a request.</summary>
+    public long IdleConnectionsClosed => Interlocked.Read(ref _idleClosed);
 
     /// <summary>Clients cut off for breaking the protocol (bad magic, unknown flags, oversized messages).</summary>
     public long ProtocolErrors => Interlocked.Read(ref _protocolErrors);
@@ -109,6 +134,7 @@ public sealed class NbdServer : IDisposable
         var listener = Listen(address);
         var server = new NbdServer(listener, exports, options, address.SocketPath);
         server._acceptThread.Start();
+        server._reaperThread.Start();
         return server;
     }
 
@@ -133,7 +159,9 @@ public sealed class NbdServer : IDisposable
                 }
             }
             socket.Bind(endPoint);
-            socket.Listen(128);
+            // A burst of connects beyond the backlog has its SYNs dropped, and each such client
+            // waits a second for the retry: 1024 (the default MaxConnections) rides out a flood.
+            socket.Listen(1024);
             return socket;
         }
         catch (SocketException e)
@@ -202,12 +230,28 @@ public sealed class NbdServer : IDisposable
             }
             Interlocked.Increment(ref _accepted);
             NbdConnection connection;
+            NbdConnection? evict = null;
             lock (_lock)
             {
-                if (_disposed || _connections.Count >= Options.MaxConnections)
+                if (!_disposed && _connections.Count - _evictPending >= Options.MaxConnections)
+                {
+                    // A client that is slow to finish its handshake (a slowloris) must not keep a
+                    // real one out: the newcomer takes the oldest handshake's place.
+                    evict = OldestHandshake();
+                    if (evict is not null)
+                    {
+                        evict.Evicted = true;
+                        _evictPending++;
+                    }
+                }
+                if (_disposed || (evict is null && _connections.Count - _evictPending >= Options.MaxConnections))
                 {
                     Interlocked.Increment(ref _refusedConnections);
                     client.Dispose();
+                    if (!_disposed && _refusedLog.ShouldLog(out var more))
+                    {
+                        Log($"connection refused: {Options.MaxConnections} connections are open, all past their handshake (the most allowed: --max-connections){LogThrottle.More(more)}");
+                    }
                     continue;
                 }
                 if (client.AddressFamily is AddressFamily.InterNetwork or AddressFamily.InterNetworkV6)
@@ -216,6 +260,15 @@ public sealed class NbdServer : IDisposable
                 }
                 connection = new NbdConnection(this, client, ++_nextId);
                 _connections.Add(connection.Id, connection);
+            }
+            if (evict is not null)
+            {
+                Interlocked.Increment(ref _evicted);
+                evict.Abort();
+                if (_evictedLog.ShouldLog(out var more))
+                {
+                    Log($"{Options.MaxConnections} connections are open: closed the oldest one still in its handshake to let a new client in{LogThrottle.More(more)}");
+                }
             }
             try
             {
@@ -233,12 +286,80 @@ public sealed class NbdServer : IDisposable
         }
     }
 
+    // Under _lock. The oldest: a real client's handshake takes a few round trips, so to cut it off
+    // an attacker must open as many connections as are older than it within those round trips.
+    private NbdConnection? OldestHandshake()
+    {
+        NbdConnection? oldest = null;
+        foreach (var c in _connections.Values)
+        {
+            if (c.InHandshake && !c.Evicted && (oldest is null || c.Id < oldest.Id))
+            {
+                oldest = c;
+            }
+        }
+        return oldest;
+    }
+
+    // The handshake deadline counts from accept, so a client trickling a byte at a time cannot
+    // stretch it (a receive timeout alone restarts with every byte); idle connections are closed
+    // as the client's end of the stream would close them: in-flight replies go out first.
+    private void ReapLoop()
+    {
+        var handshakeMs = (long)Options.HandshakeTimeout.TotalMilliseconds;
+        var idleMs = (long)Options.IdleTimeout.TotalMilliseconds;
+        var shortest = idleMs > 0 ? Math.Min(handshakeMs, idleMs) : handshakeMs;
+        var period = TimeSpan.FromMilliseconds(Math.Clamp(shortest / 4, 20, 1000));
+        var batch = new List<NbdConnection>();
+        while (!_stopReaper.Wait(period))
+        {
+            batch.Clear();
+            lock (_lock)
+            {
+                foreach (var c in _connections.Values)
+                {
+                    if (!c.Evicted)
+                    {
+                        batch.Add(c);
+                    }
+                }
+            }
+            var now = Environment.TickCount64;
+            foreach (var c in batch)
+            {
+                if (c.InHandshake && now - c.AcceptedAt >= handshakeMs && c.ClaimReap())
+                {
+                    // Counted first: whoever sees the connection end sees it counted.
+                    Interlocked.Increment(ref _handshakeTimeouts);
+                    c.Abort();
+                    if (_handshakeLog.ShouldLog(out var more))
+                    {
+                        Log($"client cut off: no handshake within {Options.HandshakeTimeout.TotalSeconds} s{LogThrottle.More(more)}");
+                    }
+                }
+                else if (idleMs > 0 && c.IsIdle(now, idleMs) && c.ClaimReap())
+                {
+                    Interlocked.Increment(ref _idleClosed);
+                    c.Shutdown();
+                    if (_idleLog.ShouldLog(out var more))
+                    {
+                        Log($"closed a connection idle for {Options.IdleTimeout.TotalSeconds} s (--idle-timeout){LogThrottle.More(more)}");
+                    }
+                }
+            }
+        }
+    }
+
     internal void Remove(NbdConnection connection)
     {
         IDisposable[] release = [];
         lock (_lock)
         {
             _connections.Remove(connection.Id);
+            if (connection.Evicted)
+            {
+                _evictPending--;
+            }
             Monitor.PulseAll(_lock);
             if (_connections.Count == 0 && _releaseWhenIdle.Count > 0)
             {
@@ -343,6 +464,11 @@ public sealed class NbdServer : IDisposable
         }
         _listener.Dispose();
         _acceptThread.Join(TimeSpan.FromSeconds(10));
+        _stopReaper.Set();
+        if (_reaperThread.Join(TimeSpan.FromSeconds(10)))
+        {
+            _stopReaper.Dispose();
+        }
         NbdConnection[] open;
         lock (_lock)
         {

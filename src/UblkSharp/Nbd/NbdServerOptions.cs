@@ -21,7 +21,11 @@ public enum NbdExecution
 /// <summary>Limits and behaviour of an <see cref="NbdServer"/>.</summary>
 public sealed record NbdServerOptions
 {
-    /// <summary>Connections served at once; more are accepted and closed at once.</summary>
+    /// <summary>
+    /// Connections served at once. When that many are open, a new one takes the place of the
+    /// oldest still in its handshake; if every one has finished its handshake, the new one is
+    /// closed at once.
+    /// </summary>
     public int MaxConnections { get; init; } = 1024;
 
     /// <summary>Requests one connection may have in flight; the connection stops reading beyond that.</summary>
@@ -33,8 +37,19 @@ public sealed record NbdServerOptions
     /// <summary>Worker threads shared by all connections for target calls that may block.</summary>
     public int Workers { get; init; } = 16;
 
-    /// <summary>A client that has not finished the handshake by then is disconnected.</summary>
+    /// <summary>
+    /// A client that has not finished the handshake this long after it connected is disconnected,
+    /// however steadily it trickles bytes in.
+    /// </summary>
     public TimeSpan HandshakeTimeout { get; init; } = TimeSpan.FromSeconds(10);
+
+    /// <summary>
+    /// A connection in the transmission phase that has sent no request for this long, and has none
+    /// in flight, is closed; zero (the default) never closes one. Off by default because the Linux
+    /// nbd driver keeps its connections open, silent, while nothing uses the device, and does not
+    /// reconnect by itself.
+    /// </summary>
+    public TimeSpan IdleTimeout { get; init; } = TimeSpan.Zero;
 
     public NbdExecution Execution { get; init; } = NbdExecution.Auto;
 
@@ -79,6 +94,10 @@ public sealed record NbdServerOptions
         if (HandshakeTimeout <= TimeSpan.Zero)
         {
             throw new ArgumentOutOfRangeException(nameof(HandshakeTimeout), "HandshakeTimeout must be positive");
+        }
+        if (IdleTimeout < TimeSpan.Zero)
+        {
+            throw new ArgumentOutOfRangeException(nameof(IdleTimeout), "IdleTimeout must not be negative (0 turns it off)");
         }
     }
 }

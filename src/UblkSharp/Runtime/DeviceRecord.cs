@@ -69,6 +69,30 @@ public sealed record DeviceRecord
     /// <summary>Where the daemon serves its figures for Prometheus (`add --metrics`), or null; a recovery serves them there again.</summary>
     public string? Metrics { get; init; }
 
+    /// <summary>
+    /// The identities of the files the recipe names (<see cref="FileIdentity.RecipeKeys"/>) when the
+    /// device was added, so that a recovery never opens another file under the same path. Records of
+    /// older versions lack them (and are trusted as before).
+    /// </summary>
+    public IReadOnlyDictionary<string, FileIdentity>? Files { get; init; }
+
+    /// <summary>Why a daemon must not open this record's files for the device (one is not the file recorded), or null.</summary>
+    public string? FilesProblem()
+    {
+        if (Files is null)
+        {
+            return null;
+        }
+        foreach (var (key, recorded) in Files)
+        {
+            if (Recipe.TryGetValue(key, out var path) && FileIdentity.Mismatch(Id, key, path, recorded, FileIdentity.Of(path)) is string problem)
+            {
+                return problem;
+            }
+        }
+        return null;
+    }
+
     /// <summary>This process's UblkSharp build: the assembly's informational version (with the commit, where the build had one).</summary>
     public static string CurrentVersion { get; } =
         typeof(DeviceRecord).Assembly.GetCustomAttribute<AssemblyInformationalVersionAttribute>()?.InformationalVersion ?? "unknown";
@@ -153,6 +177,18 @@ public sealed record DeviceRecord
             {
                 w.WriteString("metrics", Metrics);
             }
+            if (Files is { Count: > 0 })
+            {
+                w.WriteStartObject("files");
+                foreach (var (key, id) in Files)
+                {
+                    w.WriteStartObject(key);
+                    w.WriteNumber("dev", id.Device);
+                    w.WriteNumber("ino", id.Inode);
+                    w.WriteEndObject();
+                }
+                w.WriteEndObject();
+            }
             w.WriteEndObject();
         }
         return System.Text.Encoding.UTF8.GetString(buffer.WrittenSpan);
@@ -169,6 +205,15 @@ public sealed record DeviceRecord
         }
         try
         {
+            Dictionary<string, FileIdentity>? files = null;
+            if (Optional(root, "files") is JsonElement f)
+            {
+                files = [];
+                foreach (var p in f.EnumerateObject())
+                {
+                    files[p.Name] = new FileIdentity(Required(p.Value, "dev").GetUInt64(), Required(p.Value, "ino").GetUInt64());
+                }
+            }
             var recipe = new Dictionary<string, string>();
             foreach (var p in Required(root, "recipe").EnumerateObject())
             {
@@ -194,6 +239,7 @@ public sealed record DeviceRecord
                 CrashSafe = Optional(root, "crashSafe")?.GetBoolean() ?? true,
                 Released = Optional(root, "released")?.GetBoolean() ?? false,
                 Metrics = Optional(root, "metrics")?.GetString(),
+                Files = files,
             };
         }
         catch (Exception e) when (e is InvalidOperationException or FormatException)
@@ -211,16 +257,18 @@ public sealed record DeviceRecord
 
     /// <summary>
     /// The record of device <paramref name="id"/>, or null if there is none (or it is unreadable).
-    /// Throws <see cref="UnsafeStateDirectoryException"/> if others may write the directory.
+    /// Throws <see cref="UnsafeStateDirectoryException"/> if others may write the directory, and
+    /// <see cref="UnsafeStateFileException"/> if the record is not root's (or this user's) or others
+    /// may write it: a daemon would serve whatever files it names.
     /// </summary>
     public static DeviceRecord? Load(uint id)
     {
         StateDirectory.Verify(Directory);
         try
         {
-            return Parse(File.ReadAllText(PathFor(id)));
+            return Parse(StateDirectory.ReadVerified(PathFor(id)));
         }
-        catch (Exception e) when (e is IOException or JsonException or UnauthorizedAccessException)
+        catch (Exception e) when (e is (IOException and not UnsafeStateFileException) or JsonException or UnauthorizedAccessException)
         {
             return null;
         }

@@ -45,6 +45,66 @@ public static class StateDirectory
         }
     }
 
+    /// <summary>
+    /// Why a state file (a device's recipe) of owner <paramref name="uid"/> and <paramref name="mode"/>
+    /// must not be trusted, or null if it may: it must be a regular file of root (or of
+    /// <paramref name="euid"/>, the user running ublksharp) that no group or other may write. A recipe
+    /// names the files a root daemon opens and serves, so whoever can change it chooses them.
+    /// </summary>
+    public static string? FileProblem(string path, uint uid, uint mode, uint euid)
+    {
+        const uint S_IFMT = 0xf000, S_IFREG = 0x8000;
+        if ((mode & S_IFMT) != S_IFREG)
+        {
+            return $"refusing {path}: it is not a regular file";
+        }
+        if (uid != 0 && uid != euid)
+        {
+            return $"refusing {path}: it belongs to uid {uid}, not to root{(euid == 0 ? "" : $" or uid {euid}")}; a recipe only its owner wrote is trusted (if you did not write it, delete it)";
+        }
+        if ((mode & 0x12) != 0) // S_IWGRP | S_IWOTH
+        {
+            return $"refusing {path}: group or others may write to it (mode {Convert.ToString(mode & 0xfff, 8)}); 'chmod go-w {path}' if its content is yours, else delete it";
+        }
+        return null;
+    }
+
+    /// <summary>
+    /// The text of state file <paramref name="path"/>, checked (<see cref="FileProblem"/>) on the very
+    /// file read; throws <see cref="UnsafeStateFileException"/> if it must not be trusted, and
+    /// <see cref="FileNotFoundException"/> if it is missing.
+    /// </summary>
+    public static unsafe string ReadVerified(string path)
+    {
+        using var handle = File.OpenHandle(path, FileMode.Open, FileAccess.Read);
+        Libc.Statx st;
+        if (Libc.statx((int)handle.DangerousGetHandle(), "", Libc.AT_EMPTY_PATH, Libc.STATX_BASIC_STATS, &st) < 0)
+        {
+            throw new ErrnoException(Marshal.GetLastPInvokeError(), $"stat {path}");
+        }
+        if (FileProblem(path, st.stx_uid, st.stx_mode, Libc.geteuid()) is string problem)
+        {
+            throw new UnsafeStateFileException(problem);
+        }
+        var length = RandomAccess.GetLength(handle);
+        if (length > 1 << 20)
+        {
+            throw new UnsafeStateFileException($"refusing {path}: {length} bytes is too long for a recipe");
+        }
+        var bytes = new byte[length];
+        var done = 0;
+        while (done < bytes.Length)
+        {
+            var n = RandomAccess.Read(handle, bytes.AsSpan(done), done);
+            if (n == 0)
+            {
+                break;
+            }
+            done += n;
+        }
+        return System.Text.Encoding.UTF8.GetString(bytes, 0, done);
+    }
+
     /// <summary>Creates <paramref name="path"/> (for its owner only) if it is missing, then <see cref="Verify"/>s it.</summary>
     public static void Ensure(string path)
     {
@@ -89,3 +149,6 @@ public static class StateDirectory
 
 /// <summary>The state directory may be written by someone other than its owner (said in words for the user).</summary>
 public sealed class UnsafeStateDirectoryException(string message) : IOException(message);
+
+/// <summary>A state file (a device's recipe) someone other than its owner may have written (said in words for the user).</summary>
+public sealed class UnsafeStateFileException(string message) : IOException(message);

@@ -15,6 +15,8 @@ public class NbdCliTests
     [InlineData("--listen unix://relative", "needs an absolute path")]
     [InlineData("--listen unix:///tmp/x.sock --execution fast", "bad --execution 'fast'")]
     [InlineData("--listen unix:///tmp/x.sock --workers 0", "Workers must be 1 to 1024")]
+    [InlineData("--listen unix:///tmp/x.sock --idle-timeout -1", "bad --idle-timeout -1: give seconds, from 0 (never) to a year")]
+    [InlineData("--listen unix:///tmp/x.sock --handshake-timeout 0", "bad --handshake-timeout 0: give seconds, from more than 0 to a year")]
     public void BadServeInputGivesOneClearLine(string args, string message)
     {
         var (code, stdout, stderr) = Cli($"serve -t mem --size 16M {args}");

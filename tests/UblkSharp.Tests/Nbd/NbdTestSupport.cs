@@ -145,7 +145,18 @@ internal sealed class RawNbd : IDisposable
         Socket.ReceiveTimeout = receiveTimeoutMs;
     }
 
+    /// <summary>Over TCP (or any stream socket's end point).</summary>
+    public RawNbd(System.Net.EndPoint endPoint, int receiveTimeoutMs = 10_000)
+    {
+        Socket = new Socket(endPoint.AddressFamily, SocketType.Stream, endPoint is UnixDomainSocketEndPoint ? ProtocolType.Unspecified : ProtocolType.Tcp);
+        Socket.Connect(endPoint);
+        Socket.ReceiveTimeout = receiveTimeoutMs;
+    }
+
     public Socket Socket { get; }
+
+    /// <summary>The maximum payload the server advertised (NBD_INFO_BLOCK_SIZE) in the GO of <see cref="Connect"/>; 0 if none.</summary>
+    public uint MaximumPayload { get; private set; }
 
     public ushort TransmissionFlags { get; private set; }
 
@@ -240,6 +251,10 @@ internal sealed class RawNbd : IDisposable
             {
                 Size = (long)BinaryPrimitives.ReadUInt64BigEndian(data.AsSpan(2));
                 TransmissionFlags = BinaryPrimitives.ReadUInt16BigEndian(data.AsSpan(10));
+            }
+            else if (BinaryPrimitives.ReadUInt16BigEndian(data) == InfoBlockSize)
+            {
+                MaximumPayload = BinaryPrimitives.ReadUInt32BigEndian(data.AsSpan(10));
             }
         }
         return this;

@@ -72,11 +72,14 @@ public sealed class DeviceRecordTests : IDisposable
             Version = "0.9.0+deadbeef",
             CrashSafe = false,
             Released = true,
+            Metrics = "tcp://127.0.0.1:9560",
+            Files = new Dictionary<string, FileIdentity> { ["file"] = new(0x10300000008, 12), ["backing"] = new(2049, ulong.MaxValue) },
         };
         var back = DeviceRecord.Parse(record.ToJson());
-        // A record's Recipe is a Dictionary: compare it apart from the rest.
+        // A record's Recipe and Files are dictionaries: compare them apart from the rest.
         Assert.Equal(record.Recipe, back.Recipe);
-        Assert.Equal(record with { Recipe = back.Recipe }, back);
+        Assert.Equal(record.Files, back.Files);
+        Assert.Equal(record with { Recipe = back.Recipe, Files = back.Files }, back);
     }
 
     [Fact]
@@ -146,8 +149,117 @@ public sealed class DeviceRecordTests : IDisposable
             """;
         var record = DeviceRecord.Parse(old);
         Assert.Null(record.Version);
+        // Nor the files' identities: nothing to check them against, so a recovery goes ahead.
+        Assert.Null(record.Files);
+        Assert.Null(record.FilesProblem());
         Assert.Equal("loop", record.Target);
         Assert.Equal("reissue", record.Recovery);
         Assert.Equal("/tmp/disk.img", record.Recipe["file"]);
+    }
+
+    // ---- the files a recipe names ----
+
+    [Fact]
+    public void FileIdentitiesAreWrittenOnlyWhenThereAreSome()
+    {
+        var record = new DeviceRecord { Id = 1, Pid = 10, Target = "null", Recipe = new() { ["size"] = "1048576" }, Queues = 1, Depth = 64, Size = 1 << 20 };
+        Assert.DoesNotContain("files", record.ToJson(), StringComparison.Ordinal);
+        Assert.DoesNotContain("files", (record with { Files = new Dictionary<string, FileIdentity>() }).ToJson(), StringComparison.Ordinal);
+        var loop = record with { Target = "loop", Files = new Dictionary<string, FileIdentity> { ["file"] = new(2049, 77) } };
+        using var doc = JsonDocument.Parse(loop.ToJson());
+        var file = doc.RootElement.GetProperty("files").GetProperty("file");
+        Assert.Equal(2049ul, file.GetProperty("dev").GetUInt64());
+        Assert.Equal(77ul, file.GetProperty("ino").GetUInt64());
+    }
+
+    [Theory]
+    [InlineData("""{"id": 1, "pid": 2, "target": "loop", "recipe": {}, "queues": 1, "depth": 64, "size": 512, "files": {"file": {"dev": 1}}}""")]
+    [InlineData("""{"id": 1, "pid": 2, "target": "loop", "recipe": {}, "queues": 1, "depth": 64, "size": 512, "files": {"file": 5}}""")]
+    [InlineData("""{"id": 1, "pid": 2, "target": "loop", "recipe": {}, "queues": 1, "depth": 64, "size": 512, "files": {"file": {"dev": -1, "ino": 2}}}""")]
+    public void BadFileIdentitiesAreNotARecord(string text)
+    {
+        Assert.ThrowsAny<JsonException>(() => DeviceRecord.Parse(text));
+    }
+
+    [Fact]
+    public void TheCheckComparesWhatWasRecordedWithWhatThePathNamesNow()
+    {
+        var was = new FileIdentity(2049, 77);
+        Assert.Null(FileIdentity.Mismatch(3, "file", "/srv/disk.img", null, new FileIdentity(1, 1))); // an older record: nothing to compare
+        Assert.Null(FileIdentity.Mismatch(3, "file", "/srv/disk.img", was, was));
+        var other = FileIdentity.Mismatch(3, "file", "/srv/disk.img", was, new FileIdentity(2049, 78));
+        Assert.NotNull(other);
+        Assert.Contains("device 3: its file /srv/disk.img is not the file the device was added with (device 8:1 inode 77, now device 8:1 inode 78)", other, StringComparison.Ordinal);
+        Assert.Contains("delete the device and add it again", other, StringComparison.Ordinal);
+        Assert.Contains("now no regular file", FileIdentity.Mismatch(3, "backing", "/srv/base.img", was, null), StringComparison.Ordinal);
+        // Same inode number on another file system is another file.
+        Assert.NotNull(FileIdentity.Mismatch(3, "file", "/srv/disk.img", was, new FileIdentity(2050, 77)));
+    }
+
+    [Fact]
+    public void AFileReplacedUnderItsPathIsRefusedAndTheSameFileIsNot()
+    {
+        var disk = Path.Combine(_dir.FullName, "disk.img");
+        var baseImage = Path.Combine(_dir.FullName, "base.img");
+        File.WriteAllBytes(disk, new byte[4096]);
+        File.WriteAllBytes(baseImage, new byte[4096]);
+        var recipe = new Dictionary<string, string> { ["file"] = disk, ["backing"] = baseImage, ["size"] = "4096" };
+        var files = FileIdentity.OfRecipe(recipe);
+        Assert.Equal(["backing", "file"], files.Keys.Order());
+        var record = new DeviceRecord { Id = 5, Pid = 10, Target = "cow", Recipe = recipe, Queues = 1, Depth = 64, Size = 4096, Files = files };
+        record = DeviceRecord.Parse(record.ToJson());
+        Assert.Null(record.FilesProblem());
+        // Written in place: still the same file.
+        File.WriteAllBytes(disk, new byte[8192]);
+        Assert.Null(record.FilesProblem());
+        // Another file renamed over the path (as an editor or a restore from backup would).
+        var other = Path.Combine(_dir.FullName, "other.img");
+        File.WriteAllBytes(other, new byte[4096]);
+        File.Move(other, baseImage, overwrite: true);
+        var problem = record.FilesProblem();
+        Assert.NotNull(problem);
+        Assert.Contains($"device 5: its backing {baseImage} is not the file the device was added with", problem, StringComparison.Ordinal);
+        File.Delete(baseImage);
+        Assert.Contains("now no regular file", record.FilesProblem(), StringComparison.Ordinal);
+    }
+
+    // ---- who may have written a recipe ----
+
+    [Fact]
+    public void TheOwnerAndModeRuleIsTheStateDirectorysOne()
+    {
+        const uint file = 0x8000;
+        Assert.Null(StateDirectory.FileProblem("/run/ublksharp/1.json", 0, file | 0x180, 0));        // root's, 0600
+        Assert.Null(StateDirectory.FileProblem("/run/ublksharp/1.json", 0, file | 0x1a4, 0));        // root's, 0644: readable is fine
+        Assert.Null(StateDirectory.FileProblem("/tmp/run/1.json", 1000, file | 0x180, 1000));        // the user's own, for a user's run dir
+        Assert.Contains("belongs to uid 1000, not to root;", StateDirectory.FileProblem("/run/ublksharp/1.json", 1000, file | 0x180, 0), StringComparison.Ordinal);
+        Assert.Contains("group or others may write to it (mode 620)", StateDirectory.FileProblem("/run/ublksharp/1.json", 0, file | 0x190, 0), StringComparison.Ordinal);
+        Assert.Contains("(mode 602)", StateDirectory.FileProblem("/run/ublksharp/1.json", 0, file | 0x182, 0), StringComparison.Ordinal);
+        Assert.Contains("not a regular file", StateDirectory.FileProblem("/run/ublksharp/1.json", 0, 0xa000 | 0x1ff, 0), StringComparison.Ordinal); // a symlink
+    }
+
+    [Fact]
+    public void ARecipeOthersMayWriteIsRefusedOnTheFileRead()
+    {
+        var path = Path.Combine(_dir.FullName, "1.json");
+        StateDirectory.WriteAtomically(path, "{}");
+        Assert.Equal("{}", StateDirectory.ReadVerified(path));
+        File.SetUnixFileMode(path, UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.GroupWrite);
+        var e = Assert.Throws<UnsafeStateFileException>(() => StateDirectory.ReadVerified(path));
+        Assert.Contains($"refusing {path}: group or others may write to it", e.Message, StringComparison.Ordinal);
+        Assert.Throws<FileNotFoundException>(() => StateDirectory.ReadVerified(Path.Combine(_dir.FullName, "2.json")));
+    }
+
+    [Fact]
+    public void ARecipeOfAnotherUserIsRefused()
+    {
+        Assert.SkipUnless(UblkSharp.Interop.Processes.IsRoot, "giving a file to another user needs root");
+        var path = Path.Combine(_dir.FullName, "1.json");
+        StateDirectory.WriteAtomically(path, "{}");
+        File.SetUnixFileMode(path, UnixFileMode.UserRead | UnixFileMode.UserWrite);
+        var chown = System.Diagnostics.Process.Start("chown", ["65534", path])!;
+        Assert.True(chown.WaitForExit(30_000) && chown.ExitCode == 0, "chown failed");
+        var e = Assert.Throws<UnsafeStateFileException>(() => StateDirectory.ReadVerified(path));
+        Assert.Contains("belongs to uid 65534, not to root", e.Message, StringComparison.Ordinal);
     }
 }
