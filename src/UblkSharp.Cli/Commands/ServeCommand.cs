@@ -25,6 +25,7 @@ internal static class ServeCommand
         var idleTimeout = new Option<double>("--idle-timeout") { Description = "Close a connection that sent no request for this many seconds (0: never; the Linux nbd driver keeps idle connections open)", DefaultValueFactory = _ => 0 };
         var workers = new Option<int>("--workers") { Description = "Threads for target calls that may block, shared by all connections", DefaultValueFactory = _ => 16 };
         var execution = new Option<string>("--execution") { Description = "Where target calls run: auto (inline while they are fast), inline, or workers", DefaultValueFactory = _ => "auto" };
+        var insecure = new Option<bool>("--insecure") { Description = "Listen beyond loopback without TLS or authentication (anyone who reaches the port can read and write the export)" };
         var ublk = new Option<bool>("--ublk") { Description = "Also serve the target as a ublk device (/dev/ublkbN) from this process" };
         var number = new Option<int>("--number", "-n") { Description = "--ublk: device id (default: the first free one)", DefaultValueFactory = _ => -1 };
         var queues = new Option<int>("--queues", "-q") { Description = "--ublk: hardware queues", DefaultValueFactory = _ => 1 };
@@ -32,7 +33,7 @@ internal static class ServeCommand
 
         var command = new Command("serve", "Export a target over NBD (and, with --ublk, as a ublk device too) until SIGTERM or SIGINT");
         target.AddTo(command);
-        foreach (var o in new Option[] { listen, export, description, maxConnections, handshakeTimeout, idleTimeout, workers, execution, ublk, number, queues, depth })
+        foreach (var o in new Option[] { listen, export, description, maxConnections, handshakeTimeout, idleTimeout, workers, execution, insecure, ublk, number, queues, depth })
         {
             command.Options.Add(o);
         }
@@ -41,6 +42,15 @@ internal static class ServeCommand
             var kind = target.Kind(r);
             var recipe = target.Recipe(r);
             var address = NbdAddress.ParseListen(r.GetValue(listen)!);
+            if (!address.IsUnix && !IsLoopback(address.Host!))
+            {
+                if (!r.GetValue(insecure))
+                {
+                    throw new ArgumentException($"--listen {address} would export the disk beyond this machine with no TLS and no authentication (ublksharp has no NBD TLS yet): listen on loopback (127.0.0.1, [::1]) or a unix socket, or add --insecure");
+                }
+                // Every start says it, so nobody forgets it runs so.
+                Console.Error.WriteLine($"ublksharp: warning: --insecure: {address} exports the disk to anyone who can reach it, with no TLS and no authentication");
+            }
             var readOnly = r.GetValue(target.ReadOnly);
             var serverOptions = new NbdServerOptions
             {
@@ -154,4 +164,7 @@ internal static class ServeCommand
         Console.Error.WriteLine($"ublksharp: stopped; {server.ConnectionsAccepted} connections, {server.RequestsServed} requests served, {server.RequestsRefused} refused");
         return 0;
     }
+
+    private static bool IsLoopback(string host) =>
+        host.Equals("localhost", StringComparison.OrdinalIgnoreCase) || (System.Net.IPAddress.TryParse(host, out var ip) && System.Net.IPAddress.IsLoopback(ip));
 }

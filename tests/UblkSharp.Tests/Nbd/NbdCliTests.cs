@@ -12,6 +12,9 @@ public class NbdCliTests
     [InlineData("--listen 127.0.0.1:10809", "bad listen address '127.0.0.1:10809'")]
     [InlineData("--listen tcp://example.com:1", "is not an IP address")]
     [InlineData("--listen tcp://127.0.0.1:77777", "the port must be a number from 0 to 65535")]
+    [InlineData("--listen tcp://0.0.0.0:10809", "with no TLS and no authentication")]
+    [InlineData("--listen tcp://[::]:10809", "add --insecure")]
+    [InlineData("--listen tcp://192.0.2.1:10809", "listen on loopback (127.0.0.1, [::1]) or a unix socket")]
     [InlineData("--listen unix://relative", "needs an absolute path")]
     [InlineData("--listen unix:///tmp/x.sock --execution fast", "bad --execution 'fast'")]
     [InlineData("--listen unix:///tmp/x.sock --workers 0", "Workers must be 1 to 1024")]
@@ -25,6 +28,21 @@ public class NbdCliTests
         var line = Assert.Single(stderr.Trim().Split('\n'));
         Assert.StartsWith("ublksharp: ", line, StringComparison.Ordinal);
         Assert.Contains(message, line, StringComparison.Ordinal);
+    }
+
+    /// <summary>
+    /// --insecure lets a listener beyond loopback start, and says so every time. The address is one
+    /// this machine does not have (TEST-NET-1), so nothing is ever exposed: the warning comes first,
+    /// then the bind fails.
+    /// </summary>
+    [Fact]
+    public void InsecureWarnsEveryTime()
+    {
+        var (code, _, stderr) = Cli("serve -t mem --size 16M --listen tcp://192.0.2.1:10809 --insecure");
+        Assert.Equal(1, code);
+        var lines = stderr.Trim().Split('\n');
+        Assert.StartsWith("ublksharp: warning: --insecure: tcp://192.0.2.1:10809 exports the disk to anyone", lines[0], StringComparison.Ordinal);
+        Assert.Contains("cannot listen on tcp://192.0.2.1:10809", stderr, StringComparison.Ordinal);
     }
 
     [Fact]
