@@ -80,7 +80,10 @@ internal sealed record ServiceConfig(string Path, uint Id, string Target, Dictio
         {
             throw new JsonException("'id' (a number) is required: a restarted service finds its device by it");
         }
-        var id = idElement.GetUInt32();
+        if (!idElement.TryGetUInt32(out var id) || id >= 1u << 20)
+        {
+            throw new JsonException($"'id' is a device number from 0 to {(1 << 20) - 1} (the driver's limit), not {idElement.GetRawText()}");
+        }
         if (!root.TryGetProperty("target", out var targetElement) || targetElement.GetString() is not { Length: > 0 } target)
         {
             throw new JsonException("'target' is required (null, mem, loop, cow, nbd, rbd, fault)");

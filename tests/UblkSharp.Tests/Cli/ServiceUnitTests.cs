@@ -40,6 +40,8 @@ public class ServiceUnitTests
     [Theory]
     [InlineData("{ \"target\": \"null\" }", "'id' (a number) is required")]
     [InlineData("{ \"id\": 3 }", "'target' is required")]
+    [InlineData("{ \"id\": 4294967295, \"target\": \"null\" }", "'id' is a device number from 0 to 1048575")]
+    [InlineData("{ \"id\": -1, \"target\": \"null\" }", "not -1")]
     [InlineData("{ \"id\": 3, \"target\": \"null\", \"size\": \"1G\" }", "unknown member 'size'")]
     [InlineData("{ \"id\": 3, \"target\": \"null\", \"recovery\": \"sometimes\" }", "bad recovery mode 'sometimes'")]
     [InlineData("{ \"id\": 3, \"target\": \"null\", \"options\": [1] }", "'options' is an object")]
