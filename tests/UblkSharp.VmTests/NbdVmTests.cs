@@ -235,11 +235,21 @@ public class NbdVmTests
             var r = Fio.Verify(dev, "16M", TimeSpan.FromMinutes(6));
             nbdLoad.Join();
             Assert.True(r.ExitCode == 0 && r.Error == 0, r.ToString());
+            // `stats` sees the ublk side of the daemon: fio's reads and writes, both queues.
+            var (code, json) = VmEnvironment.RunCli($"stats -n {CliDevices.IdOf(dev)} --json", TimeSpan.FromMinutes(1));
+            Assert.True(code == 0, $"stats exited {code}: {json}");
+            using (var figures = System.Text.Json.JsonDocument.Parse(json.Trim().Split('\n')[^1]))
+            {
+                var ops = figures.RootElement.GetProperty("total").GetProperty("ops");
+                Assert.True(ops.GetProperty("write").GetProperty("bytes").GetInt64() >= 16 << 20, json);
+                Assert.Equal(2, figures.RootElement.GetProperty("queues").GetArrayLength());
+            }
             Processes.Signal(daemon.Id, 15);
             Assert.True(daemon.WaitForExit(60_000), "serve did not stop on SIGTERM");
             Assert.Equal(0, daemon.ExitCode);
             Assert.True(VmEnvironment.WaitFor(() => !File.Exists(dev), TimeSpan.FromSeconds(20)), $"{dev} is still there");
             Assert.False(File.Exists(socket));
+            Assert.False(File.Exists($"/run/ublksharp/{CliDevices.IdOf(dev)}.stats"), "the stats socket outlived serve");
         }
         finally
         {

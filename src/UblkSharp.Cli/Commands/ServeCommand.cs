@@ -115,6 +115,7 @@ internal static class ServeCommand
         using var term = PosixSignalRegistration.Create(PosixSignal.SIGTERM, c => { c.Cancel = true; stop.Set(); });
         using var intr = PosixSignalRegistration.Create(PosixSignal.SIGINT, c => { c.Cancel = true; stop.Set(); });
         UblkDevice? device = null;
+        StatsEndpoint? stats = null;
         try
         {
             Console.WriteLine(server.Address);
@@ -122,6 +123,7 @@ internal static class ServeCommand
             {
                 device = UblkDevice.Create(target, deviceOptions);
                 (DeviceRecord.Of(device, kind, recipe, target.Size) with { Files = FileIdentity.OfRecipe(recipe) }).Save();
+                stats = StatsEndpoint.Start(device); // `ublksharp stats` sees the ublk side (not the NBD one yet)
                 Console.WriteLine(device.BlockPath);
             }
             Console.Error.WriteLine($"ublksharp: serving {kind} ({target.Size} bytes{(export.IsReadOnly ? ", read-only" : "")}) as export '{exportName}' on {server.Address}" +
@@ -135,6 +137,7 @@ internal static class ServeCommand
         {
             // Connections finish what they have in flight before the device and the target go.
             server.Dispose();
+            stats?.Dispose();
             var queuesEnded = true;
             try
             {
