@@ -86,6 +86,7 @@ public static unsafe class Program
     private static int Micro(string[] args)
     {
         var quick = false;
+        string? filter = null;
         var artifacts = Path.Combine(Path.GetTempPath(), "ublksharp-bench-micro");
         for (var i = 1; i < args.Length; i++)
         {
@@ -93,6 +94,7 @@ public static unsafe class Program
             {
                 case "--quick": quick = true; break;
                 case "--artifacts" when i + 1 < args.Length: artifacts = args[++i]; break;
+                case "--filter" when i + 1 < args.Length: filter = args[++i]; break;
                 default: Console.Error.WriteLine($"unknown option {args[i]}"); return 2;
             }
         }
@@ -108,6 +110,10 @@ public static unsafe class Program
             .AddExporter(MarkdownExporter.Console, JsonExporter.Full)
             .WithArtifactsPath(artifacts)
             .WithOptions(ConfigOptions.DisableLogFile);
+        if (filter is not null)
+        {
+            config = config.AddFilter(new BenchmarkDotNet.Filters.GlobFilter([filter])); // e.g. '*LoopRead4k*'
+        }
         var summary = BenchmarkRunner.Run<HotPath>(config);
         return summary.HasCriticalValidationErrors || summary.Reports.Any(r => !r.Success) ? 1 : 0;
     }
