@@ -12,17 +12,18 @@ namespace UblkSharp.Cli;
 /// prints it ("options"):
 /// <code>
 /// { "id": 5, "target": "loop", "options": { "file": "/srv/disk.img" },
-///   "recovery": "reissue", "queues": 2, "depth": 128, "maxIo": "512K", "autoclear": false }
+///   "recovery": "reissue", "queues": 2, "depth": 128, "maxIo": "512K", "autoclear": false,
+///   "metrics": "unix:///run/ublksharp-disk.metrics" }
 /// </code>
 /// </summary>
 internal sealed record ServiceConfig(string Path, uint Id, string Target, Dictionary<string, string> Options, RecoveryMode Recovery,
-    int Queues, int Depth, int MaxIoBytes, bool Autoclear)
+    int Queues, int Depth, int MaxIoBytes, bool Autoclear, string? Metrics)
 {
     /// <summary>Where a bare NAME is looked up (UBLKSHARP_CONFIG_DIR overrides it, for tests).</summary>
     public static string Directory =>
         Environment.GetEnvironmentVariable("UBLKSHARP_CONFIG_DIR") is { Length: > 0 } dir ? dir : "/etc/ublksharp";
 
-    private static readonly string[] Members = ["id", "target", "options", "recovery", "queues", "depth", "maxIo", "autoclear"];
+    private static readonly string[] Members = ["id", "target", "options", "recovery", "queues", "depth", "maxIo", "autoclear", "metrics"];
 
     /// <summary>The file a NAME (or a path, if it has a '/') names.</summary>
     public static string PathOf(string name)
@@ -114,7 +115,13 @@ internal sealed record ServiceConfig(string Path, uint Id, string Target, Dictio
             ? (int)Math.Min(int.MaxValue, m.ValueKind == JsonValueKind.Number ? m.GetInt64() : ByteSize.Parse(m.GetString() ?? ""))
             : 512 * 1024;
         var autoclear = root.TryGetProperty("autoclear", out var a) && a.GetBoolean();
-        return new ServiceConfig(path, id, target, options, recovery, queues, depth, maxIo, autoclear);
+        // As add --metrics: loopback or a unix socket only (a description has no --metrics-insecure).
+        var metrics = root.TryGetProperty("metrics", out var mt) ? mt.GetString() : null;
+        if (metrics is not null)
+        {
+            _ = MetricsEndpoint.Parse(metrics, insecure: false);
+        }
+        return new ServiceConfig(path, id, target, options, recovery, queues, depth, maxIo, autoclear, metrics);
     }
 
     public DeviceOptions DeviceOptions() => new()

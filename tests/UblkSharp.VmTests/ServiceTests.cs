@@ -29,7 +29,7 @@ public class ServiceTests
         var notifyPath = Path.Combine(Dir, "notify");
         File.Delete(notifyPath);
         File.WriteAllText(Path.Combine(Dir, "disk.json"),
-            $$"""{ "id": {{Id}}, "target": "loop", "options": { "file": "{{Image}}" }, "recovery": "reissue", "queues": 2, "depth": 64 }""");
+            $$"""{ "id": {{Id}}, "target": "loop", "options": { "file": "{{Image}}" }, "recovery": "reissue", "queues": 2, "depth": 64, "metrics": "unix://{{Dir}}/metrics.sock" }""");
         using var notify = new Socket(AddressFamily.Unix, SocketType.Dgram, ProtocolType.Unspecified);
         notify.Bind(new UnixDomainSocketEndPoint(notifyPath));
         var dev = $"/dev/ublkb{Id}";
@@ -56,6 +56,9 @@ public class ServiceTests
             Assert.Equal(run.Id, CliDevices.DaemonPid(Id));
             Assert.Equal(rdev, VmEnvironment.ShOk($"stat -c '%t:%T' {dev}").Trim());
             VmEnvironment.ShOk($"cmp -n 1048576 {Dir}/pattern {dev}");
+            // The recovered daemon serves the description's metrics socket again, with its own counts.
+            var scrape = VmEnvironment.ShOk($"curl -sS --max-time 10 --unix-socket {Dir}/metrics.sock http://localhost/metrics");
+            Assert.Contains($"ublksharp_requests_total{{device=\"{Id}\",queue=\"0\",op=\"read\"}}", scrape, StringComparison.Ordinal);
             var log = run.StandardError.ReadLine(); // written before the recovery began
 
             // 3. SIGTERM: STOPPING=1, the device deleted, a clean exit.

@@ -44,7 +44,7 @@ internal static class RunCommand
                 };
                 return DaemonHost.Serve(record.Target, record.Recipe, recovered, record.Autoclear, config.Id, null, handedOver: record.Released, metrics: record.Metrics);
             }
-            return DaemonHost.Serve(config.Target, config.Options, options, config.Autoclear, null, null);
+            return DaemonHost.Serve(config.Target, config.Options, options, config.Autoclear, null, null, metrics: config.Metrics);
         });
         return command;
     }
@@ -76,6 +76,11 @@ internal static class RunCommand
             throw new ArgumentException($"{config}: device {id} is served by another process (pid {info.ublksrv_pid}); stop it first ('ublksharp del -n {id}')");
         }
         Recoverability.Check(id, info);
+        // As recover: never another file under a path the device was added with.
+        if (record?.FilesProblem() is string replaced)
+        {
+            throw new RecoveryRefusedException(replaced);
+        }
         return record;
     }
 

@@ -48,6 +48,7 @@ public class ServiceUnitTests
     [InlineData("{ \"id\": 3, \"target\": \"loop\", \"options\": { \"file\": \"/nonexistent/disk.img\" } }", "/nonexistent/disk.img")]
     [InlineData("{ \"id\": 3, \"target\": \"floppy\" }", "floppy")]
     [InlineData("not json", "disk.json")]
+    [InlineData("{ \"id\": 3, \"target\": \"null\", \"metrics\": \"tcp://0.0.0.0:9560\" }", "beyond this machine")]
     public async Task ABadDescriptionIsRefusedWithTheFileAndTheReason(string json, string expected)
     {
         var dir = Directory.CreateTempSubdirectory("ublksharp-run-");
