@@ -51,15 +51,12 @@ internal sealed class MetricsEndpoint : IDisposable
         {
             throw new ArgumentException(e.Message.Replace("listen address", "--metrics address", StringComparison.Ordinal), e);
         }
-        if (!address.IsUnix && !insecure && !IsLoopback(address.Host!))
+        if (!address.IsUnix && !insecure && !address.IsLoopback)
         {
             throw new ArgumentException($"--metrics {text} would serve the device's figures beyond this machine: use a loopback address (127.0.0.1, [::1]) or a unix socket, or add --metrics-insecure");
         }
         return address;
     }
-
-    private static bool IsLoopback(string host) =>
-        host.Equals("localhost", StringComparison.OrdinalIgnoreCase) || (IPAddress.TryParse(host, out var ip) && IPAddress.IsLoopback(ip));
 
     /// <summary>Listens at <paramref name="address"/>; throws what binding hit.</summary>
     public static MetricsEndpoint Start(NbdAddress address, Func<IEnumerable<DeviceStats>> source)

@@ -42,7 +42,7 @@ internal static class ServeCommand
             var kind = target.Kind(r);
             var recipe = target.Recipe(r);
             var address = NbdAddress.ParseListen(r.GetValue(listen)!);
-            if (!address.IsUnix && !IsLoopback(address.Host!))
+            if (!address.IsUnix && !address.IsLoopback)
             {
                 if (!r.GetValue(insecure))
                 {
@@ -167,7 +167,4 @@ internal static class ServeCommand
         Console.Error.WriteLine($"ublksharp: stopped; {server.ConnectionsAccepted} connections, {server.RequestsServed} requests served, {server.RequestsRefused} refused");
         return 0;
     }
-
-    private static bool IsLoopback(string host) =>
-        host.Equals("localhost", StringComparison.OrdinalIgnoreCase) || (System.Net.IPAddress.TryParse(host, out var ip) && System.Net.IPAddress.IsLoopback(ip));
 }

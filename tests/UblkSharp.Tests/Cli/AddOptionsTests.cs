@@ -1,5 +1,3 @@
-using System.Diagnostics;
-
 namespace UblkSharp.Tests.Cli;
 
 /// <summary>The options of `ublksharp add`, as its help lists them (no ublk driver needed).</summary>
@@ -72,23 +70,5 @@ public class AddOptionsTests
         return stdout;
     }
 
-    private static async Task<(int Code, string Stdout, string Stderr)> Run(string args)
-    {
-        string? dll = null;
-        for (var d = new DirectoryInfo(AppContext.BaseDirectory); d is not null && dll is null; d = d.Parent)
-        {
-            if (File.Exists(Path.Combine(d.FullName, "UblkSharp.slnx")))
-            {
-                dll = Path.Combine(d.FullName, "src", "UblkSharp.Cli", "bin", "Release", "net10.0", "UblkSharp.Cli.dll");
-            }
-        }
-        Assert.True(dll is not null && File.Exists(dll), "UblkSharp.Cli.dll is missing: build the solution in Release first");
-        using var p = Process.Start(new ProcessStartInfo("dotnet", $"{dll} {args}") { RedirectStandardOutput = true, RedirectStandardError = true })!;
-        var stdout = p.StandardOutput.ReadToEndAsync(TestContext.Current.CancellationToken);
-        var stderr = p.StandardError.ReadToEndAsync(TestContext.Current.CancellationToken);
-        using var cts = CancellationTokenSource.CreateLinkedTokenSource(TestContext.Current.CancellationToken);
-        cts.CancelAfter(TimeSpan.FromSeconds(60));
-        await p.WaitForExitAsync(cts.Token);
-        return (p.ExitCode, await stdout, await stderr);
-    }
+    private static Task<(int Code, string Stdout, string Stderr)> Run(string args) => CliProcess.Cli(args);
 }

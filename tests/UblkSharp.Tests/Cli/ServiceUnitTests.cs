@@ -1,5 +1,3 @@
-using System.Diagnostics;
-
 namespace UblkSharp.Tests.Cli;
 
 /// <summary>
@@ -12,7 +10,7 @@ public class ServiceUnitTests
     [Fact]
     public async Task TheUnitVerifiesCleanAndRunsTheServiceCommand()
     {
-        var root = RepoRoot();
+        var root = CliProcess.RepoRoot();
         var unit = File.ReadAllText(Path.Combine(root, "dist", "systemd", "ublksharp@.service"));
         var lines = unit.Split('\n').Select(l => l.Trim()).ToList();
         Assert.Contains("Type=notify", lines);
@@ -27,7 +25,7 @@ public class ServiceUnitTests
             var copy = unit.Replace("/usr/bin/ublksharp", cli, StringComparison.Ordinal).Replace("ConditionPathExists=/etc/ublksharp/%i.json", "", StringComparison.Ordinal);
             File.WriteAllText(Path.Combine(dir.FullName, "ublksharp@.service"), copy);
             File.CreateSymbolicLink(Path.Combine(dir.FullName, "ublksharp@disk1.service"), "ublksharp@.service");
-            var (code, stdout, stderr) = await Run("systemd-analyze", $"verify ./ublksharp@disk1.service", dir.FullName, []);
+            var (code, stdout, stderr) = await CliProcess.Run("systemd-analyze", "verify ./ublksharp@disk1.service", dir.FullName);
             // verify exits 0 on unknown keys and bad values too, with a line each: there must be none.
             Assert.True(code == 0 && stdout.Trim().Length == 0 && stderr.Trim().Length == 0, $"systemd-analyze verify exited {code}:\n{stdout}{stderr}");
         }
@@ -55,7 +53,7 @@ public class ServiceUnitTests
         try
         {
             File.WriteAllText(Path.Combine(dir.FullName, "disk.json"), json);
-            var (code, _, stderr) = await Run("dotnet", $"{CliDll()} run disk", dir.FullName, new() { ["UBLKSHARP_CONFIG_DIR"] = dir.FullName });
+            var (code, _, stderr) = await CliProcess.Cli("run disk", dir.FullName, new() { ["UBLKSHARP_CONFIG_DIR"] = dir.FullName });
             Assert.NotEqual(0, code);
             Assert.Contains(expected, stderr, StringComparison.Ordinal);
             Assert.DoesNotContain("   at ", stderr, StringComparison.Ordinal);
@@ -74,10 +72,10 @@ public class ServiceUnitTests
         var dir = Directory.CreateTempSubdirectory("ublksharp-run-");
         try
         {
-            var (code, _, stderr) = await Run("dotnet", $"{CliDll()} run nosuch", dir.FullName, new() { ["UBLKSHARP_CONFIG_DIR"] = dir.FullName });
+            var (code, _, stderr) = await CliProcess.Cli("run nosuch", dir.FullName, new() { ["UBLKSHARP_CONFIG_DIR"] = dir.FullName });
             Assert.NotEqual(0, code);
             Assert.Contains(Path.Combine(dir.FullName, "nosuch.json"), stderr, StringComparison.Ordinal);
-            (code, _, stderr) = await Run("dotnet", $"{CliDll()} run ../escape", dir.FullName, new() { ["UBLKSHARP_CONFIG_DIR"] = dir.FullName });
+            (code, _, stderr) = await CliProcess.Cli("run ../escape", dir.FullName, new() { ["UBLKSHARP_CONFIG_DIR"] = dir.FullName });
             Assert.NotEqual(0, code);
             Assert.DoesNotContain("   at ", stderr, StringComparison.Ordinal);
         }
@@ -85,35 +83,5 @@ public class ServiceUnitTests
         {
             dir.Delete(recursive: true);
         }
-    }
-
-    private static string RepoRoot()
-    {
-        for (var d = new DirectoryInfo(AppContext.BaseDirectory); d is not null; d = d.Parent)
-        {
-            if (File.Exists(Path.Combine(d.FullName, "UblkSharp.slnx")))
-            {
-                return d.FullName;
-            }
-        }
-        throw new InvalidOperationException("UblkSharp.slnx not found");
-    }
-
-    private static string CliDll() => Path.Combine(RepoRoot(), "src", "UblkSharp.Cli", "bin", "Release", "net10.0", "UblkSharp.Cli.dll");
-
-    private static async Task<(int Code, string Stdout, string Stderr)> Run(string file, string args, string cwd, Dictionary<string, string> env)
-    {
-        var psi = new ProcessStartInfo(file, args) { RedirectStandardOutput = true, RedirectStandardError = true, WorkingDirectory = cwd };
-        foreach (var (k, v) in env)
-        {
-            psi.Environment[k] = v;
-        }
-        using var p = Process.Start(psi)!;
-        var stdout = p.StandardOutput.ReadToEndAsync(TestContext.Current.CancellationToken);
-        var stderr = p.StandardError.ReadToEndAsync(TestContext.Current.CancellationToken);
-        using var cts = CancellationTokenSource.CreateLinkedTokenSource(TestContext.Current.CancellationToken);
-        cts.CancelAfter(TimeSpan.FromSeconds(60));
-        await p.WaitForExitAsync(cts.Token);
-        return (p.ExitCode, await stdout, await stderr);
     }
 }

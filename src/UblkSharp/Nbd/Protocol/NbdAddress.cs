@@ -27,6 +27,10 @@ public sealed class NbdAddress
 
     public bool IsUnix => SocketPath is not null;
 
+    /// <summary>A TCP address on this machine's loopback (127.0.0.0/8, ::1, localhost): reachable from here only.</summary>
+    public bool IsLoopback => SocketPath is null &&
+        (Host!.Equals("localhost", StringComparison.OrdinalIgnoreCase) || (IPAddress.TryParse(Host, out var ip) && IPAddress.IsLoopback(ip)));
+
     public static NbdAddress Tcp(string host, int port)
     {
         ArgumentException.ThrowIfNullOrEmpty(host);
