@@ -111,7 +111,6 @@ public unsafe class HotPath
         for (var i = 0; i < Batch; i++)
         {
             _starts[i] = System.Diagnostics.Stopwatch.GetTimestamp();
-            _stats.Started();
             ref var sqe = ref _ring.GetSqe();
             _backend.Prepare(ref sqe, new BackendRequest(IoOp.Read, 0, (long)NextOffset(blocks), Block, _buffers + (i * Block)));
             sqe.user_data = (1ul << 16) | (ulong)i;

@@ -59,13 +59,7 @@ internal static class RecoverCommand
                 }
                 return Supervisor.RunTakeover(id, warmPath, r.GetValue(readyFile));
             }
-            var options = new DeviceOptions
-            {
-                Queues = record.Queues,
-                Depth = record.Depth,
-                MaxIoBytes = record.MaxIoBytes,
-                Recovery = RecoveryModes.Parse(record.Recovery),
-            };
+            var options = record.RecoveryOptions();
             TakeoverLock? takeover = null;
             if (r.GetValue(standby))
             {

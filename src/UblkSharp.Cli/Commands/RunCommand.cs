@@ -35,14 +35,7 @@ internal static class RunCommand
                     // The device's data is what its recorded target serves: changes apply at the next fresh start.
                     Console.Error.WriteLine($"ublksharp: {config.Path} changed since device {config.Id} was added; the recovery serves the recorded target ({record.Target}); the change applies once the device is deleted");
                 }
-                var recovered = new DeviceOptions
-                {
-                    Queues = record.Queues,
-                    Depth = record.Depth,
-                    MaxIoBytes = record.MaxIoBytes,
-                    Recovery = RecoveryModes.Parse(record.Recovery),
-                };
-                return DaemonHost.Serve(record.Target, record.Recipe, recovered, record.Autoclear, config.Id, null, handedOver: record.Released, metrics: record.Metrics);
+                return DaemonHost.Serve(record.Target, record.Recipe, record.RecoveryOptions(), record.Autoclear, config.Id, null, handedOver: record.Released, metrics: record.Metrics);
             }
             return DaemonHost.Serve(config.Target, config.Options, options, config.Autoclear, null, null, metrics: config.Metrics);
         });

@@ -48,10 +48,7 @@ internal static class StatsCommand
                 var now = Query(ids, n is not null);
                 if (r.GetValue(json))
                 {
-                    foreach (var s in now)
-                    {
-                        Console.WriteLine(s.ToJson());
-                    }
+                    PrintJson(now);
                 }
                 else
                 {
@@ -71,10 +68,7 @@ internal static class StatsCommand
                 var now = Query(n is not null ? ids : DeviceList.Ids(), n is not null);
                 if (r.GetValue(json))
                 {
-                    foreach (var s in now)
-                    {
-                        Console.WriteLine(s.ToJson());
-                    }
+                    PrintJson(now);
                 }
                 else
                 {
@@ -90,6 +84,15 @@ internal static class StatsCommand
             return 0;
         });
         return command;
+    }
+
+    // One object per device and line.
+    private static void PrintJson(List<DeviceStats> now)
+    {
+        foreach (var s in now)
+        {
+            Console.WriteLine(s.ToJson());
+        }
     }
 
     private static List<DeviceStats> Query(uint[] ids, bool required)

@@ -119,6 +119,15 @@ public sealed record DeviceRecord
         };
     }
 
+    /// <summary>The device's shape and recovery mode as recorded: what a recovery of it must use.</summary>
+    public DeviceOptions RecoveryOptions() => new()
+    {
+        Queues = Queues,
+        Depth = Depth,
+        MaxIoBytes = MaxIoBytes,
+        Recovery = RecoveryModes.Parse(Recovery),
+    };
+
     public static string PathFor(uint id) => System.IO.Path.Combine(Directory, $"{id}.json");
 
     public void Save()

@@ -61,7 +61,7 @@ public sealed class UblkDevice : IDisposable
 
     /// <summary>Each queue's requests, bytes, errors and latencies now (read while the queues run).</summary>
     public Metrics.DeviceStats Stats() =>
-        new(Id, DateTimeOffset.UtcNow.ToUnixTimeMilliseconds(), [.. _queues.Where(q => q is not null).Select(q => q.Stats.Snapshot(q.QueueId))]);
+        new(Id, DateTimeOffset.UtcNow.ToUnixTimeMilliseconds(), [.. _queues.Where(q => q is not null).Select(q => q.Stats.Snapshot(q.QueueId, q.BusyTags))]);
 
     /// <summary>Requests committed with an error, over all queues.</summary>
     public long Errors => _queues.Where(q => q is not null).Sum(q => q.Errors);

@@ -109,6 +109,9 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
     /// <summary>Requests, bytes, errors and latencies, by operation (written by the queue thread alone).</summary>
     public Metrics.QueueStats Stats { get; } = new();
 
+    /// <summary>Requests the queue holds now (read from any thread: a moment's view).</summary>
+    public int BusyTags => Volatile.Read(ref _busyTags);
+
     /// <summary>Requests committed with an error.</summary>
     public long Errors { get; private set; }
 
@@ -466,7 +469,6 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
         t.Busy = true;
         _busyTags++;
         t.StartTicks = Stopwatch.GetTimestamp();
-        Stats.Started();
         if (t.Op is not (IoOp.Read or IoOp.Write or IoOp.Flush or IoOp.Discard or IoOp.WriteZeroes))
         {
             Commit(tag, -Errno.EOPNOTSUPP);

@@ -59,22 +59,17 @@ public class MetricsTests
         Assert.True(bound > expected && bound <= expected * 5 / 4, $"percentile {bound} ns for {expected} ns");
 
     [Fact]
-    public void AQueueCountsRequestsBytesErrorsAndInFlight()
+    public void AQueueCountsRequestsBytesErrorsAndRetries()
     {
         var s = new QueueStats();
         var t0 = Stopwatch.GetTimestamp();
-        for (var i = 0; i < 5; i++)
-        {
-            s.Started();
-        }
         s.Completed(IoOp.Read, 4096, t0);
         s.Completed(IoOp.Read, 8192, t0);
         s.Completed(IoOp.Write, 512, t0);
         s.Completed(IoOp.Write, -5, t0); // EIO
         s.Completed(IoOp.Flush, 0, t0);
-        s.Started();
         s.Retried();
-        var snap = s.Snapshot(3);
+        var snap = s.Snapshot(3, inFlight: 1);
         Assert.Equal(3, snap.Queue);
         Assert.Equal(2, snap.Requests[(int)StatOp.Read]);
         Assert.Equal(2, snap.Requests[(int)StatOp.Write]);
@@ -97,12 +92,9 @@ public class MetricsTests
         var q0 = new QueueStats();
         var q1 = new QueueStats();
         var t0 = Stopwatch.GetTimestamp() - Stopwatch.Frequency / 1000; // 1 ms ago
-        q0.Started();
         q0.Completed(IoOp.Read, 4096, t0);
-        q1.Started();
         q1.Completed(IoOp.Discard, -95, t0); // EOPNOTSUPP
-        q1.Started();
-        var stats = new DeviceStats(4, 1234, [q0.Snapshot(0), q1.Snapshot(1)]);
+        var stats = new DeviceStats(4, 1234, [q0.Snapshot(0), q1.Snapshot(1, inFlight: 1)]);
         var json = stats.ToJson();
         Assert.Contains("\"EOPNOTSUPP\":1", json, StringComparison.Ordinal);
         Assert.DoesNotContain('\n', json); // one line per device
@@ -129,10 +121,8 @@ public class MetricsTests
         var t0 = Stopwatch.GetTimestamp();
         for (var i = 0; i < 7; i++)
         {
-            q.Started();
             q.Completed(IoOp.Write, 65536, t0);
         }
-        q.Started();
         q.Completed(IoOp.Read, -5, t0);
         var owner = new object();
         const uint device = 4242;
@@ -206,7 +196,6 @@ public class MetricsTests
         for (var i = 0; i < n; i++)
         {
             var start = Stopwatch.GetTimestamp();
-            s.Started();
             s.Completed(IoOp.Read, 4096, start);
             sink += i & 7;
         }

@@ -19,13 +19,10 @@ public class PrometheusTextTests
         var t0 = Stopwatch.GetTimestamp();
         for (var i = 0; i < 3; i++)
         {
-            q0.Started();
             q0.Completed(IoOp.Read, 4096, t0);
         }
-        q1.Started();
         q1.Completed(IoOp.Write, -28, t0); // ENOSPC
-        q1.Started();
-        var text = PrometheusText.Write([new DeviceStats(2, 0, [q0.Snapshot(0), q1.Snapshot(1)])]);
+        var text = PrometheusText.Write([new DeviceStats(2, 0, [q0.Snapshot(0), q1.Snapshot(1, inFlight: 1)])]);
         const string script = """
             import sys
             from prometheus_client.parser import text_string_to_metric_families

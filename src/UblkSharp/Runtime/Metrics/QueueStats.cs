@@ -32,7 +32,6 @@ public sealed class QueueStats
     private readonly LatencyHistogram[] _latency = [new(), new(), new(), new(), new(), new()];
     private readonly long[] _latencySum = new long[OpCount];
     private long _retries;
-    private int _inFlight;
 
     // Stopwatch ticks to ns: 1 where the clock counts ns (Linux), else the ratio.
     private static readonly double NsPerTick = 1e9 / Stopwatch.Frequency;
@@ -47,9 +46,6 @@ public sealed class QueueStats
         IoOp.WriteZeroes => StatOp.WriteZeroes,
         _ => StatOp.Other,
     };
-
-    /// <summary>A request arrived (it is in flight until <see cref="Completed"/>).</summary>
-    public void Started() => _inFlight++;
 
     /// <summary>
     /// A request was answered with <paramref name="result"/> (bytes, or -errno) after arriving at
@@ -71,14 +67,16 @@ public sealed class QueueStats
         var ns = TicksAreNs ? ticks : (long)(ticks * NsPerTick);
         _latency[kind].Record(ns);
         _latencySum[kind] += ns;
-        _inFlight--;
     }
 
     /// <summary>A backend step was submitted again (short IO, EAGAIN).</summary>
     public void Retried() => _retries++;
 
-    /// <summary>The figures now, as plain data.</summary>
-    public QueueStatsSnapshot Snapshot(int queueId)
+    /// <summary>
+    /// The figures now, as plain data. Requests in flight are the queue's own count of the tags it
+    /// holds (<paramref name="inFlight"/>), not counted again here.
+    /// </summary>
+    public QueueStatsSnapshot Snapshot(int queueId, int inFlight = 0)
     {
         var requests = new long[OpCount];
         var bytes = new long[OpCount];
@@ -99,7 +97,7 @@ public sealed class QueueStats
                 errors[e] = n;
             }
         }
-        return new QueueStatsSnapshot(queueId, requests, bytes, errors, Volatile.Read(ref _retries), Math.Max(0, Volatile.Read(ref _inFlight)), latency, sum);
+        return new QueueStatsSnapshot(queueId, requests, bytes, errors, Volatile.Read(ref _retries), Math.Max(0, inFlight), latency, sum);
     }
 }
 
