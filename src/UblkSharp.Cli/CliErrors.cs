@@ -1,3 +1,4 @@
+using UblkSharp.Cli.Logging;
 using UblkSharp.Interop;
 using UblkSharp.Runtime;
 using UblkSharp.Ublk;
@@ -10,6 +11,9 @@ internal static class CliErrors
     public const int Failure = 1;
     public const int Unavailable = 2;
 
+    /// <summary>A bad value of a global setting (--log-level), as a shell gives for misuse.</summary>
+    public const int Usage = 2;
+
     public static int Run(Func<int> action)
     {
         try
@@ -18,7 +22,7 @@ internal static class CliErrors
         }
         catch (Exception e) when (IsExpected(e))
         {
-            Console.Error.WriteLine($"ublksharp: {Describe(e)}");
+            CliLog.Failure(Describe(e));
             return e is UblkUnavailableException ? Unavailable : Failure;
         }
     }

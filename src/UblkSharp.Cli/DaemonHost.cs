@@ -1,6 +1,7 @@
 using System.Runtime.InteropServices;
 using UblkSharp.Runtime;
 using UblkSharp.Targets;
+using UblkSharp.Cli.Logging;
 
 namespace UblkSharp.Cli;
 
@@ -27,7 +28,9 @@ internal static class DaemonHost
             using var stop = new ManualResetEventSlim();
             using var term = PosixSignalRegistration.Create(PosixSignal.SIGTERM, c => { c.Cancel = true; stop.Set(); });
             using var intr = PosixSignalRegistration.Create(PosixSignal.SIGINT, c => { c.Cancel = true; stop.Set(); });
-            using var target = TargetFactory.Create(kind, recipe);
+            using var target = TargetFactory.Create(kind, recipe, CliLog.Factory);
+            // Whoever built the options, the device logs where the daemon does.
+            options = options with { LoggerFactory = CliLog.Factory };
             using var device = recoverId is uint rid ? UblkDevice.Recover(rid, target, options, takeover: takeover, handedOver: handedOver) : UblkDevice.Create(target, options);
             takeover?.Dispose(); // the takeover is over once the device is live again
             // The files' identities are taken with the target open: a recovery checks that its paths still name them.
@@ -78,11 +81,11 @@ internal static class DaemonHost
                     {
                         device.Resize(follow, allowShrink: true, growBacking: false);
                         Resized(device.KernelSize);
-                        Console.Error.WriteLine($"ublksharp: device {device.Id} follows its rbd image: now {follow} bytes");
+                        CliLog.Information($"device {device.Id} follows its rbd image: now {follow} bytes");
                     }
                     catch (Exception e) when (CliErrors.IsExpected(e))
                     {
-                        Console.Error.WriteLine($"ublksharp: device {device.Id}: following the rbd image's resize failed: {CliErrors.Describe(e)}");
+                        CliLog.Warning($"device {device.Id}: following the rbd image's resize failed: {CliErrors.Describe(e)}");
                     }
                 }
             }
@@ -100,7 +103,7 @@ internal static class DaemonHost
                 }) && !letGo)
                 {
                     var left = watch.Retire(TimeSpan.FromSeconds(30));
-                    Console.Error.WriteLine($"ublksharp: device {device.Id} is no longer mounted; deleting it{(left > 0 ? $" ({left} openers still hold it)" : "")}");
+                    CliLog.Information($"device {device.Id} is no longer mounted; deleting it{(left > 0 ? $" ({left} openers still hold it)" : "")}");
                 }
             }
             else
@@ -123,7 +126,7 @@ internal static class DaemonHost
             SystemdNotify.Stopping();
             device.Dispose();
             DeviceRecord.Remove(id);
-            Console.Error.WriteLine($"ublksharp: device {id} stopped; {device.Completed} requests served, {device.Errors} failed");
+            CliLog.Information($"device {id} stopped; {device.Completed} requests served, {device.Errors} failed");
             return 0;
         }
         catch (Exception e) when (CliErrors.IsExpected(e))
@@ -146,7 +149,7 @@ internal static class DaemonHost
         }
         catch (Exception e) when (e is System.Net.Sockets.SocketException or IOException or ArgumentException)
         {
-            Console.Error.WriteLine($"ublksharp: device {device.Id}: no metrics at {metrics}: {e.Message}");
+            CliLog.Warning($"device {device.Id}: no metrics at {metrics}: {e.Message}");
             return null;
         }
     }
@@ -169,7 +172,7 @@ internal static class DaemonHost
         catch (RecoveryRefusedException e)
         {
             HandOverRequests.Answer(id, token, $"error {e.Message}");
-            Console.Error.WriteLine($"ublksharp: device {id}: hand-over refused: {e.Message}");
+            CliLog.Warning($"device {id}: hand-over refused: {e.Message}");
             return false;
         }
         catch (Exception e) when (CliErrors.IsExpected(e))
@@ -178,7 +181,7 @@ internal static class DaemonHost
             throw;
         }
         HandOverRequests.Answer(id, token, $"ok {device.LeftForNextDaemon}");
-        Console.Error.WriteLine($"ublksharp: device {id} handed over in {clock.Elapsed.TotalMilliseconds:0} ms ({device.LeftForNextDaemon} requests left to the next daemon); {device.Completed} requests served, {device.Errors} failed");
+        CliLog.Information($"device {id} handed over in {clock.Elapsed.TotalMilliseconds:0} ms ({device.LeftForNextDaemon} requests left to the next daemon); {device.Completed} requests served, {device.Errors} failed");
         return true;
     }
 }

@@ -1,6 +1,7 @@
 using System.Text.Json;
 using UblkSharp.Interop;
 using UblkSharp.Runtime;
+using UblkSharp.Cli.Logging;
 
 namespace UblkSharp.Cli;
 
@@ -94,7 +95,7 @@ internal static partial class ResizeRequests
         }
         catch (Exception e) when (e is IOException or JsonException)
         {
-            Console.Error.WriteLine($"ublksharp: device {device.Id}: an unreadable resize request: {e.Message}");
+            CliLog.Warning($"device {device.Id}: an unreadable resize request: {e.Message}");
             return;
         }
         if (request is null)
@@ -107,7 +108,7 @@ internal static partial class ResizeRequests
             device.Resize(request.Size, request.Shrink, request.GrowFile);
             var now = device.KernelSize;
             resized(now);
-            Console.Error.WriteLine($"ublksharp: device {device.Id} resized to {now} bytes");
+            CliLog.Information($"device {device.Id} resized to {now} bytes");
             answer = new Answer(true, "", now);
         }
         catch (Exception e) when (CliErrors.IsExpected(e) || e is InvalidOperationException)

@@ -1,6 +1,7 @@
 using System.Net.Sockets;
 using System.Text;
 using UblkSharp.Runtime;
+using UblkSharp.Cli.Logging;
 
 namespace UblkSharp.Cli;
 
@@ -57,7 +58,7 @@ internal sealed class StatsEndpoint : IDisposable
         catch (Exception e) when (e is SocketException or IOException or UnauthorizedAccessException)
         {
             // Figures are a convenience: the device serves without them.
-            Console.Error.WriteLine($"ublksharp: device {device.Id}: no live figures ({path}: {e.Message})");
+            CliLog.Warning($"device {device.Id}: no live figures ({path}: {e.Message})");
             return null;
         }
     }

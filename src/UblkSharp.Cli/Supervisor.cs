@@ -3,6 +3,7 @@ using System.Globalization;
 using System.Runtime.InteropServices;
 using UblkSharp.Runtime;
 using UblkSharp.Ublk;
+using UblkSharp.Cli.Logging;
 
 namespace UblkSharp.Cli;
 
@@ -131,7 +132,7 @@ internal static class Supervisor
                 {
                     return 0;
                 }
-                Console.Error.WriteLine($"ublksharp: supervisor: the daemon of device {id} died (exit {code}); recovering it");
+                CliLog.Warning($"supervisor: the daemon of device {id} died (exit {code}); recovering it");
                 Process? next = null;
                 while (next is null)
                 {
@@ -158,13 +159,13 @@ internal static class Supervisor
                         // A daemon that dies during the takeover (even after the device went live again)
                         // leaves the device quiesced with its IO held: giving up here would hang that IO
                         // for good, so this counts as one more restart and a cold start tries again.
-                        Console.Error.WriteLine($"ublksharp: supervisor: recovering device {id} failed: {CliErrors.Describe(e)}");
+                        CliLog.Error($"supervisor: recovering device {id} failed: {CliErrors.Describe(e)}");
                         spare?.Process.Dispose();
                         spare = null;
                         if (TakenOverByAnother(id) is int other)
                         {
                             // A `recover` by hand won the takeover lock: its daemon serves, not a child of ours.
-                            Console.Error.WriteLine($"ublksharp: supervisor: device {id} was taken over by another daemon (pid {other}); it is no longer supervised");
+                            CliLog.Warning($"supervisor: device {id} was taken over by another daemon (pid {other}); it is no longer supervised");
                             return 0;
                         }
                     }
@@ -191,12 +192,12 @@ internal static class Supervisor
         }
         if (restarts.Count > MaxRestarts)
         {
-            Console.Error.WriteLine($"ublksharp: supervisor: {MaxRestarts} restarts within {RestartWindow.TotalSeconds} s; giving up on device {id}");
+            CliLog.Error($"supervisor: {MaxRestarts} restarts within {RestartWindow.TotalSeconds} s; giving up on device {id}");
             return false;
         }
         if (!IsRecoverable(id))
         {
-            Console.Error.WriteLine($"ublksharp: supervisor: device {id} is gone or cannot be recovered; exiting");
+            CliLog.Warning($"supervisor: device {id} is gone or cannot be recovered; exiting");
             return false;
         }
         return true;
@@ -214,7 +215,7 @@ internal static class Supervisor
         }
         catch (Exception e) when (e is IOException or System.ComponentModel.Win32Exception)
         {
-            Console.Error.WriteLine($"ublksharp: supervisor: no warm spare ({e.Message}); a crash will start a cold one");
+            CliLog.Warning($"supervisor: no warm spare ({e.Message}); a crash will start a cold one");
             return null;
         }
     }

@@ -1,5 +1,6 @@
 using System.Net.Sockets;
 using System.Text;
+using UblkSharp.Cli.Logging;
 
 namespace UblkSharp.Cli;
 
@@ -44,7 +45,7 @@ internal static class SystemdNotify
         catch (SocketException e)
         {
             // A notification that cannot be sent must not take the device down; systemd's own timeout tells.
-            Console.Error.WriteLine($"ublksharp: sd_notify to {socket} failed: {e.Message}");
+            CliLog.Warning($"sd_notify to {socket} failed: {e.Message}");
             return false;
         }
     }

@@ -1,6 +1,7 @@
 using System.CommandLine;
 using UblkSharp.Runtime;
 using UblkSharp.Targets;
+using UblkSharp.Cli.Logging;
 
 namespace UblkSharp.Cli.Commands;
 
@@ -60,7 +61,7 @@ internal static class AddCommand
                 _ = MetricsEndpoint.Parse(metricsAddress, r.GetValue(metricsInsecure));
                 if (r.GetValue(metricsInsecure))
                 {
-                    Console.Error.WriteLine($"ublksharp: warning: --metrics-insecure: the device's figures are served beyond loopback at {metricsAddress}, to anyone who can reach it");
+                    CliLog.Warning($"warning: --metrics-insecure: the device's figures are served beyond loopback at {metricsAddress}, to anyone who can reach it");
                 }
             }
             if (r.GetValue(target.Create))

@@ -1,6 +1,7 @@
 using System.CommandLine;
 using UblkSharp.Runtime;
 using UblkSharp.Ublk;
+using UblkSharp.Cli.Logging;
 
 namespace UblkSharp.Cli.Commands;
 
@@ -36,11 +37,11 @@ internal static class DelCommand
             {
                 try
                 {
-                    DeviceDeletion.Delete(control, dev, r.GetValue(force), message => Console.Error.WriteLine($"ublksharp: {message}"));
+                    DeviceDeletion.Delete(control, dev, r.GetValue(force), CliLog.Logger);
                 }
                 catch (Exception e) when (CliErrors.IsExpected(e) && everyDevice)
                 {
-                    Console.Error.WriteLine($"ublksharp: device {dev}: {CliErrors.Describe(e)}");
+                    CliLog.Error($"device {dev}: {CliErrors.Describe(e)}");
                     failures++;
                 }
             }

@@ -4,6 +4,7 @@ using UblkSharp.Interop;
 using UblkSharp.Runtime;
 using UblkSharp.Targets;
 using UblkSharp.Ublk;
+using UblkSharp.Cli.Logging;
 
 namespace UblkSharp.Cli.Commands;
 
@@ -46,7 +47,7 @@ internal static class ListCommand
                 catch (UnsafeStateFileException e)
                 {
                     // One bad recipe must not hide the other devices: listed as having none.
-                    Console.Error.WriteLine($"ublksharp: device {id}: {e.Message}");
+                    CliLog.Warning($"device {id}: {e.Message}");
                 }
                 rows.Add(new Row(id, ((DeviceState)info.state).ToString().ToUpperInvariant(), info.ublksrv_pid, info.nr_hw_queues, info.queue_depth,
                     size, record?.Target ?? "?", UblkFeatureNames.Format((UblkFeatures)info.flags), $"/dev/ublkb{id}", record?.Recipe,

@@ -2,6 +2,7 @@ using System.CommandLine;
 using System.Diagnostics;
 using UblkSharp.Runtime;
 using UblkSharp.Ublk;
+using UblkSharp.Cli.Logging;
 
 namespace UblkSharp.Cli.Commands;
 
@@ -63,7 +64,7 @@ internal static class MountCommand
                 // Never mounted, so autoclear would wait forever: delete the device here.
                 using (var control = ControlDevice.Open())
                 {
-                    DeviceDeletion.Delete(control, id, force: true, message => Console.Error.WriteLine($"ublksharp: {message}"));
+                    DeviceDeletion.Delete(control, id, force: true, CliLog.Logger);
                 }
                 throw new IOException($"mount {path} {target} failed: {err.Trim()}");
             }

@@ -4,6 +4,7 @@ using UblkSharp.Runtime;
 using UblkSharp.Targets;
 using UblkSharp.Targets.Cow;
 using UblkSharp.Ublk;
+using UblkSharp.Cli.Logging;
 
 namespace UblkSharp.Cli.Commands;
 
@@ -76,7 +77,7 @@ internal static class RecoverCommand
                 {
                     // The serving daemon holds the target's files locked (a cow overlay): they are
                     // opened after the takeover, when it has let go of them.
-                    Console.Error.WriteLine($"ublksharp: standby for device {id}: {e.Message}; opening it at the takeover");
+                    CliLog.Warning($"standby for device {id}: {e.Message}; opening it at the takeover");
                 }
                 if (r.GetValue(warmFile) is string warm)
                 {

@@ -3,6 +3,7 @@ using UblkSharp.Interop;
 using UblkSharp.Runtime;
 using UblkSharp.Targets;
 using UblkSharp.Ublk;
+using UblkSharp.Cli.Logging;
 
 namespace UblkSharp.Cli.Commands;
 
@@ -29,11 +30,11 @@ internal static class RunCommand
             Preflight.RequireRootAndDriver();
             if (Recoverable(config) is DeviceRecord record)
             {
-                Console.Error.WriteLine($"ublksharp: {config}: device {config.Id} waits for a daemon since its last run ended; recovering it");
+                CliLog.Warning($"{config}: device {config.Id} waits for a daemon since its last run ended; recovering it");
                 if (record.Target != config.Target || !SameRecipe(record.Recipe, config.Options))
                 {
                     // The device's data is what its recorded target serves: changes apply at the next fresh start.
-                    Console.Error.WriteLine($"ublksharp: {config.Path} changed since device {config.Id} was added; the recovery serves the recorded target ({record.Target}); the change applies once the device is deleted");
+                    CliLog.Warning($"{config.Path} changed since device {config.Id} was added; the recovery serves the recorded target ({record.Target}); the change applies once the device is deleted");
                 }
                 return DaemonHost.Serve(record.Target, record.Recipe, record.RecoveryOptions(), record.Autoclear, config.Id, null, handedOver: record.Released, metrics: record.Metrics);
             }
@@ -60,8 +61,8 @@ internal static class RunCommand
         var record = DeviceRecord.Load(id);
         if (Orphans.Reason(id, info, record) is string orphan)
         {
-            Console.Error.WriteLine($"ublksharp: {config}: device {id} is an orphan ({orphan}); deleting it to add it again");
-            DeviceDeletion.Delete(control, id, force: true, message => Console.Error.WriteLine($"ublksharp: {message}"));
+            CliLog.Warning($"{config}: device {id} is an orphan ({orphan}); deleting it to add it again");
+            DeviceDeletion.Delete(control, id, force: true, CliLog.Logger);
             return null;
         }
         if (Orphans.DaemonAlive(id, info, record))

@@ -4,6 +4,7 @@ using UblkSharp.Nbd;
 using UblkSharp.Nbd.Protocol;
 using UblkSharp.Runtime;
 using UblkSharp.Targets;
+using UblkSharp.Cli.Logging;
 
 namespace UblkSharp.Cli.Commands;
 
@@ -49,7 +50,7 @@ internal static class ServeCommand
                     throw new ArgumentException($"--listen {address} would export the disk beyond this machine with no TLS and no authentication (ublksharp has no NBD TLS yet): listen on loopback (127.0.0.1, [::1]) or a unix socket, or add --insecure");
                 }
                 // Every start says it, so nobody forgets it runs so.
-                Console.Error.WriteLine($"ublksharp: warning: --insecure: {address} exports the disk to anyone who can reach it, with no TLS and no authentication");
+                CliLog.Warning($"warning: --insecure: {address} exports the disk to anyone who can reach it, with no TLS and no authentication");
             }
             var readOnly = r.GetValue(target.ReadOnly);
             var serverOptions = new NbdServerOptions
@@ -65,7 +66,7 @@ internal static class ServeCommand
                     "workers" => NbdExecution.Workers,
                     var other => throw new ArgumentException($"bad --execution '{other}': use auto, inline or workers"),
                 },
-                Log = message => Console.Error.WriteLine($"ublksharp: nbd: {message}"),
+                LoggerFactory = CliLog.Factory,
             };
             try
             {
@@ -78,7 +79,7 @@ internal static class ServeCommand
             DeviceOptions? deviceOptions = null;
             if (r.GetValue(ublk))
             {
-                deviceOptions = new DeviceOptions { DeviceId = r.GetValue(number), Queues = r.GetValue(queues), Depth = r.GetValue(depth) };
+                deviceOptions = new DeviceOptions { DeviceId = r.GetValue(number), Queues = r.GetValue(queues), Depth = r.GetValue(depth), LoggerFactory = CliLog.Factory };
                 deviceOptions.Validate();
             }
             return Serve(kind, recipe, address, r.GetValue(export)!, r.GetValue(description), readOnly, serverOptions, deviceOptions);
@@ -94,7 +95,7 @@ internal static class ServeCommand
     private static int Serve(string kind, Dictionary<string, string> recipe, NbdAddress address, string exportName, string? description,
         bool readOnly, NbdServerOptions serverOptions, DeviceOptions? deviceOptions)
     {
-        var target = TargetFactory.Create(kind, recipe);
+        var target = TargetFactory.Create(kind, recipe, CliLog.Factory);
         NbdServer server;
         NbdExport export;
         try
@@ -126,7 +127,7 @@ internal static class ServeCommand
                 stats = StatsEndpoint.Start(device); // `ublksharp stats` sees the ublk side (not the NBD one yet)
                 Console.WriteLine(device.BlockPath);
             }
-            Console.Error.WriteLine($"ublksharp: serving {kind} ({target.Size} bytes{(export.IsReadOnly ? ", read-only" : "")}) as export '{exportName}' on {server.Address}" +
+            CliLog.Information($"serving {kind} ({target.Size} bytes{(export.IsReadOnly ? ", read-only" : "")}) as export '{exportName}' on {server.Address}" +
                 (device is null ? "" : $" and as {device.BlockPath}"));
             // Until a signal, or until someone stops the device (ublksharp del).
             while (!stop.Wait(250) && (device is null || !device.WaitForStop(TimeSpan.Zero)))
@@ -156,15 +157,15 @@ internal static class ServeCommand
                 // under a live copy would take the process down. Else it is left to the process's end.
                 if (!queuesEnded)
                 {
-                    Console.Error.WriteLine("ublksharp: the device's queues did not end; the target is left open");
+                    CliLog.Warning("the device's queues did not end; the target is left open");
                 }
                 else if (!server.ReleaseWhenIdle(target))
                 {
-                    Console.Error.WriteLine("ublksharp: an NBD connection is still inside the target; it is closed once that call returns");
+                    CliLog.Warning("an NBD connection is still inside the target; it is closed once that call returns");
                 }
             }
         }
-        Console.Error.WriteLine($"ublksharp: stopped; {server.ConnectionsAccepted} connections, {server.RequestsServed} requests served, {server.RequestsRefused} refused");
+        CliLog.Information($"stopped; {server.ConnectionsAccepted} connections, {server.RequestsServed} requests served, {server.RequestsRefused} refused");
         return 0;
     }
 }

@@ -4,6 +4,7 @@ using System.Globalization;
 using UblkSharp.Interop;
 using UblkSharp.Runtime;
 using UblkSharp.Ublk;
+using UblkSharp.Cli.Logging;
 
 namespace UblkSharp.Cli.Commands;
 
@@ -67,7 +68,7 @@ internal static class UpgradeCommand
                 }
                 catch (Exception e) when (CliErrors.IsExpected(e))
                 {
-                    Console.Error.WriteLine($"ublksharp: {CliErrors.Describe(e)}");
+                    CliLog.Error($"{CliErrors.Describe(e)}");
                     failed++;
                 }
             }
@@ -135,12 +136,12 @@ internal static class UpgradeCommand
             {
                 _ = Processes.SignalGroup(pid, Processes.SIGKILL);
                 // The device is quiesced with its IO held: a daemon of this build takes it instead.
-                Console.Error.WriteLine($"ublksharp: device {id}: the new daemon failed to take over ({CliErrors.Describe(e)}); recovering it with this build");
+                CliLog.Warning($"device {id}: the new daemon failed to take over ({CliErrors.Describe(e)}); recovering it with this build");
                 var (_, path) = DaemonLauncher.Launch(["recover", "-n", idText]);
                 throw new IOException($"device {id}: upgrade failed; {path} is served again by this build's daemon, with no IO lost" +
                     (supervised ? "; it is no longer supervised (delete and add it again with --supervise to be)" : ""));
             }
-            Console.Error.WriteLine($"ublksharp: device {id}: daemon {daemon} handed over to {(supervised ? "the new supervisor " : "")}{pid} in {handedOver.TotalMilliseconds:0} ms, taken over in {(clock.Elapsed - handedOver).TotalMilliseconds:0} ms ({left} requests waited in the kernel)");
+            CliLog.Information($"device {id}: daemon {daemon} handed over to {(supervised ? "the new supervisor " : "")}{pid} in {handedOver.TotalMilliseconds:0} ms, taken over in {(clock.Elapsed - handedOver).TotalMilliseconds:0} ms ({left} requests waited in the kernel)");
             Console.WriteLine($"/dev/ublkb{id}");
         }
     }

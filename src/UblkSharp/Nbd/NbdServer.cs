@@ -1,5 +1,6 @@
 using System.Net;
 using System.Net.Sockets;
+using Microsoft.Extensions.Logging;
 
 using UblkSharp.Nbd.Protocol;
 
@@ -27,6 +28,9 @@ public sealed class NbdServer : IDisposable
     private readonly LogThrottle _evictedLog = new(TimeSpan.FromSeconds(10));
     private readonly LogThrottle _handshakeLog = new(TimeSpan.FromSeconds(10));
     private readonly LogThrottle _idleLog = new(TimeSpan.FromSeconds(10));
+    // A target that fails every request would otherwise log every request.
+    private readonly LogThrottle _targetLog = new(TimeSpan.FromSeconds(10));
+    private readonly ILogger _logger;
     // Evicted connections still in the table (their threads are ending): they hold no slot.
     private int _evictPending;
     private long _evicted;
@@ -47,6 +51,7 @@ public sealed class NbdServer : IDisposable
         _listener = listener;
         Exports = exports;
         Options = options;
+        _logger = options.LoggerFactory.CreateLogger<NbdServer>();
         _socketPath = socketPath;
         Address = NbdAddress.FromEndPoint(listener.LocalEndPoint!);
         if (socketPath is not null)
@@ -224,7 +229,7 @@ public sealed class NbdServer : IDisposable
                     return;
                 }
                 // Out of fds, or a connection reset before accept: keep serving.
-                Log($"accept failed: {e.Message}");
+                NbdLog.AcceptFailed(_logger, e.Message);
                 Thread.Sleep(50);
                 continue;
             }
@@ -250,7 +255,7 @@ public sealed class NbdServer : IDisposable
                     client.Dispose();
                     if (!_disposed && _refusedLog.ShouldLog(out var more))
                     {
-                        Log($"connection refused: {Options.MaxConnections} connections are open, all past their handshake (the most allowed: --max-connections){LogThrottle.More(more)}");
+                        NbdLog.ConnectionRefused(_logger, Options.MaxConnections, LogThrottle.More(more));
                     }
                     continue;
                 }
@@ -267,7 +272,7 @@ public sealed class NbdServer : IDisposable
                 evict.Abort();
                 if (_evictedLog.ShouldLog(out var more))
                 {
-                    Log($"{Options.MaxConnections} connections are open: closed the oldest one still in its handshake to let a new client in{LogThrottle.More(more)}");
+                    NbdLog.HandshakeEvicted(_logger, Options.MaxConnections, LogThrottle.More(more));
                 }
             }
             try
@@ -334,7 +339,7 @@ public sealed class NbdServer : IDisposable
                     c.Abort();
                     if (_handshakeLog.ShouldLog(out var more))
                     {
-                        Log($"client cut off: no handshake within {Options.HandshakeTimeout.TotalSeconds} s{LogThrottle.More(more)}");
+                        NbdLog.HandshakeTimedOut(_logger, Options.HandshakeTimeout.TotalSeconds, LogThrottle.More(more));
                     }
                 }
                 else if (idleMs > 0 && c.IsIdle(now, idleMs) && c.ClaimReap())
@@ -343,7 +348,8 @@ public sealed class NbdServer : IDisposable
                     c.Shutdown();
                     if (_idleLog.ShouldLog(out var more))
                     {
-                        Log($"closed a connection idle for {Options.IdleTimeout.TotalSeconds} s (--idle-timeout){LogThrottle.More(more)}");
+                        var suffix = LogThrottle.More(more);
+                        NbdLog.IdleClosed(_logger, Options.IdleTimeout.TotalSeconds, suffix);
                     }
                 }
             }
@@ -417,7 +423,7 @@ public sealed class NbdServer : IDisposable
             }
             catch (Exception e) when (e is not OutOfMemoryException)
             {
-                Log($"closing a target failed: {e.GetType().Name}: {e.Message}");
+                NbdLog.CloseTargetFailed(_logger, e);
             }
         }
     }
@@ -425,7 +431,7 @@ public sealed class NbdServer : IDisposable
     internal void NoteProtocolError(string what)
     {
         Interlocked.Increment(ref _protocolErrors);
-        Log($"client cut off: {what}");
+        NbdLog.ProtocolError(_logger, what);
     }
 
     internal void NoteRefused() => Interlocked.Increment(ref _refusedRequests);
@@ -435,16 +441,17 @@ public sealed class NbdServer : IDisposable
     internal void NoteTargetException(NbdRequest request, Exception e)
     {
         Interlocked.Increment(ref _targetExceptions);
-        Log($"target threw on {NbdProtocol.CommandName(request.Type)} at {request.Offset}: {e.GetType().Name}: {e.Message}");
+        if (_targetLog.ShouldLog(out var more))
+        {
+            NbdLog.TargetThrew(_logger, NbdProtocol.CommandName(request.Type), request.Offset, LogThrottle.More(more), e);
+        }
     }
 
     internal void NoteInternalError(Exception e)
     {
         Interlocked.Increment(ref _internalErrors);
-        Log($"internal error, connection closed: {e}");
+        NbdLog.InternalError(_logger, e);
     }
-
-    private void Log(string message) => Options.Log?.Invoke(message);
 
     /// <summary>
     /// Stops accepting, lets each connection finish its requests in flight, and closes them, waiting
@@ -490,7 +497,7 @@ public sealed class NbdServer : IDisposable
         }
         if (left > 0)
         {
-            Log($"{left} connection(s) still busy in their target after {Options.StopTimeout.TotalSeconds} s; their targets stay open until they finish");
+            NbdLog.StillBusy(_logger, left, Options.StopTimeout.TotalSeconds);
         }
         Workers.Dispose(TimeSpan.FromMilliseconds(Math.Max(0, deadline - Environment.TickCount64)));
         if (_socketPath is not null)

@@ -1,3 +1,6 @@
+using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Logging.Abstractions;
+
 namespace UblkSharp.Nbd;
 
 /// <summary>Where a connection runs a request's target call.</summary>
@@ -66,11 +69,15 @@ public sealed record NbdServerOptions
     /// </summary>
     public TimeSpan StopTimeout { get; init; } = TimeSpan.FromSeconds(30);
 
-    /// <summary>Where to report connection problems and internal errors; null to stay quiet.</summary>
-    public Action<string>? Log { get; init; }
+    /// <summary>
+    /// Where to report connection problems, failing targets and internal errors; by default
+    /// nowhere. What a client can cause in bulk is logged at most once per 10 s per kind.
+    /// </summary>
+    public ILoggerFactory LoggerFactory { get; init; } = NullLoggerFactory.Instance;
 
     public void Validate()
     {
+        ArgumentNullException.ThrowIfNull(LoggerFactory);
         if (MaxConnections < 1)
         {
             throw new ArgumentOutOfRangeException(nameof(MaxConnections), "MaxConnections must be at least 1");

@@ -1,3 +1,4 @@
+using Microsoft.Extensions.Logging;
 using UblkSharp.Interop;
 using UblkSharp.Ublk;
 
@@ -20,9 +21,9 @@ public static class DeviceDeletion
     /// <summary>
     /// Deletes device <paramref name="id"/>. Unless <paramref name="force"/>, a busy device (see
     /// <see cref="StopUnlessBusy"/>) is refused with <see cref="DeviceBusyException"/>; with it, the
-    /// device's IO fails from now on. <paramref name="log"/> hears what the user should know.
+    /// device's IO fails from now on. <paramref name="logger"/> hears what the user should know.
     /// </summary>
-    public static void Delete(ControlDevice control, uint id, bool force, Action<string>? log = null)
+    public static void Delete(ControlDevice control, uint id, bool force, ILogger? logger = null)
     {
         ArgumentNullException.ThrowIfNull(control);
         DevInfo info;
@@ -37,7 +38,7 @@ public static class DeviceDeletion
         // Read before the stop: an unsafe state directory refuses the delete while nothing has changed yet.
         var record = DeviceRecord.Load(id);
         StopUnlessBusy(control, id, info, force);
-        WaitForDaemon(id, info.ublksrv_pid, record, DaemonExitTimeout, log);
+        WaitForDaemon(id, info.ublksrv_pid, record, DaemonExitTimeout, logger);
         // Asynchronous where the kernel has it: a forced delete must not wait for a mount to go.
         UblkDevice.DeleteDevice(control, id, StopTimeout);
         DeviceRecord.Remove(id);
@@ -71,9 +72,9 @@ public static class DeviceDeletion
     /// After the stop, waits up to <paramref name="timeout"/> for the daemon (pid <paramref name="pid"/>,
     /// as the kernel has it) to exit. A daemon that ignores the stop cannot keep the device (its
     /// queues are already aborted), so it is killed, but only when <paramref name="record"/> proves
-    /// that the process is the daemon; any other process is left alone, and <paramref name="log"/> says so.
+    /// that the process is the daemon; any other process is left alone, and <paramref name="logger"/> says so.
     /// </summary>
-    public static void WaitForDaemon(uint id, int pid, DeviceRecord? record, TimeSpan timeout, Action<string>? log = null)
+    public static void WaitForDaemon(uint id, int pid, DeviceRecord? record, TimeSpan timeout, ILogger? logger = null)
     {
         if (pid <= 0 || pid == Environment.ProcessId)
         {
@@ -84,14 +85,20 @@ public static class DeviceDeletion
         {
             if (!daemon.Process.WaitForExit(timeout))
             {
-                log?.Invoke($"device {id}: its daemon (pid {pid}) did not exit within {timeout.TotalSeconds:0.#} s of the stop; killing it");
+                if (logger is not null)
+                {
+                    RuntimeLog.DaemonKilled(logger, id, pid, timeout.TotalSeconds);
+                }
                 daemon.Process.Signal(Processes.SIGKILL);
                 daemon.Process.WaitForExit(TimeSpan.FromSeconds(10));
             }
         }
         else if (doubt is not null && !Processes.WaitForExit(pid, timeout))
         {
-            log?.Invoke($"device {id}: pid {pid} still runs {timeout.TotalSeconds:0.#} s after the stop; not killing it: {doubt}");
+            if (logger is not null)
+            {
+                RuntimeLog.DaemonLeftAlone(logger, id, pid, timeout.TotalSeconds, doubt);
+            }
         }
     }
 }

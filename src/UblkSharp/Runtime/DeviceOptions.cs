@@ -1,3 +1,5 @@
+using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Logging.Abstractions;
 using UblkSharp.Ublk;
 
 namespace UblkSharp.Runtime;
@@ -38,8 +40,15 @@ public sealed record DeviceOptions
     /// <summary>Bound on STOP_DEV and DEL_DEV.</summary>
     public TimeSpan StopTimeout { get; init; } = TimeSpan.FromSeconds(60);
 
+    /// <summary>
+    /// Where the device and its queues log (queue failures, IO errors, clean-up trouble); by default
+    /// nowhere. Queue threads log only a request's failure, and only the first few of each kind.
+    /// </summary>
+    public ILoggerFactory LoggerFactory { get; init; } = NullLoggerFactory.Instance;
+
     public void Validate()
     {
+        ArgumentNullException.ThrowIfNull(LoggerFactory);
         if (DeviceId < -1)
         {
             throw new ArgumentOutOfRangeException(nameof(DeviceId), $"The device id must be 0 or more (or -1 for any), not {DeviceId}");

@@ -32,6 +32,18 @@ public readonly record struct FileIdentity(ulong Device, ulong Inode)
         return new FileIdentity(MakeDev(st.stx_dev_major, st.stx_dev_minor), st.stx_ino);
     }
 
+    /// <summary>
+    /// The identity of what descriptor <paramref name="fd"/> refers to, of any kind (a socket, a
+    /// pipe); null if it is not open. A service's stderr is compared with JOURNAL_STREAM this way.
+    /// </summary>
+    public static unsafe FileIdentity? OfDescriptor(int fd)
+    {
+        Libc.Statx st;
+        return Libc.statx(fd, "", Libc.AT_EMPTY_PATH, Libc.STATX_BASIC_STATS, &st) < 0
+            ? null
+            : new FileIdentity(MakeDev(st.stx_dev_major, st.stx_dev_minor), st.stx_ino);
+    }
+
     /// <summary>The identities of the files <paramref name="recipe"/> names (<see cref="RecipeKeys"/>) that are regular files now.</summary>
     public static Dictionary<string, FileIdentity> OfRecipe(IReadOnlyDictionary<string, string> recipe)
     {

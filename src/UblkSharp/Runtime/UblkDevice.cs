@@ -1,3 +1,4 @@
+using Microsoft.Extensions.Logging;
 using UblkSharp.Interop;
 using UblkSharp.Targets;
 using UblkSharp.Ublk;
@@ -18,6 +19,7 @@ public sealed class UblkDevice : IDisposable
     private ControlDevice _control;
     private readonly BlockTarget _target;
     private readonly DeviceOptions _options;
+    private readonly ILogger _logger;
     private readonly UblkQueue[] _queues;
     private int _charFd;
     private bool _deleted;
@@ -27,6 +29,7 @@ public sealed class UblkDevice : IDisposable
         _control = control;
         _target = target;
         _options = options;
+        _logger = options.LoggerFactory.CreateLogger<UblkDevice>();
         Info = info;
         _queues = new UblkQueue[info.nr_hw_queues];
         _charFd = -1;
@@ -82,15 +85,20 @@ public sealed class UblkDevice : IDisposable
     public long Completed => _queues.Where(q => q is not null).Sum(q => q.Completed);
 
     /// <summary>
-    /// What a queue thread does when it fails while serving: by default, ends the process at once,
-    /// since a queue that stops serving would hang the device's IO forever, while the kernel fails
-    /// (or, with recovery, holds) the IO of a dead daemon.
+    /// What a queue thread does when it fails while serving, unless the caller says otherwise: logs
+    /// it to <paramref name="logger"/> and ends the process at once, since a queue that stops serving
+    /// would hang the device's IO forever, while the kernel fails (or, with recovery, holds) the IO
+    /// of a dead daemon.
     /// </summary>
-    public static Action<Exception> DefaultFatalHandler { get; } = e =>
+    public static Action<Exception> ExitOnFailure(ILogger logger)
     {
-        Console.Error.WriteLine($"ublksharp: a queue thread failed, ending the daemon so the kernel can fail its IO: {e}");
-        Libc._exit(70);
-    };
+        ArgumentNullException.ThrowIfNull(logger);
+        return e =>
+        {
+            RuntimeLog.QueueThreadFailed(logger, e);
+            Libc._exit(70);
+        };
+    }
 
     /// <summary>Creates, sets up and starts a device. On return <see cref="BlockPath"/> exists and serves IO.</summary>
     public static UblkDevice Create(BlockTarget target, DeviceOptions options, Action<Exception>? onFatal = null)
@@ -131,7 +139,7 @@ public sealed class UblkDevice : IDisposable
             {
                 throw new NotSupportedException($"this kernel's ublk driver dropped {UblkFeatureNames.Format(dropped)} at ADD_DEV");
             }
-            device.SetUp(onFatal ?? DefaultFatalHandler, recovering: false);
+            device.SetUp(onFatal, recovering: false);
             Metrics.UblkMeter.Add(device, device.Stats);
             return device;
         }
@@ -214,7 +222,7 @@ public sealed class UblkDevice : IDisposable
             var device = new UblkDevice(control, target, options, info);
             try
             {
-                device.SetUp(onFatal ?? DefaultFatalHandler, recovering: true);
+                device.SetUp(onFatal, recovering: true);
                 Metrics.UblkMeter.Add(device, device.Stats);
             }
             catch
@@ -501,8 +509,9 @@ public sealed class UblkDevice : IDisposable
         }
     }
 
-    private void SetUp(Action<Exception> onFatal, bool recovering)
+    private void SetUp(Action<Exception>? onFatal, bool recovering)
     {
+        onFatal ??= ExitOnFailure(_logger);
         if (!recovering)
         {
             Control.SetParams(Id, BuildParams());
@@ -524,7 +533,7 @@ public sealed class UblkDevice : IDisposable
             }
             // A recovered device keeps the flags it was created with: USER_COPY is the kernel's say, not the target's.
             var userCopy = (Info.flags & (ulong)UblkFeatures.UserCopy) != 0;
-            _queues[q] = new UblkQueue(q, Info.queue_depth, (int)Info.max_io_buf_bytes, _charFd, _target, userCopy, cpus, onFatal);
+            _queues[q] = new UblkQueue(q, Info.queue_depth, (int)Info.max_io_buf_bytes, _charFd, _target, userCopy, cpus, onFatal, _options.LoggerFactory.CreateLogger<UblkQueue>());
             _queues[q].Start(TimeSpan.FromSeconds(30));
         }
         if (recovering)
@@ -653,7 +662,7 @@ public sealed class UblkDevice : IDisposable
         }
         catch (Exception e) when (e is ErrnoException or TimeoutException or UblkUnavailableException)
         {
-            Console.Error.WriteLine($"ublksharp: cleaning up device {Id}: {e.Message}");
+            RuntimeLog.CleanUpFailed(_logger, Id, e.Message);
         }
         try
         {
@@ -661,7 +670,7 @@ public sealed class UblkDevice : IDisposable
         }
         catch (Exception e) when (e is ErrnoException or TimeoutException or UblkUnavailableException)
         {
-            Console.Error.WriteLine($"ublksharp: deleting device {Id}: {e.Message}; 'ublksharp del -n {Id}' may remove it later");
+            RuntimeLog.DeleteFailed(_logger, Id, e.Message);
         }
     }
 
@@ -768,7 +777,7 @@ public sealed class UblkDevice : IDisposable
             else
             {
                 // Its thread still uses what Dispose would free: leave it be.
-                Console.Error.WriteLine($"ublksharp: device {Id}: queue {q.QueueId} did not end within {_options.StopTimeout.TotalSeconds:0.#} s");
+                RuntimeLog.QueueDidNotEnd(_logger, Id, q.QueueId, _options.StopTimeout.TotalSeconds);
             }
         }
         if (_charFd >= 0)

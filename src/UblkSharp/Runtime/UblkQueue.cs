@@ -1,5 +1,6 @@
 using System.Diagnostics;
 using System.Runtime.InteropServices;
+using Microsoft.Extensions.Logging;
 using UblkSharp.Interop;
 using UblkSharp.Interop.IoUring;
 using UblkSharp.Targets;
@@ -38,6 +39,7 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
     private readonly int _blockSize;
     private readonly int[]? _cpus;
     private readonly Action<Exception> _onFatal;
+    private readonly ILogger _logger;
     private readonly Thread _thread;
     private readonly ManualResetEventSlim _ready = new();
     private Exception? _setupError;
@@ -84,7 +86,7 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
     private int[] _reapResults = [];
     private bool _reapAgainPending;
 
-    public UblkQueue(int queueId, int depth, int maxIo, int charFd, BlockTarget target, bool userCopy, int[]? cpus, Action<Exception> onFatal)
+    public UblkQueue(int queueId, int depth, int maxIo, int charFd, BlockTarget target, bool userCopy, int[]? cpus, Action<Exception> onFatal, ILogger logger)
     {
         _userCopy = userCopy;
         _direct = userCopy ? target as IUserCopyTarget : null;
@@ -96,6 +98,7 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
         _blockSize = target.LogicalBlockSize;
         _cpus = cpus;
         _onFatal = onFatal;
+        _logger = logger;
         _thread = new Thread(Run) { IsBackground = true, Name = $"ublk-q{queueId}" };
         _stopFd = Libc.eventfd(0, Libc.EFD_CLOEXEC);
         if (_stopFd < 0)
@@ -433,7 +436,7 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
         {
             if (++TargetExceptions <= 10)
             {
-                Console.Error.WriteLine($"ublksharp: queue {_queueId}: target threw ending the queue: {e.GetType().Name}: {e.Message}");
+                RuntimeLog.TargetThrewEnding(_logger, _queueId, e);
             }
         }
     }
@@ -540,7 +543,7 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
                 // and on every wake-up of the completion fd.
                 if (++TargetExceptions <= 10)
                 {
-                    Console.Error.WriteLine($"ublksharp: queue {_queueId}: target failed to reap completions: {e.GetType().Name}: {e.Message}");
+                    RuntimeLog.ReapFailed(_logger, _queueId, e);
                 }
                 if (!_reapAgainPending)
                 {
@@ -557,8 +560,10 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
                 if ((uint)tag >= (uint)_depth || !_tags[tag].InBackend)
                 {
                     // Never a second commit for a request already answered, nor one for a tag the backend does not hold.
-                    ExactlyOnceViolations++;
-                    Console.Error.WriteLine($"ublksharp: queue {_queueId}: backend reaped tag {tag}, which it was not serving; ignored");
+                    if (++ExactlyOnceViolations <= 10)
+                    {
+                        RuntimeLog.StrayCompletion(_logger, _queueId, tag);
+                    }
                     continue;
                 }
                 _tags[tag].InBackend = false;
@@ -766,7 +771,7 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
                 // A step of the backend's own (IBackendRing.NoTag): no request to fail.
                 if (++TargetExceptions <= 10)
                 {
-                    Console.Error.WriteLine($"ublksharp: queue {_queueId}: target threw completing a step of its own: {e.GetType().Name}: {e.Message}");
+                    RuntimeLog.OwnStepThrew(_logger, _queueId, e);
                 }
                 return;
             }
@@ -783,7 +788,7 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
     {
         if (++TargetExceptions <= 10)
         {
-            Console.Error.WriteLine($"ublksharp: queue {_queueId}: target threw {doing} {t.Op} at {t.Offset}: {e.GetType().Name}: {e.Message}");
+            RuntimeLog.TargetThrew(_logger, _queueId, doing, t.Op, t.Offset, e);
         }
     }
 
@@ -832,8 +837,10 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
         {
             // A second commit for one request: the driver would take it for the tag's next request.
             Debug.Assert(t.Busy, $"queue {_queueId}: tag {tag} committed twice");
-            ExactlyOnceViolations++;
-            Console.Error.WriteLine($"ublksharp: queue {_queueId}: tag {tag} ({t.Op} at {t.Offset}) committed twice; the second commit is dropped");
+            if (++ExactlyOnceViolations <= 10)
+            {
+                RuntimeLog.CommittedTwice(_logger, _queueId, tag, t.Op, t.Offset);
+            }
             return;
         }
         if (_userCopy && t.Op == IoOp.Read && result > 0 && t.InRequest < result)
@@ -852,7 +859,7 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
         if (result < 0 && ++Errors <= 10)
         {
             // The first few failures say what failed; after that only the count grows.
-            Console.Error.WriteLine($"ublksharp: queue {_queueId}: {t.Op} of {t.Length} bytes at {t.Offset} failed: {Errno.Describe(result)}");
+            RuntimeLog.IoFailed(_logger, _queueId, t.Op, t.Length, t.Offset, Errno.Describe(result));
         }
         QueueCommand(UblkCommands.CommitAndFetchReq, tag, result);
     }
@@ -898,7 +905,7 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
         catch (Exception e) when (e is not OutOfMemoryException)
         {
             // The queue is going anyway; the rest below must still be released.
-            Console.Error.WriteLine($"ublksharp: queue {_queueId}: target failed to close its backend: {e.GetType().Name}: {e.Message}");
+            RuntimeLog.BackendCloseFailed(_logger, _queueId, e);
         }
         _descMap?.Dispose();
         _buffers?.Dispose();

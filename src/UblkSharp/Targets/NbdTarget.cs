@@ -1,4 +1,6 @@
 using System.Net.Sockets;
+using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Logging.Abstractions;
 using UblkSharp.Interop;
 using UblkSharp.Nbd.Protocol;
 
@@ -19,6 +21,9 @@ public sealed record NbdTargetOptions
     /// device. Once a request has given up, later ones try once each until one gets through.
     /// </summary>
     public TimeSpan Timeout { get; init; } = TimeSpan.FromSeconds(30);
+
+    /// <summary>Where dropped connections and failed reconnects are reported (the first few per queue); by default nowhere.</summary>
+    public ILoggerFactory LoggerFactory { get; init; } = NullLoggerFactory.Instance;
 }
 
 /// <summary>
@@ -58,6 +63,7 @@ public sealed class NbdTarget : BlockTarget
             throw new ArgumentOutOfRangeException(nameof(options), "an nbd target's timeout must be positive");
         }
         Uri = uri;
+        Logger = (_options.LoggerFactory ?? NullLoggerFactory.Instance).CreateLogger<NbdTarget>();
         var first = NbdClient.Connect(uri, _options.ConnectTimeout, _options.Timeout);
         _remoteSize = first.Size;
         _flags = first.Flags;
@@ -77,6 +83,8 @@ public sealed class NbdTarget : BlockTarget
     }
 
     public NbdUri Uri { get; }
+
+    internal ILogger Logger { get; }
 
     internal NbdTargetOptions Options => _options;
 

@@ -789,7 +789,7 @@ internal sealed unsafe class NbdUringBackend : UringBackend
         // The first few say what happened; after that only the reconnect count grows.
         if (++_reported <= 10)
         {
-            Console.Error.WriteLine($"ublksharp: nbd {_target.Uri} (queue {_queueId}): {what}");
+            TargetLog.NbdConnection(_target.Logger, _target.Uri.ToString(), _queueId, what);
         }
     }
 

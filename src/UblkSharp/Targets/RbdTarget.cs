@@ -1,4 +1,6 @@
 using System.Runtime.InteropServices;
+using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Logging.Abstractions;
 using UblkSharp.Interop;
 using UblkSharp.Interop.Ceph;
 
@@ -27,6 +29,9 @@ public sealed record RbdTargetOptions
     /// answer in that time fails (with EIO) instead of hanging the device.
     /// </summary>
     public TimeSpan Timeout { get; init; } = TimeSpan.FromSeconds(30);
+
+    /// <summary>Where resizes of the image, and trouble watching for them, are reported; by default nowhere.</summary>
+    public ILoggerFactory LoggerFactory { get; init; } = NullLoggerFactory.Instance;
 }
 
 /// <summary>
@@ -43,6 +48,7 @@ public sealed unsafe class RbdTarget : BlockTarget
 
     private readonly RbdTargetOptions _options;
     private readonly bool _readOnly;
+    private readonly ILogger _logger;
     private nint _cluster;
     private nint _ioctx;
     private nint _image;
@@ -58,6 +64,7 @@ public sealed unsafe class RbdTarget : BlockTarget
     {
         ArgumentNullException.ThrowIfNull(options);
         _options = options;
+        _logger = (options.LoggerFactory ?? NullLoggerFactory.Instance).CreateLogger<RbdTarget>();
         _readOnly = options.ReadOnly || options.Snapshot is not null;
         try
         {
@@ -98,9 +105,6 @@ public sealed unsafe class RbdTarget : BlockTarget
 
     /// <summary>Called (on a librbd thread) with the old and new image size when the image is resized.</summary>
     public event Action<long, long>? Resized;
-
-    /// <summary>Where resize reports go; the default is stderr (the daemon's log).</summary>
-    public Action<string> Log { get; init; } = message => Console.Error.WriteLine($"ublksharp: {message}");
 
     public override string Kind => "rbd";
 
@@ -215,17 +219,25 @@ public sealed unsafe class RbdTarget : BlockTarget
     [UnmanagedCallersOnly]
     private static void OnHeaderUpdate(nint arg)
     {
+        // Nothing may unwind into librbd, not even from a logger.
+        RbdTarget? t = null;
         try
         {
-            if (GCHandle.FromIntPtr(arg).Target is RbdTarget t)
+            t = GCHandle.FromIntPtr(arg).Target as RbdTarget;
+            t?.CheckSize();
+        }
+        catch (Exception e) when (t is not null)
+        {
+            try
             {
-                t.CheckSize();
+                TargetLog.RbdWatchFailed(t._logger, e);
+            }
+            catch (Exception)
+            {
             }
         }
-        catch (Exception e)
+        catch (Exception)
         {
-            // Nothing may unwind into librbd.
-            Console.Error.WriteLine($"ublksharp: rbd: header watch: {e.Message}");
         }
     }
 
@@ -243,14 +255,14 @@ public sealed unsafe class RbdTarget : BlockTarget
         var grown = (long)size > Size;
         if (FollowsResizes)
         {
-            Log($"rbd: the image {Name} was resized from {old} to {size} bytes; the device follows it");
+            TargetLog.RbdResizeFollowed(_logger, Name, old, (long)size);
             Resized?.Invoke(old, (long)size);
             return;
         }
-        Log($"rbd: the image {Name} was resized from {old} to {size} bytes; the device keeps its size of {Size} bytes"
-            + (grown
+        TargetLog.RbdResizeNotFollowed(_logger, Name, old, (long)size, Size,
+            grown
                 ? ": growing a ublk device needs UPDATE_SIZE (Linux 6.16 or later)" + (KernelBefore616(Environment.OSVersion.Version) ? $", and this kernel is {Environment.OSVersion.Version}" : "")
-                : (long)size < Size ? ": IO past the image's new end fails" : ""));
+                : (long)size < Size ? ": IO past the image's new end fails" : "");
         Resized?.Invoke(old, (long)size);
     }
 

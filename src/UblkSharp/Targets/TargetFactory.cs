@@ -1,4 +1,6 @@
 using System.Globalization;
+using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Logging.Abstractions;
 
 using UblkSharp.Nbd.Protocol;
 
@@ -13,9 +15,14 @@ public static class TargetFactory
 {
     public static IReadOnlyList<string> Kinds { get; } = ["null", "mem", "loop", "fault", "cow", "nbd", "rbd"];
 
-    public static BlockTarget Create(string kind, IReadOnlyDictionary<string, string> options)
+    /// <summary>
+    /// The target <paramref name="kind"/> with <paramref name="options"/>; the targets that log (nbd,
+    /// rbd) log to <paramref name="loggerFactory"/> (by default nowhere).
+    /// </summary>
+    public static BlockTarget Create(string kind, IReadOnlyDictionary<string, string> options, ILoggerFactory? loggerFactory = null)
     {
         ArgumentNullException.ThrowIfNull(options);
+        loggerFactory ??= NullLoggerFactory.Instance;
         return kind switch
         {
             "null" => new NullTarget(Size(options, "size", 250L << 30, 512)),
@@ -23,13 +30,13 @@ public static class TargetFactory
             "loop" => CreateLoop(options),
             "fault" => CreateFault(options),
             "cow" => CreateCow(options),
-            "nbd" => CreateNbd(options),
-            "rbd" => CreateRbd(options),
+            "nbd" => CreateNbd(options, loggerFactory),
+            "rbd" => CreateRbd(options, loggerFactory),
             _ => throw new ArgumentException($"unknown target type '{kind}': use one of {string.Join(", ", Kinds)}"),
         };
     }
 
-    private static NbdTarget CreateNbd(IReadOnlyDictionary<string, string> o)
+    private static NbdTarget CreateNbd(IReadOnlyDictionary<string, string> o, ILoggerFactory loggerFactory)
     {
         if (!o.TryGetValue("uri", out var uri) || string.IsNullOrEmpty(uri))
         {
@@ -41,14 +48,14 @@ public static class TargetFactory
             throw new ArgumentException("bad --timeout '0': give at least 1 second");
         }
         // Parsing throws ArgumentException; a server that cannot be reached, IOException naming it.
-        return new NbdTarget(NbdUri.Parse(uri), new NbdTargetOptions { Timeout = TimeSpan.FromSeconds(timeout) });
+        return new NbdTarget(NbdUri.Parse(uri), new NbdTargetOptions { Timeout = TimeSpan.FromSeconds(timeout), LoggerFactory = loggerFactory });
     }
 
     /// <summary>
     /// An RBD image: "pool", "image", optional "conf", "id", "snap", "read-only" and "timeout"
     /// (seconds). A cluster, pool or image that cannot be reached or found is an IOException naming it.
     /// </summary>
-    private static RbdTarget CreateRbd(IReadOnlyDictionary<string, string> o)
+    private static RbdTarget CreateRbd(IReadOnlyDictionary<string, string> o, ILoggerFactory loggerFactory)
     {
         string Need(string key, string example)
             => o.TryGetValue(key, out var v) && !string.IsNullOrEmpty(v) ? v : throw new ArgumentException($"the rbd target needs --{key} {example}");
@@ -73,6 +80,7 @@ public static class TargetFactory
             Snapshot = o.TryGetValue("snap", out var snap) && !string.IsNullOrEmpty(snap) ? snap : null,
             ReadOnly = Flag(o, "read-only"),
             Timeout = TimeSpan.FromSeconds(timeout),
+            LoggerFactory = loggerFactory,
         });
     }
 

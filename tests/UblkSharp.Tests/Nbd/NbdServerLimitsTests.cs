@@ -1,4 +1,3 @@
-using System.Collections.Concurrent;
 using System.Diagnostics;
 using System.Net;
 using System.Net.Sockets;
@@ -20,8 +19,8 @@ public class NbdServerLimitsTests(ITestOutputHelper output)
     [Fact]
     public void ConnectionsBeyondTheLimitAreClosedCleanlyAndLoggedOncePerInterval()
     {
-        var log = new ConcurrentQueue<string>();
-        using var s = new TestServer(new MemoryTarget(1 << 20), options: new NbdServerOptions { MaxConnections = 2, Log = log.Enqueue });
+        var log = new CapturingLoggerFactory();
+        using var s = new TestServer(new MemoryTarget(1 << 20), options: new NbdServerOptions { MaxConnections = 2, LoggerFactory = log });
         using var a = new RawNbd(s.SocketPath).Connect();
         using var b = new RawNbd(s.SocketPath).Connect();
         for (var i = 0; i < 20; i++)
@@ -32,7 +31,7 @@ public class NbdServerLimitsTests(ITestOutputHelper output)
         }
         Assert.Equal(20, s.Server.ConnectionsRefused);
         Assert.Equal(0, s.Server.ConnectionsEvicted);
-        var refusals = log.Where(l => l.Contains("connection refused", StringComparison.Ordinal)).ToList();
+        var refusals = log.Messages.Where(l => l.Contains("connection refused", StringComparison.Ordinal)).ToList();
         Assert.Single(refusals);
         Assert.Contains("--max-connections", refusals[0], StringComparison.Ordinal);
         a.Request(CmdRead, 1, 0, 512);
@@ -95,8 +94,8 @@ public class NbdServerLimitsTests(ITestOutputHelper output)
     [Fact]
     public void IdleConnectionsAreClosedAfterTheIdleTimeoutAndBusyOnesAreNot()
     {
-        var log = new ConcurrentQueue<string>();
-        using var s = new TestServer(new MemoryTarget(1 << 20), options: new NbdServerOptions { IdleTimeout = TimeSpan.FromSeconds(1), Log = log.Enqueue });
+        var log = new CapturingLoggerFactory();
+        using var s = new TestServer(new MemoryTarget(1 << 20), options: new NbdServerOptions { IdleTimeout = TimeSpan.FromSeconds(1), LoggerFactory = log });
         using var idle = new RawNbd(s.SocketPath).Connect();
         using var busy = new RawNbd(s.SocketPath).Connect();
         var clock = Stopwatch.StartNew();
@@ -115,7 +114,7 @@ public class NbdServerLimitsTests(ITestOutputHelper output)
         Assert.NotNull(idleClosedAt);
         Assert.InRange(idleClosedAt.Value, TimeSpan.FromSeconds(0.9), TimeSpan.FromSeconds(3));
         Assert.Equal(1, s.Server.IdleConnectionsClosed);
-        Assert.Single(log, l => l.Contains("idle", StringComparison.Ordinal));
+        Assert.Single(log.Messages, l => l.Contains("idle", StringComparison.Ordinal));
         busy.Request(CmdRead, ++cookie, 0, 512);
         Assert.Equal((cookie, 0u), Reply(busy));
     }

@@ -74,11 +74,8 @@ public sealed class CephCluster : IDisposable
         return stdout;
     }
 
-    public RbdTarget Open(string image, bool readOnly = false, string? snapshot = null, int timeoutSeconds = 30, Action<string>? log = null)
-        => new(new RbdTargetOptions { Pool = "rbd", Image = image, ConfigFile = Conf, ReadOnly = readOnly, Snapshot = snapshot, Timeout = TimeSpan.FromSeconds(timeoutSeconds) })
-        {
-            Log = log ?? (_ => { }),
-        };
+    public RbdTarget Open(string image, bool readOnly = false, string? snapshot = null, int timeoutSeconds = 30, Microsoft.Extensions.Logging.ILoggerFactory? loggerFactory = null)
+        => new(new RbdTargetOptions { Pool = "rbd", Image = image, ConfigFile = Conf, ReadOnly = readOnly, Snapshot = snapshot, Timeout = TimeSpan.FromSeconds(timeoutSeconds), LoggerFactory = loggerFactory ?? Microsoft.Extensions.Logging.Abstractions.NullLoggerFactory.Instance });
 
     public void KillOsd() => ScriptOk("kill-osd");
 

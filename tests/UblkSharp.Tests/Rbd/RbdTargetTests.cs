@@ -134,15 +134,15 @@ public class RbdTargetTests(CephCluster cluster)
     public void A_resize_is_noticed_and_reported_and_the_device_keeps_its_size()
     {
         var name = cluster.CreateImage(16 * MiB);
-        var messages = new System.Collections.Concurrent.ConcurrentQueue<string>();
+        var log = new CapturingLoggerFactory();
         using var resized = new ManualResetEventSlim();
-        using var t = cluster.Open(name, log: messages.Enqueue);
+        using var t = cluster.Open(name, loggerFactory: log);
         t.Resized += (_, _) => resized.Set();
         cluster.RbdCli("resize", "--size", "32M", $"rbd/{name}");
         Assert.True(resized.Wait(TimeSpan.FromSeconds(60), TestContext.Current.CancellationToken), "no resize notification within 60 s");
         Assert.Equal(32L * MiB, t.ImageSize);
         Assert.Equal(16L * MiB, t.Size);
-        var report = Assert.Single(messages);
+        var report = Assert.Single(log.Messages);
         Assert.Contains("resized from 16777216 to 33554432 bytes", report, StringComparison.Ordinal);
         Assert.Contains("6.16", report, StringComparison.Ordinal);
         // IO inside the old size still works after the resize.

@@ -12,7 +12,7 @@ namespace UblkSharp.Tests.Runtime;
 public sealed class RecordedDaemonTests : IDisposable
 {
     private readonly Process _sleep = Process.Start("sleep", "600");
-    private readonly List<string> _log = [];
+    private readonly CapturingLoggerFactory _log = new();
 
     public void Dispose()
     {
@@ -39,7 +39,7 @@ public sealed class RecordedDaemonTests : IDisposable
     private long SleepStart => Processes.StartTime(_sleep.Id) ?? throw new InvalidOperationException("sleep is gone");
 
     private void WaitForDaemon(DeviceRecord? record, double seconds = 1)
-        => DeviceDeletion.WaitForDaemon(7, _sleep.Id, record, TimeSpan.FromSeconds(seconds), _log.Add);
+        => DeviceDeletion.WaitForDaemon(7, _sleep.Id, record, TimeSpan.FromSeconds(seconds), _log.Logger);
 
     [Fact]
     public void StartTimeAndExecutableNameAProcess()
@@ -60,7 +60,7 @@ public sealed class RecordedDaemonTests : IDisposable
         WaitForDaemon(RecordOf(_sleep.Id, SleepStart - 1, Processes.ExecutablePath(_sleep.Id)), seconds: 20);
         Assert.True(sw.Elapsed < TimeSpan.FromSeconds(10), $"waited {sw.Elapsed} for a process that is provably not the daemon");
         Assert.False(_sleep.HasExited, "an unrelated process was killed");
-        Assert.Empty(_log);
+        Assert.Empty(_log.Messages);
     }
 
     [Fact]
@@ -77,7 +77,7 @@ public sealed class RecordedDaemonTests : IDisposable
     {
         WaitForDaemon(noRecord ? null : RecordOf(_sleep.Id, null, null));
         Assert.False(_sleep.HasExited, "an unrelated process was killed");
-        var line = Assert.Single(_log);
+        var line = Assert.Single(_log.Messages);
         Assert.Contains($"pid {_sleep.Id} still runs 1 s after the stop; not killing it", line, StringComparison.Ordinal);
         Assert.Contains(why, line, StringComparison.Ordinal);
     }
@@ -87,7 +87,7 @@ public sealed class RecordedDaemonTests : IDisposable
     {
         WaitForDaemon(RecordOf(_sleep.Id + 1, SleepStart, null));
         Assert.False(_sleep.HasExited, "an unrelated process was killed");
-        Assert.Contains("names pid", Assert.Single(_log), StringComparison.Ordinal);
+        Assert.Contains("names pid", Assert.Single(_log.Messages), StringComparison.Ordinal);
     }
 
     [Fact]
@@ -95,7 +95,7 @@ public sealed class RecordedDaemonTests : IDisposable
     {
         WaitForDaemon(RecordOf(_sleep.Id, SleepStart, Processes.ExecutablePath(_sleep.Id)));
         Assert.True(_sleep.WaitForExit(10_000), "the daemon of record outlived its kill");
-        Assert.Contains("killing it", Assert.Single(_log), StringComparison.Ordinal);
+        Assert.Contains("killing it", Assert.Single(_log.Messages), StringComparison.Ordinal);
     }
 
     [Fact]
