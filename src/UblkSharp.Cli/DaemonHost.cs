@@ -1,7 +1,7 @@
 using System.Runtime.InteropServices;
+using UblkSharp.Cli.Logging;
 using UblkSharp.Runtime;
 using UblkSharp.Targets;
-using UblkSharp.Cli.Logging;
 
 namespace UblkSharp.Cli;
 

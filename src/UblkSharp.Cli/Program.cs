@@ -1,7 +1,7 @@
 using System.CommandLine;
 using System.CommandLine.Help;
-using UblkSharp.Cli.Logging;
 using UblkSharp.Cli.Commands;
+using UblkSharp.Cli.Logging;
 
 namespace UblkSharp.Cli;
 

@@ -1,7 +1,7 @@
 using System.Text.Json;
+using UblkSharp.Cli.Logging;
 using UblkSharp.Interop;
 using UblkSharp.Runtime;
-using UblkSharp.Cli.Logging;
 
 namespace UblkSharp.Cli;
 

@@ -1,7 +1,7 @@
 using System.Net.Sockets;
 using System.Text;
-using UblkSharp.Runtime;
 using UblkSharp.Cli.Logging;
+using UblkSharp.Runtime;
 
 namespace UblkSharp.Cli;
 

@@ -1,9 +1,9 @@
 using System.Diagnostics;
 using System.Globalization;
 using System.Runtime.InteropServices;
+using UblkSharp.Cli.Logging;
 using UblkSharp.Runtime;
 using UblkSharp.Ublk;
-using UblkSharp.Cli.Logging;
 
 namespace UblkSharp.Cli;
 

@@ -1,7 +1,7 @@
 using System.CommandLine;
+using UblkSharp.Cli.Logging;
 using UblkSharp.Runtime;
 using UblkSharp.Ublk;
-using UblkSharp.Cli.Logging;
 
 namespace UblkSharp.Cli.Commands;
 

@@ -1,10 +1,10 @@
 using System.CommandLine;
 using System.Text.Json;
+using UblkSharp.Cli.Logging;
 using UblkSharp.Interop;
 using UblkSharp.Runtime;
 using UblkSharp.Targets;
 using UblkSharp.Ublk;
-using UblkSharp.Cli.Logging;
 
 namespace UblkSharp.Cli.Commands;
 

@@ -1,8 +1,8 @@
 using System.CommandLine;
 using System.Diagnostics;
+using UblkSharp.Cli.Logging;
 using UblkSharp.Runtime;
 using UblkSharp.Ublk;
-using UblkSharp.Cli.Logging;
 
 namespace UblkSharp.Cli.Commands;
 

@@ -1,10 +1,10 @@
 using System.CommandLine;
 using System.Globalization;
+using UblkSharp.Cli.Logging;
 using UblkSharp.Runtime;
 using UblkSharp.Targets;
 using UblkSharp.Targets.Cow;
 using UblkSharp.Ublk;
-using UblkSharp.Cli.Logging;
 
 namespace UblkSharp.Cli.Commands;
 

@@ -1,9 +1,9 @@
 using System.CommandLine;
+using UblkSharp.Cli.Logging;
 using UblkSharp.Interop;
 using UblkSharp.Runtime;
 using UblkSharp.Targets;
 using UblkSharp.Ublk;
-using UblkSharp.Cli.Logging;
 
 namespace UblkSharp.Cli.Commands;
 

@@ -1,10 +1,10 @@
 using System.CommandLine;
 using System.Runtime.InteropServices;
+using UblkSharp.Cli.Logging;
 using UblkSharp.Nbd;
 using UblkSharp.Nbd.Protocol;
 using UblkSharp.Runtime;
 using UblkSharp.Targets;
-using UblkSharp.Cli.Logging;
 
 namespace UblkSharp.Cli.Commands;
 

@@ -1,10 +1,10 @@
 using System.CommandLine;
 using System.Diagnostics;
 using System.Globalization;
+using UblkSharp.Cli.Logging;
 using UblkSharp.Interop;
 using UblkSharp.Runtime;
 using UblkSharp.Ublk;
-using UblkSharp.Cli.Logging;
 
 namespace UblkSharp.Cli.Commands;
 

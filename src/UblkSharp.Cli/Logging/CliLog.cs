@@ -16,7 +16,8 @@ internal static class CliLog
     // In LogLevel's order: Trace (0) to None (6).
     private static readonly string[] Names = ["trace", "debug", "information", "warning", "error", "critical", "none"];
 
-    private static StderrLoggerProvider _provider = new(LogLevel.Information, journal: false);
+    // Until Configure: what comes before it (a bad --log-level) goes to the journal in its format too.
+    private static StderrLoggerProvider _provider = new(LogLevel.Information, JournalFormat.StderrIsJournal());
     private static ILogger _logger = _provider.CreateLogger("ublksharp");
 
     public static StderrLoggerProvider Provider => _provider;
