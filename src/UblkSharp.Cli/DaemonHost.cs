@@ -145,7 +145,7 @@ internal static class DaemonHost
         }
         try
         {
-            return MetricsEndpoint.Start(MetricsEndpoint.Parse(metrics, insecure: true), () => [device.Stats()]);
+            return MetricsEndpoint.Start(MetricsEndpoint.Parse(metrics, insecure: true), () => Runtime.Metrics.PrometheusText.Write([device.Stats()]));
         }
         catch (Exception e) when (e is System.Net.Sockets.SocketException or IOException or ArgumentException)
         {

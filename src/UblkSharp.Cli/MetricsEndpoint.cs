@@ -19,11 +19,11 @@ internal sealed class MetricsEndpoint : IDisposable
     private static readonly TimeSpan ClientTimeout = TimeSpan.FromSeconds(5);
 
     private readonly Socket _listener;
-    private readonly Func<IEnumerable<DeviceStats>> _source;
+    private readonly Func<string> _source;
     private readonly string? _unixPath;
     private volatile bool _disposed;
 
-    private MetricsEndpoint(Socket listener, Func<IEnumerable<DeviceStats>> source, string? unixPath)
+    private MetricsEndpoint(Socket listener, Func<string> source, string? unixPath)
     {
         _listener = listener;
         _source = source;
@@ -53,13 +53,16 @@ internal sealed class MetricsEndpoint : IDisposable
         }
         if (!address.IsUnix && !insecure && !address.IsLoopback)
         {
-            throw new ArgumentException($"--metrics {text} would serve the device's figures beyond this machine: use a loopback address (127.0.0.1, [::1]) or a unix socket, or add --metrics-insecure");
+            throw new ArgumentException($"--metrics {text} would serve the daemon's figures beyond this machine: use a loopback address (127.0.0.1, [::1]) or a unix socket, or add --metrics-insecure");
         }
         return address;
     }
 
-    /// <summary>Listens at <paramref name="address"/>; throws what binding hit.</summary>
-    public static MetricsEndpoint Start(NbdAddress address, Func<IEnumerable<DeviceStats>> source)
+    /// <summary>
+    /// Listens at <paramref name="address"/>; throws what binding hit. <paramref name="source"/>
+    /// writes the text for each scrape (<see cref="PrometheusText"/>).
+    /// </summary>
+    public static MetricsEndpoint Start(NbdAddress address, Func<string> source)
     {
         var endPoint = address.ResolveEndPoints()[0];
         var listener = new Socket(endPoint.AddressFamily, SocketType.Stream, address.IsUnix ? ProtocolType.Unspecified : ProtocolType.Tcp);
@@ -134,7 +137,7 @@ internal sealed class MetricsEndpoint : IDisposable
                 }
                 else if (parts[1] is "/metrics" || parts[1].StartsWith("/metrics?", StringComparison.Ordinal))
                 {
-                    (status, body, type) = ("200 OK", PrometheusText.Write(_source()), PrometheusText.ContentType);
+                    (status, body, type) = ("200 OK", _source(), PrometheusText.ContentType);
                 }
                 else
                 {

@@ -1,5 +1,4 @@
 using System.CommandLine;
-using UblkSharp.Cli.Logging;
 using UblkSharp.Runtime;
 using UblkSharp.Targets;
 
@@ -25,13 +24,13 @@ internal static class AddCommand
         var startTimeout = new Option<int>("--start-timeout") { Description = "Seconds the device may take to start (the kernel reads its partition table through the target)", DefaultValueFactory = _ => 60 };
         var noPartitionScan = new Option<bool>("--no-partition-scan") { Description = "Do not read a partition table when the device starts (Linux 7.0+)" };
         var readyFile = new Option<string?>("--ready-file") { Hidden = true };
-        var metrics = new Option<string?>("--metrics") { Description = "Serve live figures for Prometheus (GET /metrics) at tcp://127.0.0.1:PORT or unix:///PATH" };
-        var metricsInsecure = new Option<bool>("--metrics-insecure") { Description = "Allow --metrics on an address beyond loopback" };
+        var metrics = new MetricsOptions();
 
         var command = new Command("add", "Create a ublk device and serve it")
         {
-            number, queues, depth, maxIo, foreground, recovery, supervise, autoclear, startTimeout, noPartitionScan, readyFile, metrics, metricsInsecure,
+            number, queues, depth, maxIo, foreground, recovery, supervise, autoclear, startTimeout, noPartitionScan, readyFile,
         };
+        metrics.AddTo(command);
         target.AddTo(command);
         command.SetAction(r =>
         {
@@ -55,15 +54,7 @@ internal static class AddCommand
             }
             var args = Program.Arguments;
             var supervised = r.GetValue(supervise);
-            var metricsAddress = r.GetValue(metrics);
-            if (metricsAddress is not null)
-            {
-                _ = MetricsEndpoint.Parse(metricsAddress, r.GetValue(metricsInsecure));
-                if (r.GetValue(metricsInsecure))
-                {
-                    CliLog.Warning($"warning: --metrics-insecure: the device's figures are served beyond loopback at {metricsAddress}, to anyone who can reach it");
-                }
-            }
+            var metricsAddress = metrics.Checked(r, "the device's");
             if (r.GetValue(target.Create))
             {
                 // The COW file is made once, here; the daemon, a supervisor's restarts and recovery reopen it.

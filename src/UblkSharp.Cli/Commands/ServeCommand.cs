@@ -4,6 +4,7 @@ using UblkSharp.Cli.Logging;
 using UblkSharp.Nbd;
 using UblkSharp.Nbd.Protocol;
 using UblkSharp.Runtime;
+using UblkSharp.Runtime.Metrics;
 using UblkSharp.Targets;
 
 namespace UblkSharp.Cli.Commands;
@@ -11,7 +12,8 @@ namespace UblkSharp.Cli.Commands;
 /// <summary>
 /// `ublksharp serve`: exports a target over NBD, in the foreground, until SIGTERM or SIGINT. With
 /// --ublk the same process also serves the same target as a ublk device, so one daemon (and one
-/// target object) answers both: what is written through one is read through the other.
+/// target object) answers both: what is written through one is read through the other. With
+/// --metrics a scrape shows the export's and its connections' figures (and the device's, with --ublk).
 /// </summary>
 internal static class ServeCommand
 {
@@ -31,6 +33,7 @@ internal static class ServeCommand
         var number = new Option<int>("--number", "-n") { Description = "--ublk: device id (default: the first free one)", DefaultValueFactory = _ => -1 };
         var queues = new Option<int>("--queues", "-q") { Description = "--ublk: hardware queues", DefaultValueFactory = _ => 1 };
         var depth = new Option<int>("--depth", "-d") { Description = "--ublk: requests in flight per queue", DefaultValueFactory = _ => 128 };
+        var metrics = new MetricsOptions();
 
         var command = new Command("serve", "Export a target over NBD (and, with --ublk, as a ublk device too) until SIGTERM or SIGINT");
         target.AddTo(command);
@@ -38,6 +41,7 @@ internal static class ServeCommand
         {
             command.Options.Add(o);
         }
+        metrics.AddTo(command);
         command.SetAction(r =>
         {
             var kind = target.Kind(r);
@@ -52,6 +56,7 @@ internal static class ServeCommand
                 // Every start says it, so nobody forgets it runs so.
                 CliLog.Warning($"warning: --insecure: {address} exports the disk to anyone who can reach it, with no TLS and no authentication");
             }
+            var metricsAddress = metrics.Checked(r, "the export's");
             var readOnly = r.GetValue(target.ReadOnly);
             var serverOptions = new NbdServerOptions
             {
@@ -82,9 +87,22 @@ internal static class ServeCommand
                 deviceOptions = new DeviceOptions { DeviceId = r.GetValue(number), Queues = r.GetValue(queues), Depth = r.GetValue(depth), LoggerFactory = CliLog.Factory };
                 deviceOptions.Validate();
             }
-            return Serve(kind, recipe, address, r.GetValue(export)!, r.GetValue(description), readOnly, serverOptions, deviceOptions);
+            return Serve(kind, recipe, address, r.GetValue(export)!, r.GetValue(description), readOnly, serverOptions, deviceOptions, metricsAddress);
         });
         return command;
+    }
+
+    // Asked for in the foreground: a failure to listen ends serve with the reason (add's daemon serves on without).
+    private static MetricsEndpoint StartMetrics(string metrics, Func<string> text)
+    {
+        try
+        {
+            return MetricsEndpoint.Start(MetricsEndpoint.Parse(metrics, insecure: true), text);
+        }
+        catch (System.Net.Sockets.SocketException e)
+        {
+            throw new IOException($"cannot serve --metrics at {metrics}: {e.Message}", e);
+        }
     }
 
     private static TimeSpan Seconds(double value, string option, bool zeroAllowed = true)
@@ -93,7 +111,7 @@ internal static class ServeCommand
             : throw new ArgumentException($"bad {option} {value}: give seconds, from {(zeroAllowed ? "0 (never)" : "more than 0")} to a year");
 
     private static int Serve(string kind, Dictionary<string, string> recipe, NbdAddress address, string exportName, string? description,
-        bool readOnly, NbdServerOptions serverOptions, DeviceOptions? deviceOptions)
+        bool readOnly, NbdServerOptions serverOptions, DeviceOptions? deviceOptions, string? metrics)
     {
         var target = TargetFactory.Create(kind, recipe, CliLog.Factory);
         NbdServer server;
@@ -117,8 +135,14 @@ internal static class ServeCommand
         using var intr = PosixSignalRegistration.Create(PosixSignal.SIGINT, c => { c.Cancel = true; stop.Set(); });
         UblkDevice? device = null;
         StatsEndpoint? stats = null;
+        MetricsEndpoint? prometheus = null;
         try
         {
+            if (metrics is not null)
+            {
+                // Listening before the address is printed: whoever waits for that line can scrape at once.
+                prometheus = StartMetrics(metrics, () => PrometheusText.Write(device is null ? [] : [device.Stats()], server.Stats()));
+            }
             Console.WriteLine(server.Address);
             if (deviceOptions is not null)
             {
@@ -137,6 +161,7 @@ internal static class ServeCommand
         finally
         {
             // Connections finish what they have in flight before the device and the target go.
+            prometheus?.Dispose(); // first: a scrape reads the device, which goes below
             server.Dispose();
             stats?.Dispose();
             var queuesEnded = true;

@@ -2,9 +2,11 @@ using System.Buffers;
 using System.Buffers.Binary;
 using System.Diagnostics;
 using System.Net.Sockets;
+using System.Runtime.InteropServices;
 using System.Text;
 using UblkSharp.Interop;
 using UblkSharp.Nbd.Protocol;
+using UblkSharp.Runtime.Metrics;
 using UblkSharp.Targets;
 using static UblkSharp.Nbd.Protocol.NbdProtocol;
 
@@ -16,6 +18,8 @@ namespace UblkSharp.Nbd;
 /// for), and runs it inline or on the server's workers (<see cref="NbdExecution"/>); replies go
 /// through an <see cref="NbdReplyWriter"/> and may leave out of order. In-flight requests are
 /// bounded in number and bytes; when the client goes away, what is in flight finishes first.
+/// Every request answered is counted (<see cref="QueueStats"/>): the connection's thread writes
+/// its own figures with plain increments, the workers theirs with atomic ones.
 /// </summary>
 internal sealed class NbdConnection : IDisposable
 {
@@ -56,6 +60,11 @@ internal sealed class NbdConnection : IDisposable
     private volatile bool _transmitting;
     private long _lastRequest;
     private int _reaped;
+    private readonly int _threadId;
+    // Made as the transmission phase starts: a handshake (or a flood of them) costs no figures.
+    private QueueStats? _stats;
+    private QueueStats? _workerStats;
+    private volatile NbdExport? _statsExport;
 
     public NbdConnection(NbdServer server, Socket socket, long id)
     {
@@ -66,9 +75,16 @@ internal sealed class NbdConnection : IDisposable
         _inlineThresholdTicks = (long)(_options.InlineThreshold.TotalSeconds * Stopwatch.Frequency);
         _free = new NbdRequest[_options.MaxInFlight];
         _thread = new Thread(Run, 256 * 1024) { IsBackground = true, Name = $"nbd-conn{id}" };
+        _threadId = _thread.ManagedThreadId;
     }
 
     public long Id { get; }
+
+    /// <summary>Who is at the other end: a TCP address and port, or a unix socket client's pid.</summary>
+    public string Peer { get; private set; } = "";
+
+    /// <summary>The export this connection serves, once past its handshake; null before.</summary>
+    public NbdExport? StatsExport => _statsExport;
 
     /// <summary>When the client connected (<see cref="Environment.TickCount64"/>): the handshake's deadline counts from it.</summary>
     public long AcceptedAt { get; } = Environment.TickCount64;
@@ -126,6 +142,7 @@ internal sealed class NbdConnection : IDisposable
     {
         try
         {
+            Peer = PeerOf(_socket);
             _socket.ReceiveTimeout = (int)Math.Min(int.MaxValue, _options.HandshakeTimeout.TotalMilliseconds);
             _session = NbdHandshake.Negotiate(_socket, _server, EnterTransmission);
             if (_session is null || _closing)
@@ -200,12 +217,16 @@ internal sealed class NbdConnection : IDisposable
         _filter = _target.CreateResultFilter((int)(Id & 0x7fffffff));
         _in = ArrayPool<byte>.Shared.Rent(InputSize);
         _writer = new NbdReplyWriter(_socket);
+        _stats = new QueueStats();
+        _statsExport = _export; // publishes _stats and Peer to the readers of the figures
         while (!_closing && !_writer.Failed)
         {
             if (!Fill(RequestSize))
             {
                 return;
             }
+            // A request's latency counts from here (its header read) to its reply.
+            var started = Stopwatch.GetTimestamp();
             var h = new ReadOnlySpan<byte>(_in, _start, RequestSize);
             var magic = BinaryPrimitives.ReadUInt32BigEndian(h);
             var flags = BinaryPrimitives.ReadUInt16BigEndian(h[4..]);
@@ -234,6 +255,7 @@ internal sealed class NbdConnection : IDisposable
                     return;
                 }
                 ReplyError(cookie, error, why);
+                Record(type, -(int)error, started); // NBD's error numbers are Linux errnos
                 continue;
             }
             var bytes = type is CmdRead or CmdWrite ? length : 0;
@@ -243,6 +265,7 @@ internal sealed class NbdConnection : IDisposable
             request.Flags = flags;
             request.Offset = (long)offset;
             request.Length = length;
+            request.Started = started;
             var inline = ShouldInline(request);
             if (type == CmdWrite && inline && length <= _in.Length / 2)
             {
@@ -453,8 +476,63 @@ internal sealed class NbdConnection : IDisposable
         }
         finally
         {
+            // Before Release: once nothing is in flight, the figures are complete (Close folds them).
+            Record(request.Type, result < 0 ? result : (int)request.Bytes, request.Started);
             _server.NoteServed();
             Release(request);
+        }
+    }
+
+    // The target's errno for a failed request (as a ublk queue counts it), bytes for READ and WRITE.
+    private void Record(ushort type, int result, long started)
+    {
+        var op = NbdStatOps.Of(type);
+        if (Environment.CurrentManagedThreadId == _threadId)
+        {
+            _stats!.Completed(op, result, started);
+        }
+        else
+        {
+            (Volatile.Read(ref _workerStats) ?? WorkerStats()).CompletedShared(op, result, started);
+        }
+    }
+
+    private QueueStats WorkerStats()
+    {
+        Interlocked.CompareExchange(ref _workerStats, new QueueStats(), null);
+        return _workerStats!;
+    }
+
+    /// <summary>This connection's figures now; null while it is in its handshake.</summary>
+    public NbdConnectionStats? Stats()
+    {
+        var export = _statsExport;
+        if (export is null)
+        {
+            return null;
+        }
+        var own = _stats!.Snapshot(-1, Volatile.Read(ref _inFlight));
+        var workers = Volatile.Read(ref _workerStats);
+        return new NbdConnectionStats(Id, Peer, export.Name, workers is null ? own : QueueStatsSnapshot.Sum(-1, [own, workers.Snapshot(-1)]));
+    }
+
+    private static string PeerOf(Socket socket)
+    {
+        try
+        {
+            if (socket.AddressFamily != AddressFamily.Unix)
+            {
+                return socket.RemoteEndPoint?.ToString() ?? "";
+            }
+            // A unix client has no address worth showing; its pid (SO_PEERCRED: pid, uid, gid) says who it is.
+            Span<int> credentials = stackalloc int[3];
+            return OperatingSystem.IsLinux() && socket.GetRawSocketOption(1, 17, MemoryMarshal.AsBytes(credentials)) == 12
+                ? $"pid {credentials[0]}"
+                : "unix";
+        }
+        catch (SocketException)
+        {
+            return "";
         }
     }
 

@@ -20,6 +20,9 @@ internal sealed class NbdRequest(NbdConnection connection) : INbdWork
     public long Offset;
     public uint Length;
 
+    /// <summary>When its header was read (<see cref="System.Diagnostics.Stopwatch.GetTimestamp"/>), for its latency.</summary>
+    public long Started;
+
     /// <summary>READ/WRITE bytes counted against the connection's in-flight limit.</summary>
     public uint Bytes;
 

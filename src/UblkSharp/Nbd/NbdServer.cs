@@ -3,6 +3,7 @@ using System.Net.Sockets;
 using Microsoft.Extensions.Logging;
 
 using UblkSharp.Nbd.Protocol;
+using UblkSharp.Runtime.Metrics;
 
 namespace UblkSharp.Nbd;
 
@@ -44,6 +45,10 @@ public sealed class NbdServer : IDisposable
     private long _internalErrors;
     private long _targetExceptions;
     private long _served;
+    private long _closed;
+    // Each export's figures from its closed connections (under _lock, with the table: a connection
+    // is counted either live or here, never both, never neither).
+    private readonly Dictionary<NbdExport, QueueStatsSnapshot> _closedFigures = [];
     private volatile bool _disposed;
 
     private NbdServer(Socket listener, IReadOnlyList<NbdExport> exports, NbdServerOptions options, string? socketPath)
@@ -140,6 +145,7 @@ public sealed class NbdServer : IDisposable
         var server = new NbdServer(listener, exports, options, address.SocketPath);
         server._acceptThread.Start();
         server._reaperThread.Start();
+        UblkMeter.AddNbd(server, server.Stats);
         return server;
     }
 
@@ -285,6 +291,7 @@ public sealed class NbdServer : IDisposable
                 lock (_lock)
                 {
                     _connections.Remove(connection.Id);
+                    _closed++;
                 }
                 client.Dispose();
             }
@@ -359,9 +366,18 @@ public sealed class NbdServer : IDisposable
     internal void Remove(NbdConnection connection)
     {
         IDisposable[] release = [];
+        // Taken before the lock: the connection has nothing in flight any more, so these are its last figures.
+        var figures = connection.Stats();
         lock (_lock)
         {
             _connections.Remove(connection.Id);
+            _closed++;
+            if (figures is not null)
+            {
+                var export = connection.StatsExport!;
+                var closed = figures.Figures with { InFlight = 0 };
+                _closedFigures[export] = _closedFigures.TryGetValue(export, out var before) ? QueueStatsSnapshot.Sum(-1, [before, closed]) : closed;
+            }
             if (connection.Evicted)
             {
                 _evictPending--;
@@ -426,6 +442,40 @@ public sealed class NbdServer : IDisposable
                 NbdLog.CloseTargetFailed(_logger, e);
             }
         }
+    }
+
+    /// <summary>
+    /// The figures now: connections, each export's requests (its closed connections' and its live
+    /// ones'), and each live connection's. Allocates; meant for a scrape, not for every request.
+    /// </summary>
+    public NbdServerStats Stats()
+    {
+        var taken = DateTimeOffset.UtcNow.ToUnixTimeMilliseconds();
+        var connections = new List<NbdConnectionStats>();
+        var parts = new Dictionary<NbdExport, (int Live, List<QueueStatsSnapshot> Figures)>();
+        int open;
+        long closed;
+        lock (_lock)
+        {
+            open = _connections.Count;
+            closed = _closed;
+            foreach (var e in Exports)
+            {
+                parts[e] = (0, _closedFigures.TryGetValue(e, out var c) ? [c] : []);
+            }
+            foreach (var c in _connections.Values.OrderBy(c => c.Id))
+            {
+                if (c.Stats() is { } figures)
+                {
+                    connections.Add(figures);
+                    var (live, list) = parts[c.StatsExport!];
+                    list.Add(figures.Figures);
+                    parts[c.StatsExport!] = (live + 1, list);
+                }
+            }
+        }
+        var exports = Exports.Select(e => new NbdExportStats(e.Name, parts[e].Live, QueueStatsSnapshot.Sum(-1, parts[e].Figures))).ToList();
+        return new NbdServerStats(Address.ToString(), taken, open, ConnectionsAccepted, closed, ConnectionsRefused, exports, connections);
     }
 
     internal void NoteProtocolError(string what)
@@ -500,6 +550,7 @@ public sealed class NbdServer : IDisposable
             NbdLog.StillBusy(_logger, left, Options.StopTimeout.TotalSeconds);
         }
         Workers.Dispose(TimeSpan.FromMilliseconds(Math.Max(0, deadline - Environment.TickCount64)));
+        UblkMeter.RemoveNbd(this);
         if (_socketPath is not null)
         {
             try

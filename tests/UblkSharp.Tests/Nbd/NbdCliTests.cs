@@ -20,6 +20,10 @@ public class NbdCliTests
     [InlineData("--listen unix:///tmp/x.sock --workers 0", "Workers must be 1 to 1024")]
     [InlineData("--listen unix:///tmp/x.sock --idle-timeout -1", "bad --idle-timeout -1: give seconds, from 0 (never) to a year")]
     [InlineData("--listen unix:///tmp/x.sock --handshake-timeout 0", "bad --handshake-timeout 0: give seconds, from more than 0 to a year")]
+    [InlineData("--listen unix:///tmp/x.sock --metrics tcp://0.0.0.0:1", "--metrics tcp://0.0.0.0:1 would serve the daemon's figures beyond this machine: use a loopback address")]
+    [InlineData("--listen unix:///tmp/x.sock --metrics tcp://[::]:1", "or add --metrics-insecure")]
+    [InlineData("--listen unix:///tmp/x.sock --metrics tcp://127.0.0.1", "bad --metrics address 'tcp://127.0.0.1': give the port")]
+    [InlineData("--listen unix:///tmp/x.sock --metrics http://127.0.0.1:1", "bad --metrics address")]
     public void BadServeInputGivesOneClearLine(string args, string message)
     {
         var (code, stdout, stderr) = Cli($"serve -t mem --size 16M {args}");
@@ -95,6 +99,58 @@ public class NbdCliTests
             Assert.False(File.Exists(socket), "the socket was left behind");
             var bytes = File.ReadAllBytes(image);
             Assert.True(bytes.AsSpan(1 << 20, 65536).IndexOfAnyExcept((byte)0x7e) < 0, "the write did not reach the file");
+        }
+        finally
+        {
+            if (!p.HasExited)
+            {
+                p.Kill();
+            }
+            dir.Delete(recursive: true);
+        }
+    }
+
+    /// <summary>
+    /// `serve --metrics unix://PATH`: a scrape (curl, parsed strictly by prometheus_client) counts
+    /// exactly what a libnbd client did, after that client has gone.
+    /// </summary>
+    [Fact]
+    public async Task ServeMetricsCountsWhatAClientDid()
+    {
+        var dir = Directory.CreateTempSubdirectory("ublksharp-cli-");
+        var socket = Path.Combine(dir.FullName, "s.sock");
+        var metrics = Path.Combine(dir.FullName, "m.sock");
+        using var p = Process.Start(CliStart($"serve -t mem --size 16M --listen unix://{socket} --export disk --metrics unix://{metrics}"))!;
+        try
+        {
+            Assert.Equal($"unix://{socket}", p.StandardOutput.ReadLine());
+            Tools.Nbdsh($"nbd+unix:///disk?socket={socket}", """
+                for i in range(7):
+                    h.pread(4096, i * 4096)
+                for i in range(3):
+                    h.pwrite(b'y' * 65536, i * 65536)
+                h.flush()
+                h.shutdown()
+                """);
+            // The connection closes on the server's side a moment after the client's shutdown.
+            const string closed = "counter ublksharp_nbd_connections_closed_total  1.0";
+            string[] samples = [];
+            for (var tries = 0; tries < 100 && !samples.Contains(closed); tries++)
+            {
+                Thread.Sleep(tries == 0 ? 0 : 50);
+                samples = await Runtime.PrometheusTextTests.ParseStrictly(Tools.Ok("curl", "-sf", "--unix-socket", metrics, "http://localhost/metrics"));
+            }
+            Assert.Contains(closed, samples);
+            Assert.Contains("counter ublksharp_nbd_requests_total export=disk,op=read 7.0", samples);
+            Assert.Contains("counter ublksharp_nbd_requests_total export=disk,op=write 3.0", samples);
+            Assert.Contains("counter ublksharp_nbd_requests_total export=disk,op=flush 1.0", samples);
+            Assert.Contains($"counter ublksharp_nbd_bytes_total export=disk,op=write {3 * 65536}.0", samples);
+            Assert.Contains("histogram ublksharp_nbd_request_duration_seconds_count export=disk,op=read 7.0", samples);
+            Assert.Contains("gauge ublksharp_nbd_connections  0.0", samples);
+            Processes.Signal(p.Id, 15);
+            Assert.True(p.WaitForExit(20_000), "serve did not stop on SIGTERM");
+            Assert.Equal(0, p.ExitCode);
+            Assert.False(File.Exists(metrics), "the metrics socket was left behind");
         }
         finally
         {

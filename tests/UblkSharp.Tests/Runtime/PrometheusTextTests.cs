@@ -23,6 +23,27 @@ public class PrometheusTextTests
         }
         q1.Completed(IoOp.Write, -28, t0); // ENOSPC
         var text = PrometheusText.Write([new DeviceStats(2, 0, [q0.Snapshot(0), q1.Snapshot(1, inFlight: 1)])]);
+        var samples = await ParseStrictly(text);
+        Assert.Contains("counter ublksharp_requests_total device=2,op=read,queue=0 3.0", samples);
+        Assert.Contains("counter ublksharp_bytes_total device=2,op=read,queue=0 12288.0", samples);
+        Assert.Contains("counter ublksharp_errors_total device=2,errno=ENOSPC,queue=1 1.0", samples);
+        Assert.Contains("gauge ublksharp_inflight_requests device=2,queue=1 1.0", samples);
+        Assert.Contains("histogram ublksharp_request_duration_seconds_count device=2,op=read 3.0", samples);
+        Assert.Contains("histogram ublksharp_request_duration_seconds_bucket device=2,le=+Inf,op=write 1.0", samples);
+        // Buckets are cumulative: never fewer below a larger bound.
+        var reads = samples.Where(s => s.StartsWith("histogram ublksharp_request_duration_seconds_bucket device=2,le=", StringComparison.Ordinal) && s.Contains(",op=read ", StringComparison.Ordinal))
+            .Select(s => double.Parse(s[(s.LastIndexOf(' ') + 1)..], System.Globalization.CultureInfo.InvariantCulture)).ToList();
+        Assert.Equal(LatencyHistogram.BucketCount, reads.Count);
+        Assert.Equal(reads.Order(), reads);
+        Assert.Equal(3.0, reads[^1]);
+    }
+
+    /// <summary>
+    /// The text through prometheus_client's parser (which refuses anything off-format), one line
+    /// per sample: "TYPE NAME LABEL=VALUE,... VALUE", labels sorted.
+    /// </summary>
+    internal static async Task<string[]> ParseStrictly(string text)
+    {
         const string script = """
             import sys
             from prometheus_client.parser import text_string_to_metric_families
@@ -42,18 +63,6 @@ public class PrometheusTextTests
         cts.CancelAfter(TimeSpan.FromSeconds(60));
         await p.WaitForExitAsync(cts.Token);
         Assert.True(p.ExitCode == 0, $"the parser refused the text ({await stderr}):\n{text}");
-        var samples = (await stdout).Split('\n', StringSplitOptions.RemoveEmptyEntries);
-        Assert.Contains("counter ublksharp_requests_total device=2,op=read,queue=0 3.0", samples);
-        Assert.Contains("counter ublksharp_bytes_total device=2,op=read,queue=0 12288.0", samples);
-        Assert.Contains("counter ublksharp_errors_total device=2,errno=ENOSPC,queue=1 1.0", samples);
-        Assert.Contains("gauge ublksharp_inflight_requests device=2,queue=1 1.0", samples);
-        Assert.Contains("histogram ublksharp_request_duration_seconds_count device=2,op=read 3.0", samples);
-        Assert.Contains("histogram ublksharp_request_duration_seconds_bucket device=2,le=+Inf,op=write 1.0", samples);
-        // Buckets are cumulative: never fewer below a larger bound.
-        var reads = samples.Where(s => s.StartsWith("histogram ublksharp_request_duration_seconds_bucket device=2,le=", StringComparison.Ordinal) && s.Contains(",op=read ", StringComparison.Ordinal))
-            .Select(s => double.Parse(s[(s.LastIndexOf(' ') + 1)..], System.Globalization.CultureInfo.InvariantCulture)).ToList();
-        Assert.Equal(LatencyHistogram.BucketCount, reads.Count);
-        Assert.Equal(reads.Order(), reads);
-        Assert.Equal(3.0, reads[^1]);
+        return (await stdout).Split('\n', StringSplitOptions.RemoveEmptyEntries);
     }
 }

@@ -7,7 +7,8 @@ namespace UblkSharp.Runtime.Metrics;
 /// 2^40 ns (18 min), one under and one over. One writer (a queue thread) records with a plain
 /// increment: no lock, no allocation; readers (stats, a meter) read each 64-bit count atomically
 /// (x64 and arm64 aligned loads) and may see a recording a moment late. A bucket's figures are
-/// at most 25% above the latency itself.
+/// at most 25% above the latency itself. Where several threads record (an NBD connection's
+/// workers) <see cref="RecordShared"/> increments atomically instead.
 /// </summary>
 public sealed class LatencyHistogram
 {
@@ -23,6 +24,9 @@ public sealed class LatencyHistogram
 
     /// <summary>Records one latency in nanoseconds. Single writer only.</summary>
     public void Record(long nanoseconds) => _counts[BucketOf(nanoseconds)]++;
+
+    /// <summary>Records one latency where several threads may record at once (an atomic increment).</summary>
+    public void RecordShared(long nanoseconds) => Interlocked.Increment(ref _counts[BucketOf(nanoseconds)]);
 
     public static int BucketOf(long nanoseconds)
     {

@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using System.Runtime.CompilerServices;
 using UblkSharp.Ublk;
 
 namespace UblkSharp.Runtime.Metrics;
@@ -17,7 +18,9 @@ public enum StatOp
 /// <summary>
 /// One queue's figures: requests, bytes, errors by errno and latency per operation. Written by the
 /// queue's thread alone (plain increments: no lock, no allocation per IO), read by anyone at any
-/// time through <see cref="Snapshot"/>, which may be a request behind.
+/// time through <see cref="Snapshot"/>, which may be a request behind. An NBD connection keeps the
+/// same figures (one set its own thread writes, one its server's workers write with
+/// <see cref="CompletedShared"/>).
 /// </summary>
 public sealed class QueueStats
 {
@@ -51,9 +54,13 @@ public sealed class QueueStats
     /// A request was answered with <paramref name="result"/> (bytes, or -errno) after arriving at
     /// <paramref name="startTicks"/> (<see cref="Stopwatch.GetTimestamp"/>).
     /// </summary>
-    public void Completed(IoOp op, int result, long startTicks)
+    public void Completed(IoOp op, int result, long startTicks) => Completed(OpOf(op), result, startTicks);
+
+    /// <inheritdoc cref="Completed(IoOp, int, long)"/>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public void Completed(StatOp op, int result, long startTicks)
     {
-        var kind = (int)OpOf(op);
+        var kind = (int)op;
         _requests[kind]++;
         if (result > 0)
         {
@@ -63,11 +70,35 @@ public sealed class QueueStats
         {
             _errors[Math.Min(-result, MaxErrno)]++;
         }
-        var ticks = Stopwatch.GetTimestamp() - startTicks;
-        var ns = TicksAreNs ? ticks : (long)(ticks * NsPerTick);
+        var ns = Nanoseconds(Stopwatch.GetTimestamp() - startTicks);
         _latency[kind].Record(ns);
         _latencySum[kind] += ns;
     }
+
+    /// <summary>
+    /// <see cref="Completed(StatOp, int, long)"/> where several threads may record into these
+    /// figures at once (an NBD connection's requests finished on the server's workers): atomic
+    /// increments, still no lock and no allocation.
+    /// </summary>
+    public void CompletedShared(StatOp op, int result, long startTicks)
+    {
+        var kind = (int)op;
+        Interlocked.Increment(ref _requests[kind]);
+        if (result > 0)
+        {
+            Interlocked.Add(ref _bytes[kind], result);
+        }
+        else if (result < 0)
+        {
+            Interlocked.Increment(ref _errors[Math.Min(-result, MaxErrno)]);
+        }
+        var ns = Nanoseconds(Stopwatch.GetTimestamp() - startTicks);
+        _latency[kind].RecordShared(ns);
+        Interlocked.Add(ref _latencySum[kind], ns);
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static long Nanoseconds(long ticks) => TicksAreNs ? ticks : (long)(ticks * NsPerTick);
 
     /// <summary>A backend step was submitted again (short IO, EAGAIN).</summary>
     public void Retried() => _retries++;
