@@ -105,11 +105,20 @@ passed=$((passed + 1))
 # .NET start costs a CLI call over a second even ReadyToRun (7 s more JIT-compiled), and the test
 # runner over 7 s per boot when JIT-compiled.
 log "publish the CLI native (artifacts/cli) and the VM tests ReadyToRun (artifacts/vmtests)"
-rm -rf artifacts/cli artifacts/vmtests
+rm -rf artifacts/cli artifacts/vmtests artifacts/packages
 if tools/publish-cli artifacts/cli && tools/publish-r2r tests/UblkSharp.VmTests artifacts/vmtests; then
   passed=$((passed + 1))
 else
   fail "dotnet publish (the CLI native, the VM tests ReadyToRun)"; summary
+fi
+
+# The packages as users get them: the tool installed from a local feed into a clean HOME, and a
+# program built from the library package; PackageTests (host) and PackagedToolTests (VM) check them.
+log "packages (tools/install-packages artifacts/packages)"
+if tools/install-packages artifacts/packages; then
+  passed=$((passed + 1)); export UBLKSHARP_PACKAGES="$root/artifacts/packages"
+else
+  fail "tools/install-packages artifacts/packages (dotnet pack, dotnet tool install, a build against the packages)"
 fi
 
 log "format"

@@ -54,13 +54,13 @@ internal static class VmEnvironment
 
     private static readonly Lazy<string> LocalCli = new(() =>
     {
-        var published = Path.Combine(RepoRoot, "artifacts", "cli", "UblkSharp.Cli");
+        var published = Path.Combine(RepoRoot, "artifacts", "cli", "ublksharp");
         if (!File.Exists(published))
         {
             Assert.Fail($"{published} is missing: publish it first (tools/publish-cli artifacts/cli; ./test.sh does)");
         }
         var dir = Directory.CreateTempSubdirectory("ublksharp-cli-").FullName;
-        var local = Path.Combine(dir, "UblkSharp.Cli");
+        var local = Path.Combine(dir, "ublksharp");
         File.Copy(published, local); // with its mode: executable
         return local;
     });
@@ -139,6 +139,16 @@ internal static class VmEnvironment
     /// <summary>The /dev/ublkbN nodes that exist.</summary>
     public static string[] BlockNodes() => [.. Directory.GetFiles("/dev", "ublkb*").Order(StringComparer.Ordinal)];
 
+    /// <summary>
+    /// Whether a /proc/PID/cmdline runs the CLI: the native executable (any path named ublksharp,
+    /// as published or installed as a tool) or its assembly run by dotnet.
+    /// </summary>
+    public static bool IsCli(string cmdline)
+    {
+        var argv = cmdline.Split('\0');
+        return Path.GetFileName(argv[0]) == "ublksharp" || argv.Any(a => Path.GetFileName(a) == "UblkSharp.Cli.dll");
+    }
+
     /// <summary>Processes (other than this one) running the CLI: daemons, supervisors, or a CLI command.</summary>
     public static int[] CliProcesses()
     {
@@ -151,7 +161,7 @@ internal static class VmEnvironment
             }
             try
             {
-                if (File.ReadAllText(Path.Combine(dir, "cmdline")).Contains("UblkSharp.Cli", StringComparison.Ordinal))
+                if (IsCli(File.ReadAllText(Path.Combine(dir, "cmdline"))))
                 {
                     pids.Add(pid);
                 }
