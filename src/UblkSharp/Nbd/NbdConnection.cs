@@ -36,6 +36,7 @@ internal sealed class NbdConnection : IDisposable
 
     private readonly NbdServer _server;
     private readonly Socket _socket;
+    private readonly NbdTransport _transport;
     private readonly Thread _thread;
     private readonly NbdServerOptions _options;
     private readonly long _inlineThresholdTicks;
@@ -70,6 +71,7 @@ internal sealed class NbdConnection : IDisposable
     {
         _server = server;
         _socket = socket;
+        _transport = new NbdTransport(socket);
         _options = server.Options;
         Id = id;
         _inlineThresholdTicks = (long)(_options.InlineThreshold.TotalSeconds * Stopwatch.Frequency);
@@ -144,7 +146,7 @@ internal sealed class NbdConnection : IDisposable
         {
             Peer = PeerOf(_socket);
             _socket.ReceiveTimeout = (int)Math.Min(int.MaxValue, _options.HandshakeTimeout.TotalMilliseconds);
-            _session = NbdHandshake.Negotiate(_socket, _server, EnterTransmission);
+            _session = NbdHandshake.Negotiate(_transport, _server, EnterTransmission);
             if (_session is null || _closing)
             {
                 return;
@@ -186,6 +188,13 @@ internal sealed class NbdConnection : IDisposable
         Dispose();
         try
         {
+            _transport.Dispose();
+        }
+        catch (Exception e) when (SocketIo.IsConnectionError(e))
+        {
+        }
+        try
+        {
             _socket.Shutdown(SocketShutdown.Both);
         }
         catch (Exception e) when (SocketIo.IsConnectionError(e))
@@ -216,7 +225,7 @@ internal sealed class NbdConnection : IDisposable
         _target = _export.Target;
         _filter = _target.CreateResultFilter((int)(Id & 0x7fffffff));
         _in = ArrayPool<byte>.Shared.Rent(InputSize);
-        _writer = new NbdReplyWriter(_socket);
+        _writer = new NbdReplyWriter(_transport);
         _stats = new QueueStats();
         _statsExport = _export; // publishes _stats and Peer to the readers of the figures
         while (!_closing && !_writer.Failed)
@@ -777,7 +786,7 @@ internal sealed class NbdConnection : IDisposable
         _writer!.Uncork();
         while (_end - _start < count)
         {
-            var n = _socket.Receive(_in.AsSpan(_end), SocketFlags.None);
+            var n = _transport.Receive(_in.AsSpan(_end));
             if (n == 0)
             {
                 return false;
@@ -799,7 +808,7 @@ internal sealed class NbdConnection : IDisposable
             return true;
         }
         _writer!.Uncork();
-        if (!SocketIo.ReceiveExactly(_socket, buffer.AsSpan(have, length - have)))
+        if (!_transport.ReceiveExactly(buffer.AsSpan(have, length - have)))
         {
             return false;
         }
@@ -822,7 +831,7 @@ internal sealed class NbdConnection : IDisposable
         while (left > 0)
         {
             _start = _end = 0;
-            var n = _socket.Receive(_in.AsSpan(0, (int)Math.Min(_in.Length, left)), SocketFlags.None);
+            var n = _transport.Receive(_in.AsSpan(0, (int)Math.Min(_in.Length, left)));
             if (n == 0)
             {
                 return false;

@@ -1,5 +1,4 @@
 using System.Buffers.Binary;
-using System.Net.Sockets;
 using System.Text;
 using UblkSharp.Nbd.Protocol;
 using static UblkSharp.Nbd.Protocol.NbdProtocol;
@@ -10,8 +9,11 @@ namespace UblkSharp.Nbd;
 internal sealed record NbdSession(NbdExport Export, bool StructuredReplies, bool BaseAllocation, ushort Flags);
 
 /// <summary>
-/// The server side of the fixed newstyle handshake: EXPORT_NAME, ABORT, LIST, STARTTLS (refused),
+/// The server side of the fixed newstyle handshake: EXPORT_NAME, ABORT, LIST, STARTTLS,
 /// INFO, GO, STRUCTURED_REPLY, LIST_META_CONTEXT and SET_META_CONTEXT (base:allocation).
+/// After STARTTLS is acknowledged the TLS handshake runs and option haggling starts over inside
+/// it, with nothing negotiated before carried over. With TLS required, a client that has not
+/// started TLS gets only NBD_REP_ERR_TLS_REQD (the protocol's FORCEDTLS).
 /// Malformed options get NBD_REP_ERR_INVALID and the client may go on; a wrong magic, unknown
 /// client flags, an oversized option, too many options or an unknown EXPORT_NAME end the
 /// connection, as the protocol allows.
@@ -22,14 +24,14 @@ internal sealed class NbdHandshake
     private const int MaxOptionLength = 64 * 1024;
     private const uint BaseAllocationId = 1;
 
-    private readonly Socket _socket;
+    private readonly NbdTransport _socket;
     private readonly NbdServer _server;
     private readonly Action _entering;
     private bool _structured;
     private string? _metaExport;
     private bool _baseAllocation;
 
-    private NbdHandshake(Socket socket, NbdServer server, Action entering)
+    private NbdHandshake(NbdTransport socket, NbdServer server, Action entering)
     {
         _socket = socket;
         _server = server;
@@ -41,7 +43,7 @@ internal sealed class NbdHandshake
     /// runs just before the reply that ends it goes out: a client that has that reply is never
     /// taken for one still in its handshake.
     /// </summary>
-    public static NbdSession? Negotiate(Socket socket, NbdServer server, Action entering) => new NbdHandshake(socket, server, entering).Run();
+    public static NbdSession? Negotiate(NbdTransport socket, NbdServer server, Action entering) => new NbdHandshake(socket, server, entering).Run();
 
     private NbdSession? Run()
     {
@@ -49,10 +51,10 @@ internal sealed class NbdHandshake
         BinaryPrimitives.WriteUInt64BigEndian(greeting, NbdMagic);
         BinaryPrimitives.WriteUInt64BigEndian(greeting[8..], OptionMagic);
         BinaryPrimitives.WriteUInt16BigEndian(greeting[16..], FlagFixedNewstyle | FlagNoZeroes);
-        SocketIo.SendAll(_socket, greeting);
+        _socket.SendAll(greeting);
 
         Span<byte> word = stackalloc byte[4];
-        if (!SocketIo.ReceiveExactly(_socket, word))
+        if (!_socket.ReceiveExactly(word))
         {
             return null;
         }
@@ -68,7 +70,7 @@ internal sealed class NbdHandshake
         Span<byte> header = stackalloc byte[16];
         for (var i = 0; i < MaxOptions; i++)
         {
-            if (!SocketIo.ReceiveExactly(_socket, header))
+            if (!_socket.ReceiveExactly(header))
             {
                 return null;
             }
@@ -86,7 +88,7 @@ internal sealed class NbdHandshake
                 return null;
             }
             var data = length == 0 ? [] : new byte[length];
-            SocketIo.ReceiveExactlyOrThrow(_socket, data);
+            _socket.ReceiveExactlyOrThrow(data);
             var session = Handle(option, data, noZeroes, out var end);
             if (session is not null || end)
             {
@@ -100,6 +102,18 @@ internal sealed class NbdHandshake
     private NbdSession? Handle(uint option, byte[] data, bool noZeroes, out bool end)
     {
         end = false;
+        if (_server.TlsMode == NbdTlsMode.Require && !_socket.IsTls && option is not (OptStartTls or OptAbort))
+        {
+            _server.NoteTlsRequired(option);
+            if (option == OptExportName)
+            {
+                // EXPORT_NAME has no error reply: the protocol says to drop the connection.
+                end = true;
+                return null;
+            }
+            Reply(option, RepErrTlsReqd, "TLS is required: send NBD_OPT_STARTTLS first");
+            return null;
+        }
         switch (option)
         {
             case OptExportName:
@@ -135,7 +149,7 @@ internal sealed class NbdHandshake
                 Reply(option, RepAck);
                 return null;
             case OptStartTls:
-                Reply(option, data.Length != 0 ? RepErrInvalid : RepErrUnsup, "this server does not support TLS");
+                end = !StartTls(data);
                 return null;
             case OptInfo:
             case OptGo:
@@ -159,6 +173,52 @@ internal sealed class NbdHandshake
         }
     }
 
+    /// <summary>STARTTLS: false when the connection must end (the TLS handshake failed).</summary>
+    private bool StartTls(byte[] data)
+    {
+        if (_server.TlsAuthentication is null)
+        {
+            Reply(OptStartTls, data.Length != 0 ? RepErrInvalid : RepErrUnsup, "this server does not offer TLS");
+            return true;
+        }
+        if (data.Length != 0)
+        {
+            Reply(OptStartTls, RepErrInvalid, "STARTTLS takes no data");
+            return true;
+        }
+        if (_socket.IsTls)
+        {
+            Reply(OptStartTls, RepErrInvalid, "TLS is already on");
+            return true;
+        }
+        Reply(OptStartTls, RepAck);
+        try
+        {
+            _socket.StartTls(_server.TlsAuthentication);
+        }
+        catch (Exception e) when (e is System.Security.Authentication.AuthenticationException || SocketIo.IsConnectionError(e))
+        {
+            _server.NoteTlsFailure(Reason(e));
+            return false;
+        }
+        // Option haggling starts over: what was agreed in the clear does not count.
+        _structured = false;
+        _metaExport = null;
+        _baseAllocation = false;
+        return true;
+    }
+
+    // The innermost message says what went wrong (an untrusted chain, a garbled record, a timeout).
+    private static string Reason(Exception e)
+    {
+        var inner = e;
+        while (inner.InnerException is not null)
+        {
+            inner = inner.InnerException;
+        }
+        return ReferenceEquals(inner, e) ? e.Message : $"{e.Message} ({inner.Message})";
+    }
+
     private NbdSession? ExportName(byte[] data, bool noZeroes)
     {
         var export = _server.FindExport(Decode(data));
@@ -173,7 +233,7 @@ internal sealed class NbdHandshake
         BinaryPrimitives.WriteUInt64BigEndian(reply, (ulong)export.Size);
         BinaryPrimitives.WriteUInt16BigEndian(reply.AsSpan(8), session.Flags);
         _entering();
-        SocketIo.SendAll(_socket, reply);
+        _socket.SendAll(reply);
         return session;
     }
 
@@ -363,12 +423,12 @@ internal sealed class NbdHandshake
             Span<byte> all = stackalloc byte[20 + body.Length];
             header.CopyTo(all);
             body.CopyTo(all[20..]);
-            SocketIo.SendAll(_socket, all);
+            _socket.SendAll(all);
         }
         else
         {
-            SocketIo.SendAll(_socket, header);
-            SocketIo.SendAll(_socket, body);
+            _socket.SendAll(header);
+            _socket.SendAll(body);
         }
     }
 }

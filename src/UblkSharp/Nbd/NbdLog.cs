@@ -38,4 +38,10 @@ internal static partial class NbdLog
 
     [LoggerMessage(EventId = 209, Level = LogLevel.Warning, Message = "nbd: {Left} connection(s) still busy in their target after {Seconds} s; their targets stay open until they finish")]
     public static partial void StillBusy(ILogger logger, int left, double seconds);
+
+    [LoggerMessage(EventId = 210, Level = LogLevel.Warning, Message = "nbd: TLS handshake failed, client cut off: {Reason}{More}")]
+    public static partial void TlsFailed(ILogger logger, string reason, string more);
+
+    [LoggerMessage(EventId = 211, Level = LogLevel.Warning, Message = "nbd: refused {Option} before STARTTLS: TLS is required (--tls require){More}")]
+    public static partial void TlsRequired(ILogger logger, string option, string more);
 }

@@ -24,7 +24,7 @@ internal sealed class NbdReplyWriter : IDisposable
     /// <summary>Payloads at least this long are sent from their own buffer rather than copied.</summary>
     public const int DirectThreshold = 32 * 1024;
 
-    private readonly Socket _socket;
+    private readonly NbdTransport _socket;
     private readonly object _lock = new();
     private byte[] _pending;
     private byte[] _spare;
@@ -34,6 +34,11 @@ internal sealed class NbdReplyWriter : IDisposable
     private volatile bool _failed;
 
     public NbdReplyWriter(Socket socket)
+        : this(new NbdTransport(socket))
+    {
+    }
+
+    public NbdReplyWriter(NbdTransport socket)
     {
         _socket = socket;
         _pending = ArrayPool<byte>.Shared.Rent(Capacity);
@@ -114,7 +119,7 @@ internal sealed class NbdReplyWriter : IDisposable
                     Monitor.Exit(_lock);
                     try
                     {
-                        SocketIo.SendAll(_socket, payload);
+                        _socket.SendAll(payload);
                     }
                     catch (Exception e) when (SocketIo.IsConnectionError(e))
                     {
@@ -192,7 +197,7 @@ internal sealed class NbdReplyWriter : IDisposable
             Monitor.Exit(_lock);
             try
             {
-                SocketIo.SendAll(_socket, buffer.AsSpan(0, length));
+                _socket.SendAll(buffer.AsSpan(0, length));
             }
             catch (Exception e) when (SocketIo.IsConnectionError(e))
             {

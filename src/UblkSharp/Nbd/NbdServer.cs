@@ -31,7 +31,12 @@ public sealed class NbdServer : IDisposable
     private readonly LogThrottle _idleLog = new(TimeSpan.FromSeconds(10));
     // A target that fails every request would otherwise log every request.
     private readonly LogThrottle _targetLog = new(TimeSpan.FromSeconds(10));
+    // Failed TLS handshakes and plain clients against --tls require: anyone can cause them in bulk.
+    private readonly LogThrottle _tlsLog = new(TimeSpan.FromSeconds(10));
+    private readonly LogThrottle _tlsRequiredLog = new(TimeSpan.FromSeconds(10));
     private readonly ILogger _logger;
+    private long _tlsFailures;
+    private long _tlsRequiredRefusals;
     // Evicted connections still in the table (their threads are ending): they hold no slot.
     private int _evictPending;
     private long _evicted;
@@ -64,6 +69,11 @@ public sealed class NbdServer : IDisposable
             Address = NbdAddress.Unix(socketPath);
         }
         Workers = new NbdWorkerPool(options.Workers, NoteInternalError);
+        if (options.Tls is { Mode: not NbdTlsMode.Off } tls)
+        {
+            TlsMode = tls.Mode;
+            TlsAuthentication = tls.CreateAuthenticationOptions();
+        }
         _acceptThread = new Thread(AcceptLoop) { IsBackground = true, Name = "nbd-accept" };
         _reaperThread = new Thread(ReapLoop) { IsBackground = true, Name = "nbd-reaper" };
     }
@@ -105,6 +115,17 @@ public sealed class NbdServer : IDisposable
 
     /// <summary>Connections closed after <see cref="NbdServerOptions.IdleTimeout"/> without a request.</summary>
     public long IdleConnectionsClosed => Interlocked.Read(ref _idleClosed);
+
+    /// <summary>TLS handshakes that failed (bad or untrusted client certificate, garbage, a client that went away).</summary>
+    public long TlsFailures => Interlocked.Read(ref _tlsFailures);
+
+    /// <summary>Options refused with NBD_REP_ERR_TLS_REQD, or EXPORT_NAME connections ended, because TLS was required and not yet on.</summary>
+    public long TlsRequiredRefusals => Interlocked.Read(ref _tlsRequiredRefusals);
+
+    internal NbdTlsMode TlsMode { get; } = NbdTlsMode.Off;
+
+    /// <summary>Shared by every TLS handshake; null without TLS.</summary>
+    internal System.Net.Security.SslServerAuthenticationOptions? TlsAuthentication { get; }
 
     /// <summary>Clients cut off for breaking the protocol (bad magic, unknown flags, oversized messages).</summary>
     public long ProtocolErrors => Interlocked.Read(ref _protocolErrors);
@@ -482,6 +503,24 @@ public sealed class NbdServer : IDisposable
     {
         Interlocked.Increment(ref _protocolErrors);
         NbdLog.ProtocolError(_logger, what);
+    }
+
+    internal void NoteTlsFailure(string reason)
+    {
+        Interlocked.Increment(ref _tlsFailures);
+        if (_tlsLog.ShouldLog(out var more))
+        {
+            NbdLog.TlsFailed(_logger, reason, LogThrottle.More(more));
+        }
+    }
+
+    internal void NoteTlsRequired(uint option)
+    {
+        Interlocked.Increment(ref _tlsRequiredRefusals);
+        if (_tlsRequiredLog.ShouldLog(out var more))
+        {
+            NbdLog.TlsRequired(_logger, NbdProtocol.OptionName(option), LogThrottle.More(more));
+        }
     }
 
     internal void NoteRefused() => Interlocked.Increment(ref _refusedRequests);

@@ -75,6 +75,9 @@ public sealed record NbdServerOptions
     /// </summary>
     public ILoggerFactory LoggerFactory { get; init; } = NullLoggerFactory.Instance;
 
+    /// <summary>TLS (NBD_OPT_STARTTLS) with these credentials; null (the default): no TLS.</summary>
+    public NbdTlsOptions? Tls { get; init; }
+
     public void Validate()
     {
         ArgumentNullException.ThrowIfNull(LoggerFactory);
@@ -105,6 +108,10 @@ public sealed record NbdServerOptions
         if (IdleTimeout < TimeSpan.Zero)
         {
             throw new ArgumentOutOfRangeException(nameof(IdleTimeout), "IdleTimeout must not be negative (0 turns it off)");
+        }
+        if (Tls is { Mode: not NbdTlsMode.Off })
+        {
+            Tls.Validate();
         }
     }
 }

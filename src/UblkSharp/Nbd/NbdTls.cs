@@ -1,0 +1,145 @@
+using System.Net.Security;
+using System.Security.Cryptography;
+using System.Security.Cryptography.X509Certificates;
+
+namespace UblkSharp.Nbd;
+
+/// <summary>Whether clients may or must switch to TLS (NBD_OPT_STARTTLS) before choosing an export.</summary>
+public enum NbdTlsMode
+{
+    /// <summary>No TLS: STARTTLS is answered NBD_REP_ERR_UNSUP.</summary>
+    Off,
+
+    /// <summary>TLS for clients that ask for it; plain clients are served too (the protocol's SELECTIVETLS with every export open).</summary>
+    On,
+
+    /// <summary>
+    /// TLS or nothing (the protocol's FORCEDTLS): before STARTTLS every option but ABORT is answered
+    /// NBD_REP_ERR_TLS_REQD and EXPORT_NAME ends the connection, so nothing about the exports leaks.
+    /// </summary>
+    Require,
+}
+
+/// <summary>The server's x509 credentials, in the layout qemu and nbdkit use.</summary>
+public sealed record NbdTlsOptions
+{
+    public NbdTlsMode Mode { get; init; } = NbdTlsMode.Require;
+
+    /// <summary>The server's certificate, with its private key.</summary>
+    public required X509Certificate2 Certificate { get; init; }
+
+    /// <summary>
+    /// Ask clients for a certificate and accept only one that chains to <see cref="TrustedCertificates"/>
+    /// (qemu's verify-peer, nbdkit's --tls-verify-peer).
+    /// </summary>
+    public bool VerifyPeer { get; init; }
+
+    /// <summary>The CA (or CAs) client certificates must chain to, with <see cref="VerifyPeer"/>.</summary>
+    public X509Certificate2Collection TrustedCertificates { get; init; } = [];
+
+    /// <summary>
+    /// Loads ca-cert.pem, server-cert.pem and server-key.pem from <paramref name="directory"/>.
+    /// Throws <see cref="ArgumentException"/> naming the file that is missing or unusable.
+    /// </summary>
+    public static NbdTlsOptions Load(string directory, NbdTlsMode mode, bool verifyPeer)
+    {
+        if (!Directory.Exists(directory))
+        {
+            throw new ArgumentException($"TLS certificates directory {directory} does not exist");
+        }
+        var certPath = Path.Combine(directory, "server-cert.pem");
+        var keyPath = Path.Combine(directory, "server-key.pem");
+        var caPath = Path.Combine(directory, "ca-cert.pem");
+        foreach (var path in verifyPeer ? new[] { certPath, keyPath, caPath } : [certPath, keyPath])
+        {
+            if (!File.Exists(path))
+            {
+                throw new ArgumentException($"{path} is missing (the directory needs server-cert.pem, server-key.pem{(verifyPeer ? " and ca-cert.pem" : "")})");
+            }
+        }
+        X509Certificate2 certificate;
+        try
+        {
+            using var pem = X509Certificate2.CreateFromPemFile(certPath, keyPath);
+            if (!pem.HasPrivateKey)
+            {
+                throw new ArgumentException($"{keyPath} holds no private key for {certPath}");
+            }
+            // CreateFromPemFile gives an ephemeral key, which TLS on some platforms cannot use;
+            // a round trip through PKCS#12 makes it an ordinary one.
+            certificate = X509CertificateLoader.LoadPkcs12(pem.Export(X509ContentType.Pkcs12), null);
+        }
+        catch (CryptographicException e)
+        {
+            throw new ArgumentException($"cannot load {certPath} with {keyPath}: {e.Message}", e);
+        }
+        var trusted = new X509Certificate2Collection();
+        if (File.Exists(caPath))
+        {
+            try
+            {
+                trusted.ImportFromPemFile(caPath);
+            }
+            catch (CryptographicException e)
+            {
+                throw new ArgumentException($"cannot load {caPath}: {e.Message}", e);
+            }
+            if (trusted.Count == 0 && verifyPeer)
+            {
+                throw new ArgumentException($"{caPath} holds no certificate");
+            }
+        }
+        var now = DateTime.Now;
+        if (now > certificate.NotAfter || now < certificate.NotBefore)
+        {
+            throw new ArgumentException($"{certPath} is valid only from {certificate.NotBefore:u} to {certificate.NotAfter:u}");
+        }
+        return new NbdTlsOptions { Mode = mode, Certificate = certificate, VerifyPeer = verifyPeer, TrustedCertificates = trusted };
+    }
+
+    public void Validate()
+    {
+        ArgumentNullException.ThrowIfNull(Certificate);
+        if (!Certificate.HasPrivateKey)
+        {
+            throw new ArgumentException("the TLS certificate has no private key", nameof(Certificate));
+        }
+        if (VerifyPeer && TrustedCertificates.Count == 0)
+        {
+            throw new ArgumentException("VerifyPeer needs at least one trusted CA certificate", nameof(TrustedCertificates));
+        }
+    }
+
+    /// <summary>Built once per server: every handshake shares the certificate context and the chain policy.</summary>
+    internal SslServerAuthenticationOptions CreateAuthenticationOptions()
+    {
+        SslCertificateTrust? trust = null;
+        if (VerifyPeer)
+        {
+            // Sent in the CertificateRequest: a client with several certificates picks the one this CA issued.
+            trust = SslCertificateTrust.CreateForX509Collection(TrustedCertificates, sendTrustInHandshake: true);
+        }
+        var options = new SslServerAuthenticationOptions
+        {
+            ServerCertificateContext = SslStreamCertificateContext.Create(Certificate, null, offline: true, trust),
+            ClientCertificateRequired = VerifyPeer,
+            CertificateRevocationCheckMode = X509RevocationMode.NoCheck,
+            EncryptionPolicy = EncryptionPolicy.RequireEncryption,
+            AllowRenegotiation = false,
+        };
+        if (VerifyPeer)
+        {
+            var policy = new X509ChainPolicy
+            {
+                TrustMode = X509ChainTrustMode.CustomRootTrust,
+                RevocationMode = X509RevocationMode.NoCheck,
+            };
+            policy.CustomTrustStore.AddRange(TrustedCertificates);
+            options.CertificateChainPolicy = policy;
+            // With the chain policy above the chain is checked against our CA only; any error
+            // (no certificate, another CA, expired) refuses the client.
+            options.RemoteCertificateValidationCallback = (_, certificate, _, errors) => certificate is not null && errors == SslPolicyErrors.None;
+        }
+        return options;
+    }
+}
