@@ -28,7 +28,10 @@ internal static class ServeCommand
         var idleTimeout = new Option<double>("--idle-timeout") { Description = "Close a connection that sent no request for this many seconds (0: never; the Linux nbd driver keeps idle connections open)", DefaultValueFactory = _ => 0 };
         var workers = new Option<int>("--workers") { Description = "Threads for target calls that may block, shared by all connections", DefaultValueFactory = _ => 16 };
         var execution = new Option<string>("--execution") { Description = "Where target calls run: auto (inline while they are fast), inline, or workers", DefaultValueFactory = _ => "auto" };
-        var insecure = new Option<bool>("--insecure") { Description = "Listen beyond loopback without TLS or authentication (anyone who reaches the port can read and write the export)" };
+        var insecure = new Option<bool>("--insecure") { Description = "Listen beyond loopback without --tls require (anyone who reaches the port without TLS can read and write the export)" };
+        var tls = new Option<string>("--tls") { Description = "NBD over TLS (NBD_OPT_STARTTLS): off, on (plain clients too) or require", DefaultValueFactory = _ => "off" };
+        var tlsCertificates = new Option<string?>("--tls-certificates") { Description = "--tls: directory with server-cert.pem, server-key.pem and ca-cert.pem (the qemu and nbdkit layout)" };
+        var tlsVerifyPeer = new Option<bool>("--tls-verify-peer") { Description = "--tls: clients must present a certificate issued by ca-cert.pem" };
         var ublk = new Option<bool>("--ublk") { Description = "Also serve the target as a ublk device (/dev/ublkbN) from this process" };
         var number = new Option<int>("--number", "-n") { Description = "--ublk: device id (default: the first free one)", DefaultValueFactory = _ => -1 };
         var queues = new Option<int>("--queues", "-q") { Description = "--ublk: hardware queues", DefaultValueFactory = _ => 1 };
@@ -37,7 +40,7 @@ internal static class ServeCommand
 
         var command = new Command("serve", "Export a target over NBD (and, with --ublk, as a ublk device too) until SIGTERM or SIGINT");
         target.AddTo(command);
-        foreach (var o in new Option[] { listen, export, description, maxConnections, handshakeTimeout, idleTimeout, workers, execution, insecure, ublk, number, queues, depth })
+        foreach (var o in new Option[] { listen, export, description, maxConnections, handshakeTimeout, idleTimeout, workers, execution, insecure, tls, tlsCertificates, tlsVerifyPeer, ublk, number, queues, depth })
         {
             command.Options.Add(o);
         }
@@ -47,15 +50,23 @@ internal static class ServeCommand
             var kind = target.Kind(r);
             var recipe = target.Recipe(r);
             var address = NbdAddress.ParseListen(r.GetValue(listen)!);
-            if (!address.IsUnix && !address.IsLoopback)
+            var tlsMode = r.GetValue(tls) switch
+            {
+                "off" => NbdTlsMode.Off,
+                "on" => NbdTlsMode.On,
+                "require" => NbdTlsMode.Require,
+                var other => throw new ArgumentException($"bad --tls '{other}': use off, on or require"),
+            };
+            if (!address.IsUnix && !address.IsLoopback && tlsMode != NbdTlsMode.Require)
             {
                 if (!r.GetValue(insecure))
                 {
-                    throw new ArgumentException($"--listen {address} would export the disk beyond this machine with no TLS and no authentication (ublksharp has no NBD TLS yet): listen on loopback (127.0.0.1, [::1]) or a unix socket, or add --insecure");
+                    throw new ArgumentException($"--listen {address} would export the disk beyond this machine with no TLS and no authentication{(tlsMode == NbdTlsMode.On ? " for clients that skip TLS (--tls on serves them too)" : "")}: add --tls require, listen on loopback (127.0.0.1, [::1]) or a unix socket, or add --insecure");
                 }
                 // Every start says it, so nobody forgets it runs so.
-                CliLog.Warning($"warning: --insecure: {address} exports the disk to anyone who can reach it, with no TLS and no authentication");
+                CliLog.Warning($"warning: --insecure: {address} exports the disk to anyone who can reach it{(tlsMode == NbdTlsMode.On ? " without TLS (--tls on lets plain clients in)" : ", with no TLS and no authentication")}");
             }
+            var tlsOptions = Tls(tlsMode, r.GetValue(tlsCertificates), r.GetValue(tlsVerifyPeer));
             var metricsAddress = metrics.Checked(r, "the export's");
             var readOnly = r.GetValue(target.ReadOnly);
             var serverOptions = new NbdServerOptions
@@ -72,6 +83,7 @@ internal static class ServeCommand
                     var other => throw new ArgumentException($"bad --execution '{other}': use auto, inline or workers"),
                 },
                 LoggerFactory = CliLog.Factory,
+                Tls = tlsOptions,
             };
             try
             {
@@ -90,6 +102,28 @@ internal static class ServeCommand
             return Serve(kind, recipe, address, r.GetValue(export)!, r.GetValue(description), readOnly, serverOptions, deviceOptions, metricsAddress);
         });
         return command;
+    }
+
+    private static NbdTlsOptions? Tls(NbdTlsMode mode, string? directory, bool verifyPeer)
+    {
+        if (mode == NbdTlsMode.Off)
+        {
+            return directory is not null || verifyPeer
+                ? throw new ArgumentException("--tls-certificates and --tls-verify-peer need --tls on or --tls require")
+                : null;
+        }
+        if (directory is null)
+        {
+            throw new ArgumentException($"--tls {mode.ToString().ToLowerInvariant()} needs --tls-certificates DIR (with server-cert.pem, server-key.pem and ca-cert.pem)");
+        }
+        var options = NbdTlsOptions.Load(Path.GetFullPath(directory), mode, verifyPeer);
+        var key = Path.Combine(Path.GetFullPath(directory), "server-key.pem");
+        if (!OperatingSystem.IsWindows() && (File.GetUnixFileMode(key) & (UnixFileMode.GroupRead | UnixFileMode.OtherRead | UnixFileMode.GroupWrite | UnixFileMode.OtherWrite)) != 0)
+        {
+            // Still served: the key may be shared on purpose (a group for the service), but it should be a choice.
+            CliLog.Warning($"warning: {key} can be read or written by other users than its owner (chmod 600 it)");
+        }
+        return options;
     }
 
     // Asked for in the foreground: a failure to listen ends serve with the reason (add's daemon serves on without).
