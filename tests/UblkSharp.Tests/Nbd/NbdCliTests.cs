@@ -212,13 +212,13 @@ public class NbdCliTests
         }
     }
 
-    private static ProcessStartInfo CliStart(string args)
+    internal static ProcessStartInfo CliStart(string args)
     {
         Assert.True(File.Exists(CliDll), $"{CliDll} is missing: build the solution in Release first");
         return new ProcessStartInfo("dotnet", $"{CliDll} {args}") { RedirectStandardOutput = true, RedirectStandardError = true };
     }
 
-    private static (int Code, string Stdout, string Stderr) Cli(string args)
+    internal static (int Code, string Stdout, string Stderr) Cli(string args)
     {
         using var p = Process.Start(CliStart(args))!;
         var stdout = p.StandardOutput.ReadToEndAsync();
