@@ -270,9 +270,15 @@ public class NbdTlsTests(TlsCertificates certs, ITestOutputHelper output) : ICla
         }
     }
 
-    /// <summary>The TLS handshake falls under the handshake deadline: a client that stalls in it is cut off.</summary>
-    [Fact]
-    public void AStalledTlsHandshakeIsDroppedAtTheHandshakeTimeout()
+    /// <summary>
+    /// The TLS handshake falls under the handshake deadline: a client that stalls in it, or trickles
+    /// it a byte at a time (each read sees data well within the timeout), is cut off when the
+    /// deadline from its connect passes.
+    /// </summary>
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void AStalledTlsHandshakeIsDroppedAtTheHandshakeTimeout(bool trickle)
     {
         var log = new CapturingLoggerFactory();
         using var s = Serve(NbdTlsMode.Require, log: log, handshakeTimeout: TimeSpan.FromSeconds(1));
@@ -282,12 +288,38 @@ public class NbdTlsTests(TlsCertificates certs, ITestOutputHelper output) : ICla
         c.SendClientFlags();
         c.SendOption(OptStartTls, []);
         Assert.Equal(RepAck, c.ReadOptionReply().Type);
-        // The start of a ClientHello record, then nothing.
-        c.Send([0x16, 0x03, 0x01, 0x02, 0x00, 0x01]);
-        Assert.True(c.IsClosedByServer(6000), "the server kept a stalled TLS handshake open");
+        // The start of a ClientHello record that announces 16 KiB and never delivers them.
+        byte[] hello = [0x16, 0x03, 0x01, 0x40, 0x00, 0x01, 0x00, 0x3f, 0xfc, 0x03, 0x03, .. new byte[32]];
+        var closed = false;
+        if (trickle)
+        {
+            for (var i = 0; i < hello.Length && clock.Elapsed < TimeSpan.FromSeconds(8) && !closed; i++)
+            {
+                try
+                {
+                    c.Send([hello[i]]);
+                }
+                catch (SocketException)
+                {
+                    closed = true;
+                    break;
+                }
+                closed = c.IsClosedByServer(200);
+            }
+        }
+        else
+        {
+            c.Send(hello);
+            closed = c.IsClosedByServer(6000);
+        }
+        Assert.True(closed, "the server kept a stalled TLS handshake open");
         output.WriteLine($"cut off after {clock.Elapsed.TotalSeconds:F2} s");
         Assert.InRange(clock.Elapsed, TimeSpan.FromSeconds(0.8), TimeSpan.FromSeconds(4));
         WaitFor(() => s.Server.TlsFailures + s.Server.HandshakeTimeouts >= 1);
+        if (trickle)
+        {
+            Assert.Equal(1, s.Server.HandshakeTimeouts);
+        }
         Assert.Equal(0, s.Server.InternalErrors);
         Assert.Contains("OK", Nbdsh(Nbds(s, certs.Client), "print('OK')"), StringComparison.Ordinal);
     }
