@@ -176,7 +176,7 @@ internal sealed class NbdHandshake
     /// <summary>STARTTLS: false when the connection must end (the TLS handshake failed).</summary>
     private bool StartTls(byte[] data)
     {
-        if (_server.TlsAuthentication is null)
+        if (_server.Tls is null)
         {
             Reply(OptStartTls, data.Length != 0 ? RepErrInvalid : RepErrUnsup, "this server does not offer TLS");
             return true;
@@ -192,13 +192,14 @@ internal sealed class NbdHandshake
             return true;
         }
         Reply(OptStartTls, RepAck);
+        var rejected = new System.Runtime.CompilerServices.StrongBox<string?>();
         try
         {
-            _socket.StartTls(_server.TlsAuthentication);
+            _socket.StartTls(_server.Tls.ForConnection(rejected));
         }
         catch (Exception e) when (e is System.Security.Authentication.AuthenticationException || SocketIo.IsConnectionError(e))
         {
-            _server.NoteTlsFailure(Reason(e));
+            _server.NoteTlsFailure(rejected.Value ?? Reason(e));
             return false;
         }
         // Option haggling starts over: what was agreed in the clear does not count.

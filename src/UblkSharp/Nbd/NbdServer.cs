@@ -71,8 +71,7 @@ public sealed class NbdServer : IDisposable
         Workers = new NbdWorkerPool(options.Workers, NoteInternalError);
         if (options.Tls is { Mode: not NbdTlsMode.Off } tls)
         {
-            TlsMode = tls.Mode;
-            TlsAuthentication = tls.CreateAuthenticationOptions();
+            Tls = new NbdTlsContext(tls);
         }
         _acceptThread = new Thread(AcceptLoop) { IsBackground = true, Name = "nbd-accept" };
         _reaperThread = new Thread(ReapLoop) { IsBackground = true, Name = "nbd-reaper" };
@@ -122,10 +121,10 @@ public sealed class NbdServer : IDisposable
     /// <summary>Options refused with NBD_REP_ERR_TLS_REQD, or EXPORT_NAME connections ended, because TLS was required and not yet on.</summary>
     public long TlsRequiredRefusals => Interlocked.Read(ref _tlsRequiredRefusals);
 
-    internal NbdTlsMode TlsMode { get; } = NbdTlsMode.Off;
-
     /// <summary>Shared by every TLS handshake; null without TLS.</summary>
-    internal System.Net.Security.SslServerAuthenticationOptions? TlsAuthentication { get; }
+    internal NbdTlsContext? Tls { get; }
+
+    internal NbdTlsMode TlsMode => Tls?.Mode ?? NbdTlsMode.Off;
 
     /// <summary>Clients cut off for breaking the protocol (bad magic, unknown flags, oversized messages).</summary>
     public long ProtocolErrors => Interlocked.Read(ref _protocolErrors);

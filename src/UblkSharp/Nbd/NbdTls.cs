@@ -1,4 +1,5 @@
 using System.Net.Security;
+using System.Runtime.CompilerServices;
 using System.Security.Cryptography;
 using System.Security.Cryptography.X509Certificates;
 
@@ -109,36 +110,68 @@ public sealed record NbdTlsOptions
             throw new ArgumentException("VerifyPeer needs at least one trusted CA certificate", nameof(TrustedCertificates));
         }
     }
+}
 
-    /// <summary>Built once per server: every handshake shares the certificate context and the chain policy.</summary>
-    internal SslServerAuthenticationOptions CreateAuthenticationOptions()
+/// <summary>
+/// What a server's TLS handshakes share (the certificate context, built once); each connection
+/// gets its own options, so a refused client certificate can say why in the log.
+/// </summary>
+internal sealed class NbdTlsContext
+{
+    private readonly NbdTlsOptions _tls;
+    private readonly SslStreamCertificateContext _certificate;
+
+    public NbdTlsContext(NbdTlsOptions tls)
     {
+        _tls = tls;
         SslCertificateTrust? trust = null;
-        if (VerifyPeer)
+        if (tls.VerifyPeer)
         {
             // Sent in the CertificateRequest: a client with several certificates picks the one this CA issued.
-            trust = SslCertificateTrust.CreateForX509Collection(TrustedCertificates, sendTrustInHandshake: true);
+            trust = SslCertificateTrust.CreateForX509Collection(tls.TrustedCertificates, sendTrustInHandshake: true);
         }
+        _certificate = SslStreamCertificateContext.Create(tls.Certificate, null, offline: true, trust);
+    }
+
+    public NbdTlsMode Mode => _tls.Mode;
+
+    /// <summary>Options for one handshake; <paramref name="rejected"/> gets the reason if the client's certificate is refused.</summary>
+    public SslServerAuthenticationOptions ForConnection(StrongBox<string?> rejected)
+    {
         var options = new SslServerAuthenticationOptions
         {
-            ServerCertificateContext = SslStreamCertificateContext.Create(Certificate, null, offline: true, trust),
-            ClientCertificateRequired = VerifyPeer,
+            ServerCertificateContext = _certificate,
+            ClientCertificateRequired = _tls.VerifyPeer,
             CertificateRevocationCheckMode = X509RevocationMode.NoCheck,
             EncryptionPolicy = EncryptionPolicy.RequireEncryption,
             AllowRenegotiation = false,
         };
-        if (VerifyPeer)
+        if (_tls.VerifyPeer)
         {
             var policy = new X509ChainPolicy
             {
                 TrustMode = X509ChainTrustMode.CustomRootTrust,
                 RevocationMode = X509RevocationMode.NoCheck,
             };
-            policy.CustomTrustStore.AddRange(TrustedCertificates);
+            policy.CustomTrustStore.AddRange(_tls.TrustedCertificates);
             options.CertificateChainPolicy = policy;
-            // With the chain policy above the chain is checked against our CA only; any error
-            // (no certificate, another CA, expired) refuses the client.
-            options.RemoteCertificateValidationCallback = (_, certificate, _, errors) => certificate is not null && errors == SslPolicyErrors.None;
+            // The chain is checked against our CA only: any error (no certificate, another CA,
+            // expired) refuses the client.
+            options.RemoteCertificateValidationCallback = (_, certificate, chain, errors) =>
+            {
+                if (certificate is null)
+                {
+                    rejected.Value = "the client sent no certificate (--tls-verify-peer)";
+                    return false;
+                }
+                if (errors == SslPolicyErrors.None)
+                {
+                    return true;
+                }
+                var status = chain?.ChainStatus.Select(s => $"{s.Status} ({s.StatusInformation.Trim()})") ?? [];
+                rejected.Value = $"client certificate '{certificate.Subject}' refused: {string.Join(", ", status.DefaultIfEmpty(errors.ToString()))}";
+                return false;
+            };
         }
         return options;
     }
