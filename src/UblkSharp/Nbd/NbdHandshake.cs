@@ -202,6 +202,7 @@ internal sealed class NbdHandshake
             _server.NoteTlsFailure(rejected.Value ?? Reason(e));
             return false;
         }
+        _server.NoteTlsStarted(_socket.Describe());
         // Option haggling starts over: what was agreed in the clear does not count.
         _structured = false;
         _metaExport = null;

@@ -44,4 +44,7 @@ internal static partial class NbdLog
 
     [LoggerMessage(EventId = 211, Level = LogLevel.Warning, Message = "nbd: refused {Option} before STARTTLS: TLS is required (--tls require){More}")]
     public static partial void TlsRequired(ILogger logger, string option, string more);
+
+    [LoggerMessage(EventId = 212, Level = LogLevel.Debug, Message = "nbd: TLS started: {Session}")]
+    public static partial void TlsStarted(ILogger logger, string session);
 }

@@ -513,6 +513,8 @@ public sealed class NbdServer : IDisposable
         }
     }
 
+    internal void NoteTlsStarted(string session) => NbdLog.TlsStarted(_logger, session);
+
     internal void NoteTlsRequired(uint option)
     {
         Interlocked.Increment(ref _tlsRequiredRefusals);
