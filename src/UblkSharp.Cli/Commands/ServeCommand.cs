@@ -186,6 +186,7 @@ internal static class ServeCommand
                 Console.WriteLine(device.BlockPath);
             }
             CliLog.Information($"serving {kind} ({target.Size} bytes{(export.IsReadOnly ? ", read-only" : "")}) as export '{exportName}' on {server.Address}" +
+                (serverOptions.Tls is { } t ? $" (TLS {t.Mode.ToString().ToLowerInvariant()}{(t.VerifyPeer ? ", client certificates required" : "")})" : "") +
                 (device is null ? "" : $" and as {device.BlockPath}"));
             // Until a signal, or until someone stops the device (ublksharp del).
             while (!stop.Wait(250) && (device is null || !device.WaitForStop(TimeSpan.Zero)))
