@@ -12,7 +12,7 @@ internal static class Preflight
         {
             throw new UblkUnavailableException(
                 $"{ControlDevice.Path} does not exist: this kernel has no ublk driver loaded. Try 'modprobe ublk_drv' (Linux 6.0+ with CONFIG_BLK_DEV_UBLK), " +
-                "or run ublksharp inside tools/ublksharp-vm, which boots a kernel that has it.");
+                "or, from a source checkout, run ublksharp inside tools/ublksharp-vm, which boots a kernel that has it.");
         }
         if (!Processes.IsRoot)
         {
