@@ -1,5 +1,4 @@
 using System.Diagnostics;
-using System.Diagnostics.Metrics;
 using UblkSharp.Interop;
 using UblkSharp.Nbd;
 using UblkSharp.Runtime.Metrics;
@@ -170,49 +169,22 @@ public class NbdStatsTests
             Assert.Equal(0u, c.ReadAnyReply(4096).Error);
         }
         var address = s.Server.Address.ToString();
-        var seen = new List<(string Name, double Value, Dictionary<string, object?> Tags)>();
-        using var listener = new MeterListener();
-        listener.InstrumentPublished = (instrument, l) =>
-        {
-            if (instrument.Meter.Name == UblkMeter.Name)
-            {
-                l.EnableMeasurementEvents(instrument);
-            }
-        };
-        void Record<T>(Instrument i, T value, ReadOnlySpan<KeyValuePair<string, object?>> tags)
-        {
-            var t = new Dictionary<string, object?>();
-            foreach (var kv in tags)
-            {
-                t[kv.Key] = kv.Value;
-            }
-            // Other tests' servers may be live in this process: only this one's.
-            if (Equals(t.GetValueOrDefault("server"), address))
-            {
-                seen.Add((i.Name, Convert.ToDouble(value, System.Globalization.CultureInfo.InvariantCulture), t));
-            }
-        }
-        listener.SetMeasurementEventCallback<long>((i, v, tags, _) => Record(i, v, tags));
-        listener.SetMeasurementEventCallback<int>((i, v, tags, _) => Record(i, v, tags));
-        listener.SetMeasurementEventCallback<double>((i, v, tags, _) => Record(i, v, tags));
-        listener.Start();
-        listener.RecordObservableInstruments();
-        double One(string name, params (string Key, object Value)[] tags) =>
-            Assert.Single(seen, m => m.Name == name && tags.All(t => Equals(m.Tags.GetValueOrDefault(t.Key), t.Value))).Value;
-        Assert.Equal(4, One("ublksharp.nbd.requests", ("export", "metered"), ("op", "read")));
-        Assert.Equal(4 * 4096, One("ublksharp.nbd.bytes", ("export", "metered"), ("op", "read")));
-        Assert.Equal(0, One("ublksharp.nbd.inflight", ("export", "metered")));
-        Assert.Equal(1, One("ublksharp.nbd.connections"));
-        Assert.Equal(1, One("ublksharp.nbd.connections.accepted"));
-        Assert.Equal(0, One("ublksharp.nbd.connections.closed"));
-        Assert.Equal(4, One("ublksharp.nbd.connection.requests", ("connection", 1L), ("peer", $"pid {Environment.ProcessId}"), ("op", "read")));
-        Assert.True(One("ublksharp.nbd.latency", ("op", "read"), ("quantile", 0.99)) > 0, "no read latency");
+        // Other tests' servers may be live in this process: only this one's.
+        using var meter = new MeterCapture(t => Equals(t.GetValueOrDefault("server"), address));
+        meter.Collect();
+        Assert.Equal(4, meter.One("ublksharp.nbd.requests", ("export", "metered"), ("op", "read")));
+        Assert.Equal(4 * 4096, meter.One("ublksharp.nbd.bytes", ("export", "metered"), ("op", "read")));
+        Assert.Equal(0, meter.One("ublksharp.nbd.inflight", ("export", "metered")));
+        Assert.Equal(1, meter.One("ublksharp.nbd.connections"));
+        Assert.Equal(1, meter.One("ublksharp.nbd.connections.accepted"));
+        Assert.Equal(0, meter.One("ublksharp.nbd.connections.closed"));
+        Assert.Equal(4, meter.One("ublksharp.nbd.connection.requests", ("connection", 1L), ("peer", $"pid {Environment.ProcessId}"), ("op", "read")));
+        Assert.True(meter.One("ublksharp.nbd.latency", ("op", "read"), ("quantile", 0.99)) > 0, "no read latency");
         // A disposed server is no longer published.
         c.Dispose();
         s.Server.Dispose();
-        seen.Clear();
-        listener.RecordObservableInstruments();
-        Assert.Empty(seen);
+        meter.Collect();
+        Assert.Empty(meter.Seen);
     }
 
     /// <summary>

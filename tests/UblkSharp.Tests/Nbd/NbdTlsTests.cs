@@ -449,22 +449,6 @@ public class NbdTlsTests(TlsCertificates certs, ITestOutputHelper output) : ICla
         }
     }
 
-    [Theory]
-    [InlineData("--listen tcp://127.0.0.1:0 --tls maybe", "bad --tls 'maybe': use off, on or require")]
-    [InlineData("--listen tcp://127.0.0.1:0 --tls require", "--tls require needs --tls-certificates DIR")]
-    [InlineData("--listen tcp://127.0.0.1:0 --tls-verify-peer", "--tls-certificates and --tls-verify-peer need --tls on or --tls require")]
-    [InlineData("--listen tcp://127.0.0.1:0 --tls on --tls-certificates /nonexistent/dir", "TLS certificates directory /nonexistent/dir does not exist")]
-    [InlineData("--listen tcp://192.0.2.1:10809 --tls on --tls-certificates /nonexistent/dir", "--tls on serves them too")]
-    public void BadTlsInputGivesOneClearLine(string args, string message)
-    {
-        var (code, stdout, stderr) = NbdCliTests.Cli($"serve -t mem --size 16M {args}");
-        Assert.Equal(1, code);
-        Assert.Equal("", stdout);
-        var line = Assert.Single(stderr.Trim().Split('\n'));
-        Assert.StartsWith("ublksharp: ", line, StringComparison.Ordinal);
-        Assert.Contains(message, line, StringComparison.Ordinal);
-    }
-
     /// <summary>
     /// With --tls require a listener beyond loopback needs no --insecure (TEST-NET-1: the bind fails,
     /// nothing is exposed); an expired certificate and a key others can read are caught at start.

@@ -1,5 +1,4 @@
 using System.Diagnostics;
-using System.Diagnostics.Metrics;
 using UblkSharp.Runtime.Metrics;
 using UblkSharp.Ublk;
 
@@ -126,53 +125,25 @@ public class MetricsTests
         q.Completed(IoOp.Read, -5, t0);
         var owner = new object();
         const uint device = 4242;
-        var seen = new List<(string Name, double Value, Dictionary<string, object?> Tags)>();
-        using var listener = new MeterListener();
-        listener.InstrumentPublished = (instrument, l) =>
-        {
-            if (instrument.Meter.Name == UblkMeter.Name)
-            {
-                l.EnableMeasurementEvents(instrument);
-            }
-        };
-        void Record<T>(Instrument i, T value, ReadOnlySpan<KeyValuePair<string, object?>> tags)
-        {
-            var t = new Dictionary<string, object?>();
-            foreach (var kv in tags)
-            {
-                t[kv.Key] = kv.Value;
-            }
-            if (t.GetValueOrDefault("device") is long d && d == device)
-            {
-                seen.Add((i.Name, Convert.ToDouble(value, System.Globalization.CultureInfo.InvariantCulture), t));
-            }
-        }
-        listener.SetMeasurementEventCallback<long>((i, v, tags, _) => Record(i, v, tags));
-        listener.SetMeasurementEventCallback<int>((i, v, tags, _) => Record(i, v, tags));
-        listener.SetMeasurementEventCallback<double>((i, v, tags, _) => Record(i, v, tags));
-        listener.Start();
+        using var meter = new MeterCapture(t => t.GetValueOrDefault("device") is long d && d == device);
         UblkMeter.Add(owner, () => new DeviceStats(device, 0, [q.Snapshot(0)]));
         try
         {
-            listener.RecordObservableInstruments();
+            meter.Collect();
         }
         finally
         {
             UblkMeter.Remove(owner);
         }
-        double One(string name, string key, object value) =>
-            Assert.Single(seen, m => m.Name == name && Equals(m.Tags.GetValueOrDefault(key), value)).Value;
-        Assert.Equal(7, One("ublksharp.device.requests", "op", "write"));
-        Assert.Equal(1, One("ublksharp.device.requests", "op", "read"));
-        Assert.Equal(7 * 65536, One("ublksharp.device.bytes", "op", "write"));
-        Assert.Equal(1, One("ublksharp.device.errors", "errno", "EIO"));
-        Assert.Equal(0, One("ublksharp.device.inflight", "queue", 0L));
-        var p99 = Assert.Single(seen, m => m.Name == "ublksharp.device.latency" && Equals(m.Tags["op"], "write") && Equals(m.Tags["quantile"], 0.99)).Value;
-        Assert.True(p99 > 0, "no write latency");
+        Assert.Equal(7, meter.One("ublksharp.device.requests", ("op", "write")));
+        Assert.Equal(1, meter.One("ublksharp.device.requests", ("op", "read")));
+        Assert.Equal(7 * 65536, meter.One("ublksharp.device.bytes", ("op", "write")));
+        Assert.Equal(1, meter.One("ublksharp.device.errors", ("errno", "EIO")));
+        Assert.Equal(0, meter.One("ublksharp.device.inflight", ("queue", 0L)));
+        Assert.True(meter.One("ublksharp.device.latency", ("op", "write"), ("quantile", 0.99)) > 0, "no write latency");
         // Removed: nothing more of it.
-        seen.Clear();
-        listener.RecordObservableInstruments();
-        Assert.Empty(seen);
+        meter.Collect();
+        Assert.Empty(meter.Seen);
     }
 
     /// <summary>
