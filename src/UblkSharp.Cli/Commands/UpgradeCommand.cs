@@ -106,6 +106,14 @@ internal static class UpgradeCommand
                 throw;
             }
             File.Delete(warm);
+            // Warm, it holds the takeover lock; an upgrade or recovery that finished before it took
+            // the lock has replaced the daemon this one was about to ask (the kernel says so first:
+            // that daemon saves its record only after it lets go of the lock).
+            if (CurrentInfo(id).ublksrv_pid != daemon || DeviceRecord.Load(id) is not { } now || now.Pid != daemon)
+            {
+                stdin.Close();
+                throw new IOException($"device {id}: another upgrade or recovery was in progress and has replaced daemon {daemon} meanwhile; this upgrade changed nothing: run it again to upgrade the new daemon");
+            }
             // 2. The old daemon lets go: what it serves is answered, the rest waits in the kernel.
             var clock = Stopwatch.StartNew();
             long left;
