@@ -151,6 +151,15 @@ internal static unsafe partial class Libc
     [LibraryImport(Lib, EntryPoint = "geteuid")]
     public static partial uint geteuid();
 
+    public const int R_OK = 4, W_OK = 2;
+
+    /// <summary>access(2): whether the real user may read/write <paramref name="path"/> (0), else -1 and errno.</summary>
+    [LibraryImport(Lib, EntryPoint = "access", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
+    public static partial int access(string path, int mode);
+
+    [LibraryImport(Lib, EntryPoint = "chown", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
+    public static partial int chown(string path, uint owner, uint group);
+
     /// <summary>Opens a file and throws an <see cref="ErrnoException"/> naming the path on failure.</summary>
     public static int OpenOrThrow(string path, int flags, int mode = 0)
     {

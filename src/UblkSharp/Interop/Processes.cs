@@ -14,6 +14,9 @@ public static class Processes
     /// <summary>Whether this process runs as root (ublk devices need CAP_SYS_ADMIN).</summary>
     public static bool IsRoot => Libc.geteuid() == 0;
 
+    /// <summary>Whether this user may open <paramref name="path"/> for reading and writing (access(2)).</summary>
+    public static bool MayReadWrite(string path) => Libc.access(path, Libc.R_OK | Libc.W_OK) == 0;
+
     public static bool Signal(int pid, int signal) => pid > 0 && Libc.kill(pid, signal) == 0;
 
     /// <summary>Sends <paramref name="signal"/> to every process of process group <paramref name="pgid"/>; false if there is none.</summary>

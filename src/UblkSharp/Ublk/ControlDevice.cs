@@ -6,6 +6,9 @@ namespace UblkSharp.Ublk;
 /// <summary>
 /// /dev/ublk-control with its SQE128 ring. Commands are synchronous and bounded in time: several
 /// of them block in the kernel until a condition holds, and a server must never wait forever.
+/// Commands to an unprivileged device (UNPRIVILEGED_DEV) carry its char device's path before their
+/// payload, as the driver requires of every caller, root included; that is done here, so callers
+/// never see the difference.
 /// </summary>
 public sealed unsafe class ControlDevice : IDisposable
 {
@@ -20,6 +23,9 @@ public sealed unsafe class ControlDevice : IDisposable
     private byte* _scratch;
     private bool _abandoned;
     private ulong _nextUserData;
+
+    // Which devices are unprivileged (their commands carry the /dev/ublkcN path), learnt once per device.
+    private readonly Dictionary<uint, bool> _unprivileged = [];
 
     private ControlDevice(int fd, Ring ring)
     {
@@ -50,7 +56,8 @@ public sealed unsafe class ControlDevice : IDisposable
         }
         catch (ErrnoException e) when (e.Errno is Errno.EACCES or Errno.EPERM)
         {
-            throw new UblkUnavailableException($"{Path}: permission denied. Run as root (or with CAP_SYS_ADMIN).", e);
+            throw new UblkUnavailableException(
+                $"{Path}: permission denied. Run as root, or let users add devices of their own: 'ublksharp setup-unprivileged' (as root) installs the udev rule that opens {Path} to them.", e);
         }
         try
         {
@@ -90,6 +97,7 @@ public sealed unsafe class ControlDevice : IDisposable
         var cmd = new CtrlCmd { dev_id = info.dev_id, queue_id = ushort.MaxValue };
         var res = Execute(UblkCommands.AddDev, cmd, AsBytes(ref info), AsBytes(ref info), DefaultTimeout);
         Check(res, "UBLK_CMD_ADD_DEV", info.dev_id);
+        _unprivileged[info.dev_id] = (info.flags & (ulong)UblkFeatures.UnprivilegedDev) != 0;
         return info;
     }
 
@@ -172,6 +180,7 @@ public sealed unsafe class ControlDevice : IDisposable
     {
         var res = Execute(UblkCommands.DelDev, new CtrlCmd { dev_id = devId, queue_id = ushort.MaxValue }, default, default, timeout);
         Check(res, "UBLK_CMD_DEL_DEV", devId);
+        _unprivileged.Remove(devId);
     }
 
     /// <summary>
@@ -193,6 +202,7 @@ public sealed unsafe class ControlDevice : IDisposable
     {
         var res = Execute(UblkCommands.DelDevAsync, new CtrlCmd { dev_id = devId, queue_id = ushort.MaxValue }, default, default, DefaultTimeout);
         Check(res, "UBLK_CMD_DEL_DEV_ASYNC", devId);
+        _unprivileged.Remove(devId);
     }
 
     /// <summary>The CPUs blk-mq maps to queue <paramref name="queueId"/>.</summary>
@@ -223,7 +233,9 @@ public sealed unsafe class ControlDevice : IDisposable
             {
                 Errno.ENODEV => $"no ublk device {devId}",
                 Errno.EEXIST => $"ublk device {devId} already exists (or is already started)",
-                Errno.EPERM or Errno.EACCES => "permission denied: ublk devices need root (CAP_SYS_ADMIN)",
+                Errno.EPERM or Errno.EACCES => Libc.geteuid() == 0
+                    ? "permission denied: ublk devices need root (CAP_SYS_ADMIN)"
+                    : $"permission denied: device {devId} is not yours (another user's, or root's; /dev/ublkc{devId} is not open to you)",
                 Errno.EBUSY => "the device is busy",
                 _ => null,
             };
@@ -244,25 +256,88 @@ public sealed unsafe class ControlDevice : IDisposable
         {
             throw new InvalidOperationException("An earlier control command never completed; open a new ControlDevice");
         }
-        var len = Math.Max(input.Length, output.Length);
+        var prefix = NeedsPath(cmdOp, cmd.dev_id) ? DevicePathPrefix(cmd.dev_id) : 0;
+        var len = prefix + Math.Max(input.Length, output.Length);
         if (len > ScratchSize)
         {
             throw new ArgumentException($"Control command buffers are limited to {ScratchSize} bytes");
         }
         if (len > 0)
         {
-            var buffer = new Span<byte>(_scratch, len);
+            // The path (if any) is already at the start; the kernel reads the payload after it.
+            var buffer = new Span<byte>(_scratch + prefix, len - prefix);
             buffer.Clear();
             input.CopyTo(buffer);
             cmd.addr = (ulong)_scratch;
             cmd.len = (ushort)len;
+            cmd.dev_path_len = (ushort)prefix;
         }
         var res = Execute(cmdOp, cmd, timeout);
         if (output.Length > 0)
         {
-            new ReadOnlySpan<byte>(_scratch, output.Length).CopyTo(output);
+            new ReadOnlySpan<byte>(_scratch + prefix, output.Length).CopyTo(output);
         }
         return res;
+    }
+
+    /// <summary>
+    /// Whether device <paramref name="devId"/> was added by a user (UNPRIVILEGED_DEV): the kernel
+    /// then wants /dev/ublkcN's path with every command, and checks the caller's access to it. A
+    /// user can only ever command such devices; root learns it once per device from GET_DEV_INFO,
+    /// which an unprivileged device answers -EINVAL when the path is missing.
+    /// </summary>
+    public bool IsUnprivilegedDevice(uint devId)
+    {
+        if (_unprivileged.TryGetValue(devId, out var known))
+        {
+            return known;
+        }
+        bool unprivileged;
+        if (Libc.geteuid() != 0)
+        {
+            unprivileged = true;
+        }
+        else
+        {
+            _unprivileged[devId] = false; // the probe itself goes without the path
+            DevInfo info = default;
+            var res = Execute(UblkCommands.GetDevInfo, new CtrlCmd { dev_id = devId, queue_id = ushort.MaxValue }, default, AsBytes(ref info), DefaultTimeout);
+            if (res == -Errno.ENODEV)
+            {
+                _unprivileged.Remove(devId);
+                return false;
+            }
+            unprivileged = res == -Errno.EINVAL || (res == 0 && (info.flags & (ulong)UblkFeatures.UnprivilegedDev) != 0);
+        }
+        _unprivileged[devId] = unprivileged;
+        return unprivileged;
+    }
+
+    // ADD_DEV and GET_FEATURES name no existing device; GET_DEV_INFO2 wants the path from everyone.
+    private bool NeedsPath(uint cmdOp, uint devId)
+    {
+        var nr = cmdOp & 0xff;
+        return nr is not (0x04 or 0x13) && devId != uint.MaxValue && (nr == 0x12 || IsUnprivilegedDevice(devId));
+    }
+
+    // Writes "/dev/ublkcN\0" at the start of the scratch buffer; returns its length (the NUL included).
+    private int DevicePathPrefix(uint devId)
+    {
+        var path = $"/dev/ublkc{devId}\0";
+        var n = System.Text.Encoding.ASCII.GetBytes(path, new Span<byte>(_scratch, ScratchSize));
+        return n;
+    }
+
+    /// <summary>
+    /// GET_DEV_INFO2 (6.3+): like GET_DEV_INFO, but for any caller with read access to
+    /// /dev/ublkcN, privileged device or not: what the udev helper uses to learn a device's owner.
+    /// </summary>
+    public DevInfo GetDeviceInfo2(uint devId)
+    {
+        DevInfo info = default;
+        var res = Execute(UblkCommands.GetDevInfo2, new CtrlCmd { dev_id = devId, queue_id = ushort.MaxValue }, default, AsBytes(ref info), DefaultTimeout);
+        Check(res, "UBLK_CMD_GET_DEV_INFO2", devId);
+        return info;
     }
 
     private int Execute(uint cmdOp, in CtrlCmd cmd, TimeSpan timeout)
