@@ -12,7 +12,32 @@ namespace UblkSharp.Runtime;
 public sealed record DeviceRecord
 {
     // Absolute: a daemon changes its directory to / (see DaemonHost).
-    public static string Directory { get; set; } = Environment.GetEnvironmentVariable("UBLKSHARP_RUN_DIR") is { Length: > 0 } dir ? System.IO.Path.GetFullPath(dir) : "/run/ublksharp";
+    public static string Directory { get; set; } = DefaultDirectory();
+
+    /// <summary>
+    /// UBLKSHARP_RUN_DIR, else /run/ublksharp for root. A user's devices (UNPRIVILEGED_DEV) are
+    /// recorded in their own runtime directory: $XDG_RUNTIME_DIR/ublksharp, or /run/user/UID/ublksharp
+    /// where the session has one, else /tmp/ublksharp-UID (refused by <see cref="StateDirectory.Verify"/>
+    /// if anyone else made it first).
+    /// </summary>
+    public static string DefaultDirectory()
+    {
+        if (Environment.GetEnvironmentVariable("UBLKSHARP_RUN_DIR") is { Length: > 0 } dir)
+        {
+            return System.IO.Path.GetFullPath(dir);
+        }
+        var uid = Interop.Libc.geteuid();
+        if (uid == 0)
+        {
+            return "/run/ublksharp";
+        }
+        if (Environment.GetEnvironmentVariable("XDG_RUNTIME_DIR") is { Length: > 0 } xdg && System.IO.Path.IsPathFullyQualified(xdg))
+        {
+            return System.IO.Path.Combine(xdg, "ublksharp");
+        }
+        var session = $"/run/user/{uid}";
+        return System.IO.Directory.Exists(session) ? System.IO.Path.Combine(session, "ublksharp") : $"/tmp/ublksharp-{uid}";
+    }
 
     public required uint Id { get; init; }
 

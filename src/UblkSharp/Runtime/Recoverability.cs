@@ -53,7 +53,9 @@ public static class Recoverability
         }
         throw obstacle switch
         {
-            RecoveryObstacle.NoRecovery => new RecoveryRefusedException($"device {id} was created without recovery (add --recovery on|reissue); it cannot be recovered"),
+            RecoveryObstacle.NoRecovery => new RecoveryRefusedException((info.flags & (ulong)UblkFeatures.UnprivilegedDev) != 0
+                ? $"device {id} was added by a user (UNPRIVILEGED_DEV), and the kernel gives such devices no user recovery; it cannot be recovered"
+                : $"device {id} was created without recovery (add --recovery on|reissue); it cannot be recovered"),
             RecoveryObstacle.Serving => new RecoveryRefusedException($"device {id} is live: its daemon (pid {info.ublksrv_pid}) is serving it; there is nothing to recover"),
             _ => new RecoveryRefusedException($"device {id} is dead (stopped, or never started); only a device whose daemon died can be recovered"),
         };

@@ -100,6 +100,10 @@ public sealed class UblkDevice : IDisposable
         };
     }
 
+    /// <summary>Why a user (not root) cannot have a recoverable device.</summary>
+    public const string UnprivilegedRecoveryRefused =
+        "--recovery (and --supervise, upgrade) need a device added by root: the kernel gives devices that users add (UNPRIVILEGED_DEV) no user recovery, so a crashed daemon's device could never be taken over";
+
     /// <summary>Creates, sets up and starts a device. On return <see cref="BlockPath"/> exists and serves IO.</summary>
     public static UblkDevice Create(BlockTarget target, DeviceOptions options, Action<Exception>? onFatal = null)
     {
@@ -111,11 +115,19 @@ public sealed class UblkDevice : IDisposable
         {
             throw new ArgumentException($"the {target.Kind} target keeps its data in the daemon's memory, so a recovered device would come back empty: it cannot use --recovery");
         }
+        // A user (not root) can only add devices the kernel marks as theirs; root's request for it is
+        // ignored by the kernel, so it is never asked.
+        var unprivileged = !Processes.IsRoot;
+        if (unprivileged && options.Recovery != RecoveryMode.Off)
+        {
+            throw new ArgumentException(UnprivilegedRecoveryRefused);
+        }
         var control = ControlDevice.Open();
         UblkDevice? device = null;
         try
         {
-            var wanted = options.Flags | options.Recovery.Flags() | (options.NoPartitionScan ? UblkFeatures.NoAutoPartScan : 0);
+            var wanted = options.Flags | options.Recovery.Flags() | (options.NoPartitionScan ? UblkFeatures.NoAutoPartScan : 0)
+                | (unprivileged ? UblkFeatures.UnprivilegedDev : 0);
             RequireFeatures(control, wanted);
             var optional = WantsUserCopy(control, target, wanted) ? UblkFeatures.UserCopy : 0;
             // A recoverable device can also be quiesced for a hand-over where the driver can (6.16+).
@@ -512,11 +524,16 @@ public sealed class UblkDevice : IDisposable
     private void SetUp(Action<Exception>? onFatal, bool recovering)
     {
         onFatal ??= ExitOnFailure(_logger);
+        var unprivileged = (Info.flags & (ulong)UblkFeatures.UnprivilegedDev) != 0;
         if (!recovering)
         {
+            if (unprivileged)
+            {
+                WaitUntilOwned();
+            }
             Control.SetParams(Id, BuildParams());
         }
-        _charFd = OpenCharDevice(CharPath);
+        _charFd = OpenCharDevice(CharPath, unprivileged);
         for (var q = 0; q < _queues.Length; q++)
         {
             int[]? cpus = null;
@@ -590,17 +607,49 @@ public sealed class UblkDevice : IDisposable
 
     private static int Log2(int v) => 31 - System.Numerics.BitOperations.LeadingZeroCount((uint)v);
 
-    private static int OpenCharDevice(string path)
+    /// <summary>How long a user's new device may take to become theirs (udev runs the chown helper).</summary>
+    internal static TimeSpan OwnershipTimeout { get; } = TimeSpan.FromSeconds(10);
+
+    // A user's device is created root's, like any device node; the udev rule (setup-unprivileged)
+    // hands /dev/ublkcN and /dev/ublkbN to its owner a moment later. Until then SET_PARAMS, which
+    // checks the caller's access to /dev/ublkcN, fails: wait for the hand-over, bounded
+    // (ublksrv issue 187 is that race, lost).
+    private void WaitUntilOwned()
     {
-        // udev may hold the new node for a moment (ublksrv retries too), or create it late.
-        var deadline = Environment.TickCount64 + 3000;
+        var deadline = Environment.TickCount64 + (long)OwnershipTimeout.TotalMilliseconds;
+        Span<byte> info = stackalloc byte[64];
+        while (true)
+        {
+            var res = Control.Execute(UblkCommands.GetDevInfo, new CtrlCmd { dev_id = Id, queue_id = ushort.MaxValue }, default, info, ControlDevice.DefaultTimeout);
+            if (res == 0 && Libc.access(CharPath, Libc.R_OK | Libc.W_OK) == 0)
+            {
+                return;
+            }
+            if (res is not (-Errno.EACCES or -Errno.EPERM or -Errno.ENOENT) && res != 0)
+            {
+                throw new ErrnoException(-res, "UBLK_CMD_GET_DEV_INFO", $"device {Id}");
+            }
+            if (Environment.TickCount64 > deadline)
+            {
+                throw new UnauthorizedAccessException(
+                    $"{CharPath} is still not yours {OwnershipTimeout.TotalSeconds:0} s after the kernel added device {Id} for you: the udev rule that hands a user's devices to them is missing ('ublksharp setup-unprivileged', as root, installs it). Until then you cannot delete it either: 'ublksharp del -n {Id}' as root does");
+            }
+            Thread.Sleep(20);
+        }
+    }
+
+    private static int OpenCharDevice(string path, bool unprivileged)
+    {
+        // udev may hold the new node for a moment (ublksrv retries too), or create it late; a
+        // user's node may still be root's until the udev helper gives it to them.
+        var deadline = Environment.TickCount64 + (unprivileged ? (long)OwnershipTimeout.TotalMilliseconds : 3000);
         while (true)
         {
             try
             {
                 return Libc.OpenOrThrow(path, Libc.O_RDWR);
             }
-            catch (ErrnoException e) when (e.Errno is Errno.EBUSY or Errno.ENOENT && Environment.TickCount64 < deadline)
+            catch (ErrnoException e) when ((e.Errno is Errno.EBUSY or Errno.ENOENT || (unprivileged && e.Errno == Errno.EACCES)) && Environment.TickCount64 < deadline)
             {
                 Thread.Sleep(20);
             }
