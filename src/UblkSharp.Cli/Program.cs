@@ -39,6 +39,8 @@ public static class Program
             CowCommand.Create(),
             RunCommand.Create(),
             StatsCommand.Create(),
+            SetupUnprivilegedCommand.Create(),
+            SetupUnprivilegedCommand.CreateChown(),
         };
         // Our own handler gives one clear line per failure instead of a stack trace.
         var config = new InvocationConfiguration { EnableDefaultExceptionHandler = false };

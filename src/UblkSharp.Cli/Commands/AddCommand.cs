@@ -1,4 +1,5 @@
 using System.CommandLine;
+using UblkSharp.Interop;
 using UblkSharp.Runtime;
 using UblkSharp.Targets;
 
@@ -70,7 +71,7 @@ internal static class AddCommand
                 if (recipe.TryGetValue("file", out var overlay) && recipe.TryGetValue("backing", out var backingFile))
                 {
                     Targets.Cow.CowTarget.CheckCreate(overlay, backingFile);
-                    Preflight.RequireRootAndDriver();
+                    Preflight.RequireDriver();
                 }
                 TargetFactory.Create(kind, new Dictionary<string, string>(recipe) { ["create"] = "on" }).Dispose();
                 recipe.Remove("create");
@@ -86,7 +87,7 @@ internal static class AddCommand
             }
             if (r.GetValue(foreground))
             {
-                Preflight.RequireRootAndDriver();
+                Preflight.RequireDriver();
                 if (supervised)
                 {
                     // The supervisor runs the same command, minus the options that made it a supervisor.
@@ -96,7 +97,7 @@ internal static class AddCommand
             }
             // Bad input is reported first, and before any daemon starts.
             TargetFactory.Create(kind, recipe).Dispose();
-            Preflight.RequireRootAndDriver();
+            Preflight.RequireDriver();
             RequireOffered(options);
             var (_, path) = DaemonLauncher.Launch(args);
             Console.WriteLine(path);
@@ -112,6 +113,10 @@ internal static class AddCommand
     // What the kernel must offer for these options, said before a daemon starts.
     private static void RequireOffered(DeviceOptions options)
     {
+        if (!Processes.IsRoot && options.Recovery != RecoveryMode.Off)
+        {
+            throw new ArgumentException(UblkDevice.UnprivilegedRecoveryRefused);
+        }
         if (!options.NoPartitionScan && options.Recovery != RecoveryMode.FailIo)
         {
             return;

@@ -29,7 +29,7 @@ internal static class DelCommand
             {
                 throw new ArgumentException($"bad device id {id}");
             }
-            Preflight.RequireRootAndDriver();
+            Preflight.RequireDriver();
             using var control = ControlDevice.Open();
             var ids = everyDevice ? DeviceList.Ids() : [(uint)id!.Value];
             var failures = 0;

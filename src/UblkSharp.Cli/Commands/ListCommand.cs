@@ -17,9 +17,10 @@ internal static class ListCommand
         var command = new Command("list", "List ublk devices") { json };
         command.SetAction(r =>
         {
-            Preflight.RequireRootAndDriver();
+            Preflight.RequireDriver();
             using var control = ControlDevice.Open();
             var rows = new List<Row>();
+            var hidden = 0;
             foreach (var id in DeviceList.Ids())
             {
                 DevInfo info;
@@ -30,6 +31,11 @@ internal static class ListCommand
                 catch (ErrnoException e) when (e.Errno == Errno.ENODEV)
                 {
                     continue; // deleted while we looked
+                }
+                catch (ErrnoException e) when (e.Errno is Errno.EACCES or Errno.EPERM && !Processes.IsRoot)
+                {
+                    hidden++; // another user's or root's: the kernel shows a user only their own
+                    continue;
                 }
                 long size = 0;
                 try
@@ -68,6 +74,10 @@ internal static class ListCommand
                 foreach (var x in rows.Where(x => x.Orphan is not null))
                 {
                     Console.WriteLine($"device {x.Id} is an orphan (kernel state {x.State}): {x.Orphan}; 'ublksharp del -n {x.Id}' removes it");
+                }
+                if (hidden > 0)
+                {
+                    Console.WriteLine($"({hidden} device{(hidden == 1 ? "" : "s")} of other users or root not shown)");
                 }
             }
             return 0;

@@ -34,7 +34,7 @@ internal static class RecoverCommand
                 throw new ArgumentException($"bad device id {n}");
             }
             var id = (uint)n;
-            Preflight.RequireRootAndDriver();
+            Preflight.RequireDriver();
             var record = DeviceRecord.Load(id);
             // Before anything opens them (a daemon, a warm spare, an upgrade's new daemon).
             if (record?.FilesProblem() is string changed)

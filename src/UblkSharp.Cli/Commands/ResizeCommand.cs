@@ -32,7 +32,7 @@ internal static class ResizeCommand
             {
                 throw new ArgumentException($"the size must be a positive multiple of 512 bytes, not {bytes}");
             }
-            Preflight.RequireRootAndDriver();
+            Preflight.RequireDriver();
             using var control = ControlDevice.Open();
             if ((control.GetFeatures() & UblkFeatures.UpdateSize) == 0)
             {

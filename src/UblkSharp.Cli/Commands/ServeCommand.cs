@@ -155,7 +155,7 @@ internal static class ServeCommand
             export = new NbdExport(exportName, target, readOnly, description);
             if (deviceOptions is not null)
             {
-                Preflight.RequireRootAndDriver();
+                Preflight.RequireDriver();
             }
             server = NbdServer.Start(address, export, serverOptions);
         }

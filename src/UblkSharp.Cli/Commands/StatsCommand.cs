@@ -41,7 +41,7 @@ internal static class StatsCommand
             {
                 throw new ArgumentException("--count goes with --watch");
             }
-            Preflight.RequireRootAndDriver();
+            Preflight.RequireDriver();
             uint[] ids = n is int one ? [(uint)one] : DeviceList.Ids();
             if (interval is null)
             {

@@ -48,7 +48,7 @@ internal static class UpgradeCommand
                     throw new ArgumentException($"--binary {path}: no such file");
                 }
             }
-            Preflight.RequireRootAndDriver();
+            Preflight.RequireDriver();
             if (n is int one)
             {
                 Upgrade((uint)one, path);
