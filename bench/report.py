@@ -26,7 +26,7 @@ import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ORDER = ["vm", "binding", "micro", "memory", "nbd", "rbd"]
+ORDER = ["vm", "binding", "micro", "memory", "nbd", "nbd-tls", "rbd"]
 MARK_BEGIN, MARK_END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 

@@ -6,10 +6,11 @@
 #   binding  the io_uring binding vs liburing in C (bench/binding.sh)
 #   micro    BenchmarkDotNet over the per-IO hot path, bytes allocated per IO (bar: 0)
 #   nbd      the NBD server vs nbdkit and qemu-nbd (bench/nbd.sh)
+#   nbd-tls  the NBD server over TLS vs qemu-nbd over TLS, same certificates (bench/nbd-tls.sh)
 #   rbd      serve -t rbd vs qemu-nbd rbd: and fio's rbd engine, on a throwaway Ceph cluster (bench/rbd.sh)
 # Prints one table and writes DIR/bench.json, DIR/bench.md and DIR/bench.svg (bench/report.py).
 # --update-readme also refreshes README.md's Performance table and docs/bench/latest.{svg,json}.
-# usage: bench/run.sh [--quick] [--out DIR] [--skip vm,binding,micro,nbd,rbd] [--update-readme]
+# usage: bench/run.sh [--quick] [--out DIR] [--skip vm,binding,micro,nbd,nbd-tls,rbd] [--update-readme]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 quick=0 out=/tmp/ublksharp-bench-$(date +%Y%m%d-%H%M%S) skip=, update=()
@@ -53,8 +54,8 @@ section binding "$root/bench/binding.sh" "${binding[@]}" --out "$out"
 rm -rf "$out/micro"
 section micro dotnet "$root/bench/UblkSharp.Bench/bin/Release/net10.0/UblkSharp.Bench.dll" micro "${micro[@]}" --artifacts "$out/micro"
 section vm "$root/bench/vm-fio.sh" --no-build "${vm[@]}" --out "$out/vm-fio.json"
-# nbd.sh and rbd.sh write DIR/NAME.json in the suite's row shape.
-for name in nbd rbd; do
+# nbd.sh, nbd-tls.sh and rbd.sh write DIR/NAME.json in the suite's row shape.
+for name in nbd nbd-tls rbd; do
   rm -f "$out/$name.json"
   args=("${nbd[@]}"); [ $name = rbd ] && args=("${rbd[@]}")
   section $name "$root/bench/$name.sh" --out "$out/$name" "${args[@]}"
