@@ -80,9 +80,11 @@ log "prerequisites"
 need=()
 # The rbd target's tests start their own single-node Ceph cluster (tests/ceph/cluster.sh): ceph-mon,
 # ceph-osd, ceph-common (the ceph and rbd tools), librbd1/librados2; qemu-block-extra gives qemu-nbd
-# its rbd driver for the benchmark.
+# its rbd driver for the benchmark. TLS-PSK: libgnutls30 (the server binds it), libgnutls28-dev (the
+# constants test reads gnutls.h), gnutls-bin (psktool makes the tests' key files).
 for p in gcc clang libc6-dev linux-libc-dev fio e2fsprogs util-linux user-mode-linux uml-utilities qemu-utils libnbd-bin python3-libnbd nbdkit nbd-client \
-  ceph-mon ceph-osd ceph-common librbd1 librados2 qemu-block-extra iproute2 bc btrfs-progs xfsprogs systemd python3-prometheus-client curl; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
+  ceph-mon ceph-osd ceph-common librbd1 librados2 qemu-block-extra iproute2 bc btrfs-progs xfsprogs systemd python3-prometheus-client curl \
+  libgnutls30 libgnutls28-dev gnutls-bin; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null || fail "apt-get install ${need[*]}"
 fi
