@@ -32,6 +32,7 @@ internal static class ServeCommand
         var tls = new Option<string>("--tls") { Description = "NBD over TLS (NBD_OPT_STARTTLS): off, on (plain clients too) or require", DefaultValueFactory = _ => "off" };
         var tlsCertificates = new Option<string?>("--tls-certificates") { Description = "--tls: directory with server-cert.pem, server-key.pem and ca-cert.pem (the qemu and nbdkit layout)" };
         var tlsVerifyPeer = new Option<bool>("--tls-verify-peer") { Description = "--tls: clients must present a certificate issued by ca-cert.pem" };
+        var tlsPsk = new Option<string?>("--tls-psk") { Description = "--tls: pre-shared keys instead of certificates: a psktool file of username:hexkey lines (mode 600)" };
         var ublk = new Option<bool>("--ublk") { Description = "Also serve the target as a ublk device (/dev/ublkbN) from this process" };
         var number = new Option<int>("--number", "-n") { Description = "--ublk: device id (default: the first free one)", DefaultValueFactory = _ => -1 };
         var queues = new Option<int>("--queues", "-q") { Description = "--ublk: hardware queues", DefaultValueFactory = _ => 1 };
@@ -40,7 +41,7 @@ internal static class ServeCommand
 
         var command = new Command("serve", "Export a target over NBD (and, with --ublk, as a ublk device too) until SIGTERM or SIGINT");
         target.AddTo(command);
-        foreach (var o in new Option[] { listen, export, description, maxConnections, handshakeTimeout, idleTimeout, workers, execution, insecure, tls, tlsCertificates, tlsVerifyPeer, ublk, number, queues, depth })
+        foreach (var o in new Option[] { listen, export, description, maxConnections, handshakeTimeout, idleTimeout, workers, execution, insecure, tls, tlsCertificates, tlsVerifyPeer, tlsPsk, ublk, number, queues, depth })
         {
             command.Options.Add(o);
         }
@@ -66,7 +67,7 @@ internal static class ServeCommand
                 // Every start says it, so nobody forgets it runs so.
                 CliLog.Warning($"warning: --insecure: {address} exports the disk to anyone who can reach it{(tlsMode == NbdTlsMode.On ? " without TLS (--tls on lets plain clients in)" : ", with no TLS and no authentication")}");
             }
-            var tlsOptions = Tls(tlsMode, r.GetValue(tlsCertificates), r.GetValue(tlsVerifyPeer));
+            var tlsOptions = Tls(tlsMode, r.GetValue(tlsCertificates), r.GetValue(tlsVerifyPeer), r.GetValue(tlsPsk));
             var metricsAddress = metrics.Checked(r, "the export's");
             var readOnly = r.GetValue(target.ReadOnly);
             var serverOptions = new NbdServerOptions
@@ -104,17 +105,24 @@ internal static class ServeCommand
         return command;
     }
 
-    private static NbdTlsOptions? Tls(NbdTlsMode mode, string? directory, bool verifyPeer)
+    private static NbdTlsOptions? Tls(NbdTlsMode mode, string? directory, bool verifyPeer, string? psk)
     {
         if (mode == NbdTlsMode.Off)
         {
-            return directory is not null || verifyPeer
-                ? throw new ArgumentException("--tls-certificates and --tls-verify-peer need --tls on or --tls require")
+            return directory is not null || verifyPeer || psk is not null
+                ? throw new ArgumentException("--tls-certificates, --tls-verify-peer and --tls-psk need --tls on or --tls require")
                 : null;
+        }
+        if (psk is not null)
+        {
+            return directory is not null || verifyPeer
+                // x509 is SslStream's and PSK GnuTLS's: one listener speaks one of them.
+                ? throw new ArgumentException("--tls-psk cannot be combined with --tls-certificates or --tls-verify-peer: give one kind of credentials")
+                : Psk(mode, Path.GetFullPath(psk));
         }
         if (directory is null)
         {
-            throw new ArgumentException($"--tls {mode.ToString().ToLowerInvariant()} needs --tls-certificates DIR (with server-cert.pem, server-key.pem and ca-cert.pem)");
+            throw new ArgumentException($"--tls {mode.ToString().ToLowerInvariant()} needs --tls-certificates DIR (with server-cert.pem, server-key.pem and ca-cert.pem) or --tls-psk FILE");
         }
         var options = NbdTlsOptions.Load(Path.GetFullPath(directory), mode, verifyPeer);
         var key = Path.Combine(Path.GetFullPath(directory), "server-key.pem");
@@ -124,6 +132,21 @@ internal static class ServeCommand
             CliLog.Warning($"warning: {key} can be read or written by other users than its owner (chmod 600 it)");
         }
         return options;
+    }
+
+    private static NbdTlsOptions Psk(NbdTlsMode mode, string file)
+    {
+        if (!File.Exists(file))
+        {
+            throw new ArgumentException($"--tls-psk: {file} does not exist (make it with psktool -u USER -p {file})");
+        }
+        // Refused, not warned about as a certificate key is: the file holds every client's secret,
+        // and anyone who can read it can connect as any of them.
+        if (!OperatingSystem.IsWindows() && (File.GetUnixFileMode(file) & (UnixFileMode.GroupRead | UnixFileMode.OtherRead | UnixFileMode.GroupWrite | UnixFileMode.OtherWrite)) != 0)
+        {
+            throw new ArgumentException($"--tls-psk: {file} can be read or written by other users than its owner: chmod 600 it");
+        }
+        return NbdTlsOptions.LoadPsk(file, mode);
     }
 
     // Asked for in the foreground: a failure to listen ends serve with the reason (add's daemon serves on without).
@@ -186,7 +209,7 @@ internal static class ServeCommand
                 Console.WriteLine(device.BlockPath);
             }
             CliLog.Information($"serving {kind} ({target.Size} bytes{(export.IsReadOnly ? ", read-only" : "")}) as export '{exportName}' on {server.Address}" +
-                (serverOptions.Tls is { } t ? $" (TLS {t.Mode.ToString().ToLowerInvariant()}{(t.VerifyPeer ? ", client certificates required" : "")})" : "") +
+                (serverOptions.Tls is { } t ? $" (TLS {t.Mode.ToString().ToLowerInvariant()}{(t.PskFile is not null ? ", PSK" : t.VerifyPeer ? ", client certificates required" : "")})" : "") +
                 (device is null ? "" : $" and as {device.BlockPath}"));
             // Until a signal, or until someone stops the device (ublksharp del).
             while (!stop.Wait(250) && (device is null || !device.WaitForStop(TimeSpan.Zero)))

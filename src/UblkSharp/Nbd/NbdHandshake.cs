@@ -195,14 +195,21 @@ internal sealed class NbdHandshake
         var rejected = new System.Runtime.CompilerServices.StrongBox<string?>();
         try
         {
-            _socket.StartTls(_server.Tls.ForConnection(rejected));
+            if (_server.Tls.Psk is { } psk)
+            {
+                _socket.StartPsk(psk, _server.Options.HandshakeTimeout);
+            }
+            else
+            {
+                _socket.StartTls(_server.Tls.ForConnection(rejected));
+            }
         }
         catch (Exception e) when (e is System.Security.Authentication.AuthenticationException || SocketIo.IsConnectionError(e))
         {
             _server.NoteTlsFailure(rejected.Value ?? Reason(e));
             return false;
         }
-        _server.NoteTlsStarted(_socket.Describe());
+        _server.NoteTlsStarted(_socket.Describe(), _socket.PskUser);
         // Option haggling starts over: what was agreed in the clear does not count.
         _structured = false;
         _metaExport = null;

@@ -47,4 +47,7 @@ internal static partial class NbdLog
 
     [LoggerMessage(EventId = 212, Level = LogLevel.Debug, Message = "nbd: TLS started: {Session}")]
     public static partial void TlsStarted(ILogger logger, string session);
+
+    [LoggerMessage(EventId = 213, Level = LogLevel.Information, Message = "nbd: TLS-PSK client '{User}' authenticated: {Session}")]
+    public static partial void TlsPskStarted(ILogger logger, string user, string session);
 }

@@ -56,8 +56,9 @@ public sealed class NbdServer : IDisposable
     private readonly Dictionary<NbdExport, QueueStatsSnapshot> _closedFigures = [];
     private volatile bool _disposed;
 
-    private NbdServer(Socket listener, IReadOnlyList<NbdExport> exports, NbdServerOptions options, string? socketPath)
+    private NbdServer(Socket listener, IReadOnlyList<NbdExport> exports, NbdServerOptions options, string? socketPath, NbdTlsContext? tls)
     {
+        Tls = tls;
         _listener = listener;
         Exports = exports;
         Options = options;
@@ -69,10 +70,6 @@ public sealed class NbdServer : IDisposable
             Address = NbdAddress.Unix(socketPath);
         }
         Workers = new NbdWorkerPool(options.Workers, NoteInternalError);
-        if (options.Tls is { Mode: not NbdTlsMode.Off } tls)
-        {
-            Tls = new NbdTlsContext(tls);
-        }
         _acceptThread = new Thread(AcceptLoop) { IsBackground = true, Name = "nbd-accept" };
         _reaperThread = new Thread(ReapLoop) { IsBackground = true, Name = "nbd-reaper" };
     }
@@ -161,8 +158,19 @@ public sealed class NbdServer : IDisposable
         }
         options ??= new NbdServerOptions();
         options.Validate();
-        var listener = Listen(address);
-        var server = new NbdServer(listener, exports, options, address.SocketPath);
+        // Before listening: credentials that cannot be used (no GnuTLS for PSK) leave nothing behind.
+        var tls = options.Tls is { Mode: not NbdTlsMode.Off } t ? new NbdTlsContext(t) : null;
+        Socket listener;
+        try
+        {
+            listener = Listen(address);
+        }
+        catch
+        {
+            tls?.Dispose();
+            throw;
+        }
+        var server = new NbdServer(listener, exports, options, address.SocketPath, tls);
         server._acceptThread.Start();
         server._reaperThread.Start();
         UblkMeter.AddNbd(server, server.Stats);
@@ -513,7 +521,18 @@ public sealed class NbdServer : IDisposable
         }
     }
 
-    internal void NoteTlsStarted(string session) => NbdLog.TlsStarted(_logger, session);
+    internal void NoteTlsStarted(string session, string? pskUser)
+    {
+        if (pskUser is null)
+        {
+            NbdLog.TlsStarted(_logger, session);
+        }
+        else
+        {
+            // Who came in matters with PSK: a key file may hold many users, and one may be revoked.
+            NbdLog.TlsPskStarted(_logger, pskUser, session);
+        }
+    }
 
     internal void NoteTlsRequired(uint option)
     {
@@ -590,6 +609,7 @@ public sealed class NbdServer : IDisposable
             NbdLog.StillBusy(_logger, left, Options.StopTimeout.TotalSeconds);
         }
         Workers.Dispose(TimeSpan.FromMilliseconds(Math.Max(0, deadline - Environment.TickCount64)));
+        Tls?.Dispose(); // a connection still open keeps the PSK credentials alive until it ends
         UblkMeter.RemoveNbd(this);
         if (_socketPath is not null)
         {

@@ -2,6 +2,7 @@ using System.Net.Security;
 using System.Runtime.CompilerServices;
 using System.Security.Cryptography;
 using System.Security.Cryptography.X509Certificates;
+using UblkSharp.Interop.GnuTls;
 
 namespace UblkSharp.Nbd;
 
@@ -21,13 +22,23 @@ public enum NbdTlsMode
     Require,
 }
 
-/// <summary>The server's x509 credentials, in the layout qemu and nbdkit use.</summary>
+/// <summary>
+/// The server's credentials: x509 (a certificate, in the layout qemu and nbdkit use) or a
+/// pre-shared key file (psktool's format), exactly one of them.
+/// </summary>
 public sealed record NbdTlsOptions
 {
     public NbdTlsMode Mode { get; init; } = NbdTlsMode.Require;
 
-    /// <summary>The server's certificate, with its private key.</summary>
-    public required X509Certificate2 Certificate { get; init; }
+    /// <summary>The server's certificate, with its private key (x509).</summary>
+    public X509Certificate2? Certificate { get; init; }
+
+    /// <summary>
+    /// A psktool key file (<c>username:hexkey</c> lines): clients prove they hold one of its keys
+    /// (TLS-PSK, through GnuTLS). GnuTLS reads it at every handshake, so a key added or removed
+    /// counts from the next client on.
+    /// </summary>
+    public string? PskFile { get; init; }
 
     /// <summary>
     /// Ask clients for a certificate and accept only one that chains to <see cref="TrustedCertificates"/>
@@ -98,10 +109,59 @@ public sealed record NbdTlsOptions
         return new NbdTlsOptions { Mode = mode, Certificate = certificate, VerifyPeer = verifyPeer, TrustedCertificates = trusted };
     }
 
+    /// <summary>
+    /// Checks a psktool key file: it must exist and hold at least one <c>username:hexkey</c> line,
+    /// and every line that is not blank must be one. GnuTLS only reads it at a handshake, where a bad
+    /// file would refuse every client; checked here, it is refused at start. Throws
+    /// <see cref="ArgumentException"/> naming the file and line.
+    /// </summary>
+    public static NbdTlsOptions LoadPsk(string file, NbdTlsMode mode)
+    {
+        string[] lines;
+        try
+        {
+            lines = File.ReadAllLines(file);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            throw new ArgumentException($"cannot read the PSK file {file}: {e.Message}", e);
+        }
+        var keys = 0;
+        for (var i = 0; i < lines.Length; i++)
+        {
+            var line = lines[i];
+            if (line.Trim().Length == 0)
+            {
+                continue;
+            }
+            var colon = line.IndexOf(':', StringComparison.Ordinal);
+            var key = colon < 0 ? "" : line[(colon + 1)..];
+            if (colon <= 0 || key.Length == 0 || key.Length % 2 != 0 || !key.All(char.IsAsciiHexDigit))
+            {
+                throw new ArgumentException($"{file} line {i + 1} is not 'username:hexkey' (make the file with psktool -u USER -p {file})");
+            }
+            keys++;
+        }
+        return keys == 0
+            ? throw new ArgumentException($"{file} holds no key (make one with psktool -u USER -p {file})")
+            : new NbdTlsOptions { Mode = mode, PskFile = file };
+    }
+
     public void Validate()
     {
-        ArgumentNullException.ThrowIfNull(Certificate);
-        if (!Certificate.HasPrivateKey)
+        if ((Certificate is null) == (PskFile is null))
+        {
+            throw new ArgumentException("TLS needs exactly one of a certificate (x509) and a PSK file", nameof(Certificate));
+        }
+        if (PskFile is not null)
+        {
+            if (VerifyPeer)
+            {
+                throw new ArgumentException("VerifyPeer is for x509 client certificates; with a PSK file every client proves it holds a key", nameof(VerifyPeer));
+            }
+            return;
+        }
+        if (!Certificate!.HasPrivateKey)
         {
             throw new ArgumentException("the TLS certificate has no private key", nameof(Certificate));
         }
@@ -113,27 +173,39 @@ public sealed record NbdTlsOptions
 }
 
 /// <summary>
-/// What a server's TLS handshakes share (the certificate context, built once); each connection
-/// gets its own options, so a refused client certificate can say why in the log.
+/// What a server's TLS handshakes share: the certificate context (x509, SslStream) or the PSK
+/// credentials (GnuTLS), built once. Each x509 connection gets its own options, so a refused
+/// client certificate can say why in the log.
 /// </summary>
-internal sealed class NbdTlsContext
+internal sealed class NbdTlsContext : IDisposable
 {
     private readonly NbdTlsOptions _tls;
-    private readonly SslStreamCertificateContext _certificate;
+    private readonly SslStreamCertificateContext? _certificate;
 
     public NbdTlsContext(NbdTlsOptions tls)
     {
         _tls = tls;
+        if (tls.PskFile is not null)
+        {
+            Psk = GnuTlsPskCredentials.FromFile(tls.PskFile);
+            return;
+        }
         SslCertificateTrust? trust = null;
         if (tls.VerifyPeer)
         {
             // Sent in the CertificateRequest: a client with several certificates picks the one this CA issued.
             trust = SslCertificateTrust.CreateForX509Collection(tls.TrustedCertificates, sendTrustInHandshake: true);
         }
-        _certificate = SslStreamCertificateContext.Create(tls.Certificate, null, offline: true, trust);
+        _certificate = SslStreamCertificateContext.Create(tls.Certificate!, null, offline: true, trust);
     }
 
     public NbdTlsMode Mode => _tls.Mode;
+
+    /// <summary>The PSK credentials, when the server uses a PSK file rather than a certificate.</summary>
+    public GnuTlsPskCredentials? Psk { get; }
+
+    /// <summary>Frees the PSK credentials once the last session using them is gone.</summary>
+    public void Dispose() => Psk?.Dispose();
 
     /// <summary>Options for one handshake; <paramref name="rejected"/> gets the reason if the client's certificate is refused.</summary>
     public SslServerAuthenticationOptions ForConnection(StrongBox<string?> rejected)

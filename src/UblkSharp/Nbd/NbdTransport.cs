@@ -1,49 +1,61 @@
 using System.Net.Security;
 using System.Net.Sockets;
+using UblkSharp.Interop.GnuTls;
 using UblkSharp.Nbd.Protocol;
 
 namespace UblkSharp.Nbd;
 
 /// <summary>
 /// A connection's byte stream: the socket itself, or a TLS session over it once STARTTLS has been
-/// agreed. Plain connections go straight to the socket (no Stream in between, one null check per
-/// call); only TLS connections pay for the SslStream. One reader and one writer may use it at once,
-/// as SslStream allows.
+/// agreed: an SslStream (x509) or a GnuTLS session (PSK, which SslStream lacks). Plain connections
+/// go straight to the socket (no Stream in between, one null check per call); only TLS connections
+/// pay for TLS. One reader and one writer may use it at once, as SslStream and GnuTLS allow.
 /// </summary>
 internal sealed class NbdTransport(Socket socket) : IDisposable
 {
     private SslStream? _tls;
+    private GnuTlsSession? _psk;
+    private bool _secure;
 
     public Socket Socket { get; } = socket;
 
-    public bool IsTls => _tls is not null;
+    public bool IsTls => _secure;
+
+    /// <summary>The PSK username the client authenticated as (null without TLS-PSK).</summary>
+    public string? PskUser { get; private set; }
 
     /// <summary>Reads what is there (at least one byte); 0 at the end of the stream.</summary>
-    public int Receive(Span<byte> buffer) => _tls is null ? Socket.Receive(buffer, SocketFlags.None) : _tls.Read(buffer);
+    public int Receive(Span<byte> buffer) => !_secure ? Socket.Receive(buffer, SocketFlags.None) : ReceiveSecure(buffer);
+
+    private int ReceiveSecure(Span<byte> buffer) => _psk is not null ? _psk.Receive(buffer) : _tls!.Read(buffer);
 
     public void SendAll(ReadOnlySpan<byte> data)
     {
-        if (_tls is null)
+        if (!_secure)
         {
             SocketIo.SendAll(Socket, data);
         }
+        else if (_psk is not null)
+        {
+            _psk.SendAll(data);
+        }
         else
         {
-            _tls.Write(data);
+            _tls!.Write(data);
         }
     }
 
     /// <summary>Fills <paramref name="buffer"/>; false at a clean end before its first byte (as <see cref="SocketIo.ReceiveExactly"/>).</summary>
     public bool ReceiveExactly(Span<byte> buffer)
     {
-        if (_tls is null)
+        if (!_secure)
         {
             return SocketIo.ReceiveExactly(Socket, buffer);
         }
         var done = 0;
         while (done < buffer.Length)
         {
-            var n = _tls.Read(buffer[done..]);
+            var n = ReceiveSecure(buffer[done..]);
             if (n == 0)
             {
                 if (done == 0)
@@ -83,11 +95,44 @@ internal sealed class NbdTransport(Socket socket) : IDisposable
             throw;
         }
         _tls = tls;
+        _secure = true;
+    }
+
+    /// <summary>
+    /// The server's side of a TLS-PSK handshake (GnuTLS on the socket's fd), blocking, bounded like
+    /// <see cref="StartTls"/> and by GnuTLS's own <paramref name="timeout"/>. Throws
+    /// <see cref="GnuTlsException"/> (a wrong key, an unknown user, garbage, a timeout).
+    /// </summary>
+    public void StartPsk(GnuTlsPskCredentials credentials, TimeSpan timeout)
+    {
+        // The fd stays blocking (the connection only ever makes synchronous calls on it), which is
+        // what GnuTLS's own reads and writes expect.
+        var session = GnuTlsSession.Server(credentials, (int)Socket.SafeHandle.DangerousGetHandle(), timeout);
+        try
+        {
+            session.Handshake();
+        }
+        catch
+        {
+            session.Dispose();
+            throw;
+        }
+        _psk = session;
+        PskUser = session.Username;
+        _secure = true;
     }
 
     /// <summary>The TLS session's description for the log: protocol and cipher.</summary>
-    public string Describe() => _tls is null ? "plain" : $"{_tls.SslProtocol} {_tls.NegotiatedCipherSuite}";
+    public string Describe() => _psk is not null ? _psk.Describe() : _tls is not null ? $"{_tls.SslProtocol} {_tls.NegotiatedCipherSuite}" : "plain";
 
-    /// <summary>Ends the TLS session (not the socket, which the connection closes).</summary>
-    public void Dispose() => _tls?.Dispose();
+    /// <summary>Ends the TLS session (not the socket, which the connection closes); a PSK session says close_notify first.</summary>
+    public void Dispose()
+    {
+        _tls?.Dispose();
+        if (_psk is not null)
+        {
+            _psk.Bye();
+            _psk.Dispose();
+        }
+    }
 }

@@ -25,8 +25,11 @@ public class NbdCliTests
     [InlineData("--listen unix:///tmp/x.sock --metrics tcp://127.0.0.1", "bad --metrics address 'tcp://127.0.0.1': give the port")]
     [InlineData("--listen unix:///tmp/x.sock --metrics http://127.0.0.1:1", "bad --metrics address")]
     [InlineData("--listen tcp://127.0.0.1:0 --tls maybe", "bad --tls 'maybe': use off, on or require")]
-    [InlineData("--listen tcp://127.0.0.1:0 --tls require", "--tls require needs --tls-certificates DIR")]
-    [InlineData("--listen tcp://127.0.0.1:0 --tls-verify-peer", "--tls-certificates and --tls-verify-peer need --tls on or --tls require")]
+    [InlineData("--listen tcp://127.0.0.1:0 --tls require", "--tls require needs --tls-certificates DIR (with server-cert.pem, server-key.pem and ca-cert.pem) or --tls-psk FILE")]
+    [InlineData("--listen tcp://127.0.0.1:0 --tls-verify-peer", "--tls-certificates, --tls-verify-peer and --tls-psk need --tls on or --tls require")]
+    [InlineData("--listen tcp://127.0.0.1:0 --tls-psk /nonexistent/keys.psk", "--tls-certificates, --tls-verify-peer and --tls-psk need --tls on or --tls require")]
+    [InlineData("--listen tcp://127.0.0.1:0 --tls require --tls-psk /nonexistent/keys.psk", "--tls-psk: /nonexistent/keys.psk does not exist (make it with psktool")]
+    [InlineData("--listen tcp://127.0.0.1:0 --tls on --tls-psk /nonexistent/keys.psk --tls-verify-peer", "--tls-psk cannot be combined with --tls-certificates or --tls-verify-peer")]
     [InlineData("--listen tcp://127.0.0.1:0 --tls on --tls-certificates /nonexistent/dir", "TLS certificates directory /nonexistent/dir does not exist")]
     [InlineData("--listen tcp://192.0.2.1:10809 --tls on --tls-certificates /nonexistent/dir", "--tls on serves them too")]
     public void BadServeInputGivesOneClearLine(string args, string message)
