@@ -155,6 +155,67 @@ public class NbdTlsPskTests(PskKeys keys, ITestOutputHelper output) : IClassFixt
         Assert.Contains(log.Messages, m => m.StartsWith("nbd: TLS-PSK client 'alice' authenticated", StringComparison.Ordinal));
     }
 
+    /// <summary>
+    /// --tls require with PSK: a client that skips STARTTLS gets only TLS_REQD replies, none of which
+    /// names the export; after STARTTLS and the PSK handshake, the same server lists it.
+    /// </summary>
+    [Fact]
+    public void RequireRefusesPlainOptionsAndLeaksNoExportName()
+    {
+        var log = new CapturingLoggerFactory();
+        using var s = new TestServer(new MemoryTarget(1 << 20), "secret-export", options: new NbdServerOptions
+        {
+            Tls = NbdTlsOptions.LoadPsk(keys.Server, NbdTlsMode.Require),
+            LoggerFactory = log,
+        }, tcp: true);
+        using (var c = new RawNbd(new IPEndPoint(IPAddress.Loopback, s.Server.Address.Port)))
+        {
+            c.ReadGreeting();
+            c.SendClientFlags();
+            var wire = new List<byte>();
+            foreach (var (option, data) in new (uint, byte[])[]
+            {
+                (OptList, []), (OptInfo, RawNbd.GoData("secret-export")), (OptGo, RawNbd.GoData("")), (OptStructuredReply, []),
+                (OptListMetaContext, RawNbd.MetaData("secret-export")), (OptSetMetaContext, RawNbd.MetaData("", BaseAllocation)), (99, []),
+            })
+            {
+                c.SendOption(option, data);
+                var (replyTo, type, body) = c.ReadOptionReply();
+                Assert.Equal((option, RepErrTlsReqd), (replyTo, type));
+                wire.AddRange(body);
+            }
+            Assert.DoesNotContain("secret", System.Text.Encoding.UTF8.GetString([.. wire]), StringComparison.Ordinal);
+        }
+        var (code, stdout, stderr) = Tools.Run("nbdinfo", ["--list", $"nbd://127.0.0.1:{s.Server.Address.Port}/"], TimeSpan.FromSeconds(30));
+        Assert.NotEqual(0, code);
+        Assert.DoesNotContain("secret-export", stdout + stderr, StringComparison.Ordinal);
+        Assert.True(s.Server.TlsRequiredRefusals >= 7, $"{s.Server.TlsRequiredRefusals} refusals counted");
+        Assert.Equal(0, s.Server.TlsFailures);
+        var listed = Tools.Ok("nbdinfo", "--list", $"nbds://alice@127.0.0.1:{s.Server.Address.Port}/?tls-psk-file={keys.Server}");
+        Assert.Contains("secret-export", listed, StringComparison.Ordinal);
+        Assert.Equal(0, s.Server.InternalErrors);
+    }
+
+    /// <summary>--tls on with PSK: plain clients and PSK clients are both served, and see the same data.</summary>
+    [Fact]
+    public void TlsOnServesPlainAndPskClients()
+    {
+        using var s = Serve(mode: NbdTlsMode.On);
+        var pattern = new byte[1 << 20];
+        new Random(7).NextBytes(pattern);
+        var source = s.TempPath("source.raw");
+        File.WriteAllBytes(source, pattern);
+        Tools.Ok("nbdcopy", "--destination-is-zero", source, $"nbd://127.0.0.1:{s.Server.Address.Port}/disk");
+        using var json = JsonDocument.Parse(Tools.Ok("nbdinfo", "--json", Nbds(s, "alice", keys.Server)));
+        Assert.True(json.RootElement.GetProperty("TLS").GetBoolean());
+        using var plain = JsonDocument.Parse(Tools.Ok("nbdinfo", "--json", $"nbd://127.0.0.1:{s.Server.Address.Port}/disk"));
+        Assert.False(plain.RootElement.GetProperty("TLS").GetBoolean());
+        var back = s.TempPath("back.raw");
+        Tools.Ok("nbdcopy", Nbds(s, "alice", keys.Server), back);
+        Assert.True(pattern.AsSpan().SequenceEqual(File.ReadAllBytes(back).AsSpan(0, pattern.Length)), "a PSK client read other bytes than a plain client wrote");
+        Assert.Equal(0, s.Server.TlsFailures);
+    }
+
     /// <summary>GnuTLS reads the socket itself; the handshake's time bound still holds.</summary>
     [Theory]
     [InlineData(false)]
