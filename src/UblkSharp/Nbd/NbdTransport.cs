@@ -129,9 +129,22 @@ internal sealed class NbdTransport(Socket socket) : IDisposable
     public void Dispose()
     {
         _tls?.Dispose();
-        if (_psk is not null)
+        if (_psk is null)
         {
+            return;
+        }
+        try
+        {
+            // close_notify is a courtesy: a client that has stopped reading (a full send buffer)
+            // must not hold the connection's close up, so the send is bounded.
+            Socket.SendTimeout = 1000;
             _psk.Bye();
+        }
+        catch (Exception e) when (SocketIo.IsConnectionError(e))
+        {
+        }
+        finally
+        {
             _psk.Dispose();
         }
     }

@@ -62,7 +62,7 @@ internal sealed class TestServer : IDisposable
     }
 }
 
-/// <summary>The real clients (qemu-utils, libnbd-bin, python3-libnbd, nbdkit, fio), run with a time bound.</summary>
+/// <summary>The real clients (qemu-utils, libnbd-bin, python3-libnbd, nbdkit, fio; gnutls-bin's psktool), run with a time bound.</summary>
 internal static class Tools
 {
     public static string Require(string tool)
@@ -79,7 +79,7 @@ internal static class Tools
                 return path;
             }
         }
-        Assert.Fail($"{tool} is not installed: apt-get install -y qemu-utils libnbd-bin python3-libnbd nbdkit nbd-client fio (./test.sh does)");
+        Assert.Fail($"{tool} is not installed: apt-get install -y qemu-utils libnbd-bin python3-libnbd nbdkit nbd-client fio gnutls-bin (./test.sh does)");
         return tool;
     }
 
