@@ -33,6 +33,10 @@ internal static unsafe partial class Libc
     public const int EFD_CLOEXEC = 0x80000;
     public const int EFD_NONBLOCK = 0x800;
 
+    public const int AF_UNIX = 1;
+    public const int SOCK_STREAM = 1;
+    public const int SOCK_CLOEXEC = 0x80000;
+
     [LibraryImport(Lib, EntryPoint = "syscall", SetLastError = true)]
     public static partial long syscall(long number, long a1, long a2, long a3, long a4, long a5, long a6);
 
@@ -50,6 +54,9 @@ internal static unsafe partial class Libc
 
     [LibraryImport(Lib, EntryPoint = "eventfd", SetLastError = true)]
     public static partial int eventfd(uint initval, int flags);
+
+    [LibraryImport(Lib, EntryPoint = "socketpair", SetLastError = true)]
+    public static partial int socketpair(int domain, int type, int protocol, int* fds);
 
     [LibraryImport(Lib, EntryPoint = "read", SetLastError = true)]
     public static partial nint read(int fd, void* buf, nuint count);

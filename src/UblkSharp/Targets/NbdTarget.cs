@@ -22,6 +22,12 @@ public sealed record NbdTargetOptions
     /// </summary>
     public TimeSpan Timeout { get; init; } = TimeSpan.FromSeconds(30);
 
+    /// <summary>
+    /// The x509 credentials for an nbds URI (else its <c>?tls-certificates=DIR</c> is loaded). Given
+    /// for a plain nbd URI, it is refused: TLS is asked for by the URI.
+    /// </summary>
+    public NbdClientTlsOptions? Tls { get; init; }
+
     /// <summary>Where dropped connections and failed reconnects are reported (the first few per queue); by default nowhere.</summary>
     public ILoggerFactory LoggerFactory { get; init; } = NullLoggerFactory.Instance;
 }
@@ -45,6 +51,7 @@ public sealed class NbdTarget : BlockTarget
     private readonly uint _maxPayload;
     private readonly ushort _flags;
     private readonly long _remoteSize;
+    private readonly NbdClientTlsOptions? _tls;
     private int _open;
     private long _reconnects;
     private volatile bool _down;
@@ -62,9 +69,22 @@ public sealed class NbdTarget : BlockTarget
         {
             throw new ArgumentOutOfRangeException(nameof(options), "an nbd target's timeout must be positive");
         }
+        if (_options.Tls is not null && !uri.IsTls)
+        {
+            throw new ArgumentException($"{uri}: TLS certificates were given for a plain NBD URI; use nbds:// (or nbds+unix://) for TLS");
+        }
+        _tls = _options.Tls ?? (uri.IsTls && !string.IsNullOrEmpty(uri.TlsCertificates) ? NbdClientTlsOptions.Load(uri.TlsCertificates) : null);
+        if (uri.IsTls && _tls is null)
+        {
+            throw new ArgumentException($"{uri}: TLS needs a directory with ca-cert.pem (to check the server) and, for a server that verifies clients, client-cert.pem and client-key.pem: --tls-certificates DIR or ?tls-certificates=DIR");
+        }
         Uri = uri;
         Logger = (_options.LoggerFactory ?? NullLoggerFactory.Instance).CreateLogger<NbdTarget>();
-        var first = NbdClient.Connect(uri, _options.ConnectTimeout, _options.Timeout);
+        var first = NbdClient.Connect(uri, _options.ConnectTimeout, _options.Timeout, _tls);
+        if (first.TlsDescription is { } description)
+        {
+            TargetLog.NbdTls(Logger, LogLevel.Information, uri.Text, description);
+        }
         _remoteSize = first.Size;
         _flags = first.Flags;
         _maxPayload = Math.Max(first.MaximumPayload, 4096);
@@ -95,11 +115,23 @@ public sealed class NbdTarget : BlockTarget
 
     public override string Kind => "nbd";
 
-    public override IReadOnlyDictionary<string, string> Recipe => new Dictionary<string, string>
+    public override IReadOnlyDictionary<string, string> Recipe
     {
-        ["uri"] = Uri.Text,
-        ["timeout"] = ((int)Math.Ceiling(_options.Timeout.TotalSeconds)).ToString(System.Globalization.CultureInfo.InvariantCulture),
-    };
+        get
+        {
+            var recipe = new Dictionary<string, string>
+            {
+                ["uri"] = Uri.Text,
+                ["timeout"] = ((int)Math.Ceiling(_options.Timeout.TotalSeconds)).ToString(System.Globalization.CultureInfo.InvariantCulture),
+            };
+            // A directory from the URI is in the URI; one given apart must be kept for a restart.
+            if (_options.Tls?.Directory is { } directory)
+            {
+                recipe["tls-certificates"] = directory;
+            }
+            return recipe;
+        }
+    }
 
     /// <summary>The server's minimum block size (1 if it gave none).</summary>
     public int MinimumBlockSize { get; }
@@ -166,11 +198,15 @@ public sealed class NbdTarget : BlockTarget
     /// <summary>A new connection to the same export (blocking: the ring backend calls it on a thread of its own).</summary>
     internal NbdClient Connect(TimeSpan timeout)
     {
-        var client = NbdClient.Connect(Uri, timeout);
+        var client = NbdClient.Connect(Uri, timeout, default, _tls);
         if (client.Size != _remoteSize)
         {
             client.Dispose();
             throw new NbdHandshakeException($"{Uri}: the export's size changed from {_remoteSize} to {client.Size} bytes");
+        }
+        if (client.TlsDescription is { } description)
+        {
+            TargetLog.NbdTls(Logger, LogLevel.Debug, Uri.Text, description);
         }
         return client;
     }

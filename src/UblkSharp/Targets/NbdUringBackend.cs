@@ -74,7 +74,7 @@ internal sealed unsafe class NbdUringBackend : UringBackend
     private ulong* _connectBuffer;
     private bool _connecting;
     private bool _connectReadPending;
-    private NbdClient? _connectedClient;
+    private Socket? _connectedSocket;
     private Exception? _connectError;
     private long _nextAttempt;
     private int _backoffMs = 50;
@@ -89,10 +89,12 @@ internal sealed unsafe class NbdUringBackend : UringBackend
         _queueId = queueId;
         _timeoutTicks = (long)target.Options.Timeout.TotalMilliseconds;
         _connectTimeout = target.Options.ConnectTimeout < target.Options.Timeout ? target.Options.ConnectTimeout : target.Options.Timeout;
+        // First, as it may fail (over TLS it makes a socketpair) before anything needs undoing.
+        var socket = first?.TakeSocket();
         _connectFd = Libc.eventfd(0, Libc.EFD_CLOEXEC);
         if (_connectFd < 0)
         {
-            first?.Dispose();
+            socket?.Dispose();
             throw new ErrnoException(Marshal.GetLastPInvokeError(), "eventfd");
         }
         _reply = (byte*)NativeMemory.AllocZeroed(SimpleReplySize);
@@ -100,9 +102,9 @@ internal sealed unsafe class NbdUringBackend : UringBackend
         _tick = (KernelTimespec*)NativeMemory.AllocZeroed((nuint)sizeof(KernelTimespec));
         // A tick a tenth of the timeout (10 ms to 500 ms): a request fails at most that late.
         *_tick = KernelTimespec.From(TimeSpan.FromMilliseconds(Math.Clamp(_timeoutTicks / 10, 10, 500)));
-        if (first is not null)
+        if (socket is not null)
         {
-            _connection = Open(first);
+            _connection = Open(socket);
         }
     }
 
@@ -639,11 +641,12 @@ internal sealed unsafe class NbdUringBackend : UringBackend
 
     private void ConnectThread()
     {
-        NbdClient? client = null;
+        Socket? socket = null;
         Exception? error = null;
         try
         {
-            client = _target.Connect(_connectTimeout);
+            // Taken here, not on the queue thread: over TLS this starts the connection's relay.
+            socket = _target.Connect(_connectTimeout).TakeSocket();
         }
         catch (Exception e) when (e is IOException or SocketException or ObjectDisposedException)
         {
@@ -653,10 +656,10 @@ internal sealed unsafe class NbdUringBackend : UringBackend
         {
             if (_disposed)
             {
-                client?.Dispose();
+                socket?.Dispose();
                 return;
             }
-            _connectedClient = client;
+            _connectedSocket = socket;
             _connectError = error;
         }
         ulong one = 1;
@@ -665,13 +668,13 @@ internal sealed unsafe class NbdUringBackend : UringBackend
 
     private void OnConnected(IBackendRing ring)
     {
-        NbdClient? client;
+        Socket? client;
         Exception? error;
         lock (_connectLock)
         {
-            client = _connectedClient;
+            client = _connectedSocket;
             error = _connectError;
-            _connectedClient = null;
+            _connectedSocket = null;
             _connectError = null;
         }
         if (client is null && error is null)
@@ -730,9 +733,8 @@ internal sealed unsafe class NbdUringBackend : UringBackend
         }
     }
 
-    private Connection Open(NbdClient client)
+    private Connection Open(Socket socket)
     {
-        var socket = client.TakeSocket();
         // Never blocks the queue thread (NBD_CMD_DISC at the end is sent only if it fits at once).
         socket.Blocking = false;
         return new Connection(socket, ++_generation);
@@ -798,8 +800,8 @@ internal sealed unsafe class NbdUringBackend : UringBackend
         lock (_connectLock)
         {
             _disposed = true;
-            _connectedClient?.Dispose();
-            _connectedClient = null;
+            _connectedSocket?.Dispose();
+            _connectedSocket = null;
         }
         if (_connection is not null)
         {

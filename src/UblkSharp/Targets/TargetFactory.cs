@@ -40,15 +40,25 @@ public static class TargetFactory
     {
         if (!o.TryGetValue("uri", out var uri) || string.IsNullOrEmpty(uri))
         {
-            throw new ArgumentException("the nbd target needs --uri nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH");
+            throw new ArgumentException("the nbd target needs --uri nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH (nbds:// and nbds+unix:// for TLS)");
         }
         var timeout = Number(o, "timeout", 30);
         if (timeout < 1)
         {
             throw new ArgumentException("bad --timeout '0': give at least 1 second");
         }
-        // Parsing throws ArgumentException; a server that cannot be reached, IOException naming it.
-        return new NbdTarget(NbdUri.Parse(uri), new NbdTargetOptions { Timeout = TimeSpan.FromSeconds(timeout), LoggerFactory = loggerFactory });
+        // Parsing and loading certificates throw ArgumentException; a server that cannot be reached, IOException naming it.
+        var parsed = NbdUri.Parse(uri);
+        NbdClientTlsOptions? tls = null;
+        if (o.TryGetValue("tls-certificates", out var certificates) && !string.IsNullOrEmpty(certificates))
+        {
+            if (!parsed.IsTls)
+            {
+                throw new ArgumentException($"--tls-certificates is for TLS: use an nbds:// or nbds+unix:// URI, not {uri}");
+            }
+            tls = NbdClientTlsOptions.Load(certificates);
+        }
+        return new NbdTarget(parsed, new NbdTargetOptions { Timeout = TimeSpan.FromSeconds(timeout), Tls = tls, LoggerFactory = loggerFactory });
     }
 
     /// <summary>

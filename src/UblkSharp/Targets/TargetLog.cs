@@ -8,6 +8,9 @@ internal static partial class TargetLog
     [LoggerMessage(EventId = 300, Level = LogLevel.Warning, Message = "nbd {Uri} (queue {Queue}): {What}")]
     public static partial void NbdConnection(ILogger logger, string uri, int queue, string what);
 
+    [LoggerMessage(EventId = 301, Message = "nbd {Uri}: connected over TLS ({Tls})")]
+    public static partial void NbdTls(ILogger logger, LogLevel level, string uri, string tls);
+
     [LoggerMessage(EventId = 310, Level = LogLevel.Information, Message = "rbd: the image {Image} was resized from {Old} to {New} bytes; the device follows it")]
     public static partial void RbdResizeFollowed(ILogger logger, string image, long old, long @new);
 

@@ -176,18 +176,27 @@ public class NbdTargetTests
     [InlineData("nbd://[::1]:99/a%20b", "tcp://[::1]:99", "a b")]
     [InlineData("nbd+unix:///?socket=/run/x.sock", "unix:///run/x.sock", "")]
     [InlineData("nbd+unix:///exp?socket=/tmp/s", "unix:///tmp/s", "exp")]
+    [InlineData("nbds://localhost:1234/e?tls-certificates=/etc/pki", "tcp://localhost:1234", "e")]
+    [InlineData("nbds+unix:///e?socket=/tmp/s&tls-certificates=/etc/pki", "unix:///tmp/s", "e")]
     public void UrisParse(string text, string address, string export)
     {
         var uri = NbdUri.Parse(text);
         Assert.Equal(address, uri.Address.ToString());
         Assert.Equal(export, uri.ExportName);
+        var tls = text.StartsWith("nbds", StringComparison.Ordinal);
+        Assert.Equal(tls, uri.IsTls);
+        Assert.Equal(tls ? "/etc/pki" : null, uri.TlsCertificates);
+        // Over TCP the server's certificate must name the URI's host; a Unix socket has none.
+        Assert.Equal(tls && !uri.Address.IsUnix ? "localhost" : null, uri.TlsHostname);
     }
 
     [Theory]
     [InlineData("")]
     [InlineData("127.0.0.1:10809")]
     [InlineData("http://127.0.0.1/")]
-    [InlineData("nbds://127.0.0.1/")]
+    [InlineData("nbds://127.0.0.1/?tls-psk-file=/x")]
+    [InlineData("nbds://127.0.0.1/?tls-verify-peer=false")]
+    [InlineData("nbds+unix:///disk")]
     [InlineData("nbd+unix:///disk")]
     [InlineData("nbd+unix://host/?socket=/x")]
     [InlineData("nbd://:10809/")]
@@ -273,14 +282,22 @@ internal sealed class Nbdkit : IDisposable
     private readonly string _dir;
 
     public Nbdkit(params string[] pluginArgs)
+        : this(0, pluginArgs)
+    {
+    }
+
+    /// <summary>With <paramref name="port"/> above 0: on TCP 127.0.0.1 at that port instead of a Unix socket.</summary>
+    public Nbdkit(int port, params string[] pluginArgs)
     {
         _dir = Path.Combine(Path.GetTempPath(), $"ublksharp-nbdkit-{Guid.NewGuid():N}"[..34]);
         Directory.CreateDirectory(_dir);
         SocketPath = Path.Combine(_dir, "nbdkit.sock");
+        Port = port;
         var psi = new ProcessStartInfo(Tools.Require("nbdkit")) { RedirectStandardError = true, RedirectStandardOutput = true };
         var pidFile = Path.Combine(_dir, "nbdkit.pid");
+        string[] listen = port > 0 ? ["-i", "127.0.0.1", "-p", port.ToString(System.Globalization.CultureInfo.InvariantCulture)] : ["-U", SocketPath];
         // nbdkit writes its pid file once it accepts connections (the socket file exists earlier).
-        foreach (var a in (string[])["-f", "--exit-with-parent", "--pidfile", pidFile, "-U", SocketPath, .. pluginArgs])
+        foreach (var a in (string[])["-f", "--exit-with-parent", "--pidfile", pidFile, .. listen, .. pluginArgs])
         {
             psi.ArgumentList.Add(a);
         }
@@ -298,6 +315,16 @@ internal sealed class Nbdkit : IDisposable
     }
 
     public string SocketPath { get; }
+
+    /// <summary>The TCP port, or 0 on the Unix socket.</summary>
+    public int Port { get; }
+
+    /// <summary>Ends nbdkit at once (SIGKILL), as a server that dies under IO.</summary>
+    public void Kill()
+    {
+        _process.Kill();
+        _process.WaitForExit(10_000);
+    }
 
     public void Dispose()
     {

@@ -1,6 +1,9 @@
 using System.Buffers.Binary;
 using System.Net;
+using System.Net.Security;
 using System.Net.Sockets;
+using System.Runtime.CompilerServices;
+using System.Security.Authentication;
 using System.Text;
 using static UblkSharp.Nbd.Protocol.NbdProtocol;
 
@@ -11,8 +14,8 @@ public sealed class NbdHandshakeException(string message) : IOException(message)
 
 /// <summary>
 /// One connection to an NBD server, used synchronously: one request at a time, simple replies.
-/// The handshake is fixed newstyle with NBD_OPT_GO (EXPORT_NAME for servers without it).
-/// Transport failures throw (<see cref="IOException"/>, <see cref="SocketException"/>); errors the
+/// The handshake is fixed newstyle with NBD_OPT_GO (EXPORT_NAME for servers without it); for an
+/// nbds URI it starts with NBD_OPT_STARTTLS and goes on inside TLS, or fails. Transport failures throw (<see cref="IOException"/>, <see cref="SocketException"/>); errors the
 /// server reports come back as a negative errno. Not thread-safe.
 /// </summary>
 public sealed class NbdClient : IDisposable
@@ -22,6 +25,8 @@ public sealed class NbdClient : IDisposable
     public const int KeepAliveIntervalSeconds = 10;
     public const int KeepAliveProbes = 3;
     private readonly Socket _socket;
+    // The TLS session over _socket once STARTTLS is done; every byte after it goes through it.
+    private Stream? _tls;
     private readonly byte[] _send = new byte[RequestSize + CopyLimit];
     private readonly byte[] _reply = new byte[SimpleReplySize];
     private ulong _cookie;
@@ -63,6 +68,9 @@ public sealed class NbdClient : IDisposable
         }
     }
 
+    /// <summary>The TLS protocol and cipher suite, or null for a plain connection.</summary>
+    public string? TlsDescription { get; private set; }
+
     public bool IsReadOnly => (Flags & FlagReadOnly) != 0;
 
     public bool CanFlush => (Flags & FlagSendFlush) != 0;
@@ -87,29 +95,57 @@ public sealed class NbdClient : IDisposable
     /// bound), so a server that vanished without a reset (a half-open TCP connection) makes a request
     /// throw instead of blocking its caller forever.
     /// </summary>
-    public static NbdClient Connect(NbdUri uri, TimeSpan timeout, TimeSpan ioTimeout = default)
+    /// <remarks>
+    /// An nbds URI needs <paramref name="tls"/>: the server must accept NBD_OPT_STARTTLS and prove
+    /// with a certificate from its CA that it is the URI's host; anything else is an
+    /// <see cref="NbdHandshakeException"/>, never a fallback to plain NBD.
+    /// </remarks>
+    public static NbdClient Connect(NbdUri uri, TimeSpan timeout, TimeSpan ioTimeout = default, NbdClientTlsOptions? tls = null)
     {
         ArgumentNullException.ThrowIfNull(uri);
+        if (uri.IsTls && tls is null)
+        {
+            throw new ArgumentException($"{uri}: TLS needs the certificates (a directory with ca-cert.pem: ?tls-certificates=DIR)");
+        }
         Socket? socket = null;
+        NbdClient? client = null;
         try
         {
             socket = Open(uri.Address, timeout);
-            var client = new NbdClient(socket, uri.ExportName);
-            socket.ReceiveTimeout = (int)Math.Min(int.MaxValue, timeout.TotalMilliseconds);
-            client.Handshake();
+            client = new NbdClient(socket, uri.ExportName);
+            var ms = (int)Math.Min(int.MaxValue, timeout.TotalMilliseconds);
+            socket.ReceiveTimeout = ms;
+            socket.SendTimeout = ms;
+            client.Handshake(uri.IsTls ? tls : null, uri.TlsHostname);
             socket.ReceiveTimeout = 0;
+            socket.SendTimeout = 0;
             client.IoTimeout = ioTimeout;
             return client;
         }
-        catch (NbdHandshakeException)
+        catch (NbdHandshakeException e)
         {
+            // Named by the URI, as a failure to connect is: one line says which server refused what.
+            client?.Close();
             socket?.Dispose();
-            throw;
+            throw new NbdHandshakeException($"{uri}: {e.Message}");
+        }
+        catch (AuthenticationException e)
+        {
+            // A TLS failure past the handshake (an alert reading the first reply): not worth retrying.
+            client?.Close();
+            socket?.Dispose();
+            throw new NbdHandshakeException($"{uri}: the server ended TLS: {e.Message}");
         }
         catch (Exception e) when (e is SocketException or IOException or ObjectDisposedException)
         {
+            // A server that verifies clients refuses a certificate only after the TLS handshake
+            // (TLS 1.3), by closing: say so, as the reset alone does not.
+            var hint = client?.TlsDescription is null ? ""
+                : tls!.Certificate is null ? " (after the TLS handshake: does the server want a client certificate from its CA in client-cert.pem?)"
+                : " (after the TLS handshake: did the server refuse client-cert.pem?)";
+            client?.Close();
             socket?.Dispose();
-            throw new IOException($"cannot connect to {uri}: {e.Message}", e);
+            throw new IOException($"cannot connect to {uri}: {e.Message}{hint}", e);
         }
     }
 
@@ -172,10 +208,10 @@ public sealed class NbdClient : IDisposable
         }
     }
 
-    private void Handshake()
+    private void Handshake(NbdClientTlsOptions? tls, string? tlsHostname)
     {
         Span<byte> greeting = stackalloc byte[18];
-        SocketIo.ReceiveExactlyOrThrow(_socket, greeting[..16]);
+        ReceiveExactlyOrThrow(greeting[..16]);
         if (BinaryPrimitives.ReadUInt64BigEndian(greeting) != NbdMagic)
         {
             throw new NbdHandshakeException("the server did not greet as an NBD server (bad magic)");
@@ -184,12 +220,20 @@ public sealed class NbdClient : IDisposable
         {
             throw new NbdHandshakeException("the server speaks the oldstyle NBD handshake, which is not supported");
         }
-        SocketIo.ReceiveExactlyOrThrow(_socket, greeting[16..]);
+        ReceiveExactlyOrThrow(greeting[16..]);
         var serverFlags = BinaryPrimitives.ReadUInt16BigEndian(greeting[16..]);
         var noZeroes = (serverFlags & FlagNoZeroes) != 0;
         Span<byte> word = stackalloc byte[4];
         BinaryPrimitives.WriteUInt32BigEndian(word, ((serverFlags & FlagFixedNewstyle) != 0 ? ClientFlagFixedNewstyle : 0) | (noZeroes ? ClientFlagNoZeroes : 0));
-        SocketIo.SendAll(_socket, word);
+        Send(word);
+        if (tls is not null)
+        {
+            if ((serverFlags & FlagFixedNewstyle) == 0)
+            {
+                throw new NbdHandshakeException("the server does not offer TLS (it does not speak the fixed newstyle handshake that NBD_OPT_STARTTLS needs)");
+            }
+            StartTls(tls, tlsHostname);
+        }
         if ((serverFlags & FlagFixedNewstyle) == 0 || !Go())
         {
             ExportNameOption(noZeroes);
@@ -198,6 +242,65 @@ public sealed class NbdClient : IDisposable
         {
             throw new NbdHandshakeException($"the server reports a size of {Size} bytes");
         }
+    }
+
+    /// <summary>
+    /// NBD_OPT_STARTTLS, then the TLS handshake: the server must accept, and its certificate chain to
+    /// the CA and name <paramref name="host"/> (unless null). Everything after goes through TLS.
+    /// </summary>
+    private void StartTls(NbdClientTlsOptions tls, string? host)
+    {
+        SendOption(OptStartTls, []);
+        var body = ReceiveOptionReply(OptStartTls, out var type);
+        if (type != RepAck)
+        {
+            var what = type switch
+            {
+                RepErrUnsup => "NBD_REP_ERR_UNSUP",
+                RepErrPolicy => "NBD_REP_ERR_POLICY",
+                RepErrInvalid => "NBD_REP_ERR_INVALID",
+                _ => $"0x{type:x}",
+            };
+            throw new NbdHandshakeException($"the server does not offer TLS (it answered NBD_OPT_STARTTLS with {what}{Detail(body)}); refusing to go on without it");
+        }
+        var rejected = new StrongBox<string?>();
+        var ssl = new SslStream(new NetworkStream(_socket, ownsSocket: false), leaveInnerStreamOpen: false);
+        try
+        {
+            ssl.AuthenticateAsClient(tls.ForConnection(host, rejected));
+        }
+        catch (AuthenticationException e)
+        {
+            ssl.Dispose();
+            throw new NbdHandshakeException($"the TLS handshake failed: {rejected.Value ?? e.Message}");
+        }
+        catch
+        {
+            ssl.Dispose();
+            throw;
+        }
+        _tls = ssl;
+        TlsDescription = $"{ssl.SslProtocol}, {ssl.NegotiatedCipherSuite}";
+    }
+
+    /// <summary>Reads one reply to <paramref name="option"/>: its body, and its type in <paramref name="type"/>.</summary>
+    private byte[] ReceiveOptionReply(uint option, out uint type)
+    {
+        Span<byte> header = stackalloc byte[20];
+        ReceiveExactlyOrThrow(header);
+        if (BinaryPrimitives.ReadUInt64BigEndian(header) != OptionReplyMagic || BinaryPrimitives.ReadUInt32BigEndian(header[8..]) != option)
+        {
+            throw new NbdHandshakeException($"the server's reply to option {option} is malformed");
+        }
+        type = BinaryPrimitives.ReadUInt32BigEndian(header[12..]);
+        var length = BinaryPrimitives.ReadUInt32BigEndian(header[16..]);
+        if (length > 64 * 1024)
+        {
+            throw new NbdHandshakeException($"the server's reply to option {option} is {length} bytes long");
+        }
+        var body = new byte[length];
+        ReceiveExactlyOrThrow(body);
+        return body;
     }
 
     /// <summary>NBD_OPT_GO; false if the server does not know it (then EXPORT_NAME is the way in).</summary>
@@ -211,22 +314,9 @@ public sealed class NbdClient : IDisposable
         BinaryPrimitives.WriteUInt16BigEndian(data.AsSpan(6 + name.Length), InfoBlockSize);
         SendOption(OptGo, data);
         var gotExport = false;
-        Span<byte> header = stackalloc byte[20];
         for (var replies = 0; replies < 64; replies++)
         {
-            SocketIo.ReceiveExactlyOrThrow(_socket, header);
-            if (BinaryPrimitives.ReadUInt64BigEndian(header) != OptionReplyMagic || BinaryPrimitives.ReadUInt32BigEndian(header[8..]) != OptGo)
-            {
-                throw new NbdHandshakeException("the server's reply to NBD_OPT_GO is malformed");
-            }
-            var type = BinaryPrimitives.ReadUInt32BigEndian(header[12..]);
-            var length = BinaryPrimitives.ReadUInt32BigEndian(header[16..]);
-            if (length > 64 * 1024)
-            {
-                throw new NbdHandshakeException($"the server's reply to NBD_OPT_GO is {length} bytes long");
-            }
-            var body = new byte[length];
-            SocketIo.ReceiveExactlyOrThrow(_socket, body);
+            var body = ReceiveOptionReply(OptGo, out var type);
             switch (type)
             {
                 case RepAck:
@@ -256,7 +346,7 @@ public sealed class NbdClient : IDisposable
                 case RepErrUnknown:
                     throw new NbdHandshakeException($"the server has no export '{ExportName}'{Detail(body)}");
                 case RepErrTlsReqd:
-                    throw new NbdHandshakeException($"the server requires TLS, which is not supported{Detail(body)}");
+                    throw new NbdHandshakeException($"the server requires TLS: use an nbds:// URI{Detail(body)}");
                 default:
                     if ((type & 0x80000000) != 0)
                     {
@@ -272,7 +362,7 @@ public sealed class NbdClient : IDisposable
     {
         SendOption(OptExportName, Encoding.UTF8.GetBytes(ExportName));
         var reply = new byte[noZeroes ? 10 : 134];
-        if (!SocketIo.ReceiveExactly(_socket, reply))
+        if (!ReceiveExactly(reply))
         {
             throw new NbdHandshakeException($"the server closed the connection: it has no export '{ExportName}'");
         }
@@ -289,7 +379,47 @@ public sealed class NbdClient : IDisposable
         BinaryPrimitives.WriteUInt32BigEndian(message.AsSpan(8), option);
         BinaryPrimitives.WriteUInt32BigEndian(message.AsSpan(12), (uint)data.Length);
         data.CopyTo(message, 16);
-        SocketIo.SendAll(_socket, message);
+        Send(message);
+    }
+
+    // The transport: the socket, or the TLS session over it once there is one.
+    private void Send(ReadOnlySpan<byte> data)
+    {
+        if (_tls is null)
+        {
+            SocketIo.SendAll(_socket, data);
+        }
+        else
+        {
+            _tls.Write(data);
+        }
+    }
+
+    /// <summary>As <see cref="SocketIo.ReceiveExactly"/>: false on a clean end before the first byte.</summary>
+    private bool ReceiveExactly(Span<byte> buffer)
+    {
+        if (_tls is null)
+        {
+            return SocketIo.ReceiveExactly(_socket, buffer);
+        }
+        var n = _tls.ReadAtLeast(buffer, buffer.Length, throwOnEndOfStream: false);
+        if (n == 0 && buffer.Length > 0)
+        {
+            return false;
+        }
+        if (n < buffer.Length)
+        {
+            throw new EndOfStreamException($"the peer closed the connection {buffer.Length - n} bytes before the end of a message");
+        }
+        return true;
+    }
+
+    private void ReceiveExactlyOrThrow(Span<byte> buffer)
+    {
+        if (!ReceiveExactly(buffer))
+        {
+            throw new EndOfStreamException("the peer closed the connection");
+        }
     }
 
     /// <summary>Reads the whole buffer (at most <see cref="MaximumPayload"/>); 0 or a negative errno.</summary>
@@ -336,14 +466,14 @@ public sealed class NbdClient : IDisposable
             if (payload.Length <= CopyLimit)
             {
                 payload.CopyTo(_send.AsSpan(RequestSize));
-                SocketIo.SendAll(_socket, _send.AsSpan(0, RequestSize + payload.Length));
+                Send(_send.AsSpan(0, RequestSize + payload.Length));
             }
             else
             {
-                SocketIo.SendAll(_socket, h);
-                SocketIo.SendAll(_socket, payload);
+                Send(h);
+                Send(payload);
             }
-            SocketIo.ReceiveExactlyOrThrow(_socket, _reply);
+            ReceiveExactlyOrThrow(_reply);
             if (BinaryPrimitives.ReadUInt32BigEndian(_reply) != SimpleReplyMagic || BinaryPrimitives.ReadUInt64BigEndian(_reply.AsSpan(8)) != cookie)
             {
                 throw new IOException("the server sent a reply that does not match the request");
@@ -367,7 +497,7 @@ public sealed class NbdClient : IDisposable
     {
         try
         {
-            SocketIo.ReceiveExactlyOrThrow(_socket, buffer);
+            ReceiveExactlyOrThrow(buffer);
         }
         catch
         {
@@ -377,14 +507,25 @@ public sealed class NbdClient : IDisposable
     }
 
     /// <summary>
-    /// Hands the connected socket over (to a caller that speaks the transmission phase itself, as
-    /// the nbd target's ring backend does); this client is done with it and sends nothing more.
+    /// Hands the connection over (to a caller that speaks the transmission phase itself, as the nbd
+    /// target's ring backend does); this client is done with it and sends nothing more. Over TLS
+    /// that is one end of a socketpair whose other end a <see cref="TlsRelay"/> carries to the TLS
+    /// session, so the caller speaks plain NBD either way; closing it ends the TLS connection.
     /// </summary>
     internal Socket TakeSocket()
     {
         ObjectDisposedException.ThrowIf(_broken, this);
         _broken = true;
-        return _socket;
+        if (_tls is null)
+        {
+            return _socket;
+        }
+        // The relay's reads and writes wait as long as the connection lives; the caller keeps time.
+        _socket.ReceiveTimeout = 0;
+        _socket.SendTimeout = 0;
+        var tls = _tls;
+        _tls = null;
+        return TlsRelay.Start(tls, _socket, "nbd-tls");
     }
 
     /// <summary>Sends NBD_CMD_DISC (if the connection is still in step) and closes.</summary>
@@ -400,12 +541,40 @@ public sealed class NbdClient : IDisposable
                 BinaryPrimitives.WriteUInt32BigEndian(h, RequestMagic);
                 BinaryPrimitives.WriteUInt16BigEndian(h[6..], CmdDisc);
                 BinaryPrimitives.WriteUInt64BigEndian(h[8..], ++_cookie);
-                SocketIo.SendAll(_socket, h);
+                Send(h);
+                if (_tls is SslStream ssl)
+                {
+                    CloseNotify(ssl);
+                }
             }
             catch (Exception e) when (SocketIo.IsConnectionError(e))
             {
             }
         }
+        Close();
+    }
+
+    /// <summary>
+    /// Ends a TLS session properly (close_notify), so the server sees a clean close, not a
+    /// truncation (GnuTLS servers log one); waits at most a second, and ignores a failure.
+    /// </summary>
+    internal static void CloseNotify(SslStream ssl)
+    {
+        try
+        {
+            ssl.ShutdownAsync().Wait(TimeSpan.FromSeconds(1));
+        }
+        catch (Exception e) when (e is AggregateException or IOException or ObjectDisposedException or InvalidOperationException)
+        {
+        }
+    }
+
+    /// <summary>Closes without a word (the TLS session, if any, and the socket).</summary>
+    private void Close()
+    {
+        _broken = true;
+        _tls?.Dispose();
+        _tls = null;
         _socket.Dispose();
     }
 }

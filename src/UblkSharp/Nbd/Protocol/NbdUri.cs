@@ -2,17 +2,21 @@ namespace UblkSharp.Nbd.Protocol;
 
 /// <summary>
 /// An NBD URI as the NBD URI spec (and libnbd, qemu) write them: <c>nbd://HOST[:PORT]/[EXPORT]</c>
-/// or <c>nbd+unix:///[EXPORT]?socket=PATH</c>. TLS (nbds) is not supported.
+/// or <c>nbd+unix:///[EXPORT]?socket=PATH</c>, and with TLS <c>nbds://</c> and <c>nbds+unix://</c>
+/// (x509, with <c>?tls-certificates=DIR</c> as libnbd takes it, or the certificates given apart).
 /// </summary>
 public sealed class NbdUri
 {
-    private const string Usage = "use nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH";
+    private const string Usage = "use nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH (nbds:// and nbds+unix:// for TLS)";
 
-    private NbdUri(string text, NbdAddress address, string exportName)
+    private NbdUri(string text, NbdAddress address, string exportName, bool tls = false, string? tlsCertificates = null, string? tlsHostname = null)
     {
         Text = text;
         Address = address;
         ExportName = exportName;
+        IsTls = tls;
+        TlsCertificates = tlsCertificates;
+        TlsHostname = tlsHostname;
     }
 
     public string Text { get; }
@@ -21,11 +25,23 @@ public sealed class NbdUri
 
     public string ExportName { get; }
 
-    public static NbdUri Tcp(string host, int port, string exportName = "")
-        => new($"nbd://{(host.Contains(':', StringComparison.Ordinal) ? $"[{host}]" : host)}:{port}/{Uri.EscapeDataString(exportName)}", NbdAddress.Tcp(host, port), exportName);
+    /// <summary>nbds: the connection must switch to TLS (NBD_OPT_STARTTLS) before anything else, or fail.</summary>
+    public bool IsTls { get; }
 
-    public static NbdUri Unix(string socketPath, string exportName = "")
-        => new($"nbd+unix:///{Uri.EscapeDataString(exportName)}?socket={socketPath}", NbdAddress.Unix(socketPath), exportName);
+    /// <summary>The URI's <c>tls-certificates</c>: the client's x509 directory (see <see cref="NbdClientTlsOptions.Load"/>), or null.</summary>
+    public string? TlsCertificates { get; }
+
+    /// <summary>
+    /// The name the server's certificate must carry: the URI's <c>tls-hostname</c>, else its host;
+    /// null for a Unix socket without <c>tls-hostname</c> (then only the certificate's chain is checked).
+    /// </summary>
+    public string? TlsHostname { get; }
+
+    public static NbdUri Tcp(string host, int port, string exportName = "", bool tls = false)
+        => new($"nbd{(tls ? "s" : "")}://{(host.Contains(':', StringComparison.Ordinal) ? $"[{host}]" : host)}:{port}/{Uri.EscapeDataString(exportName)}", NbdAddress.Tcp(host, port), exportName, tls, null, tls ? host : null);
+
+    public static NbdUri Unix(string socketPath, string exportName = "", bool tls = false)
+        => new($"nbd{(tls ? "s" : "")}+unix:///{Uri.EscapeDataString(exportName)}?socket={socketPath}", NbdAddress.Unix(socketPath), exportName, tls);
 
     /// <summary>Parses a URI; bad input throws <see cref="ArgumentException"/> with a message for the person who typed it.</summary>
     public static NbdUri Parse(string text)
@@ -38,11 +54,7 @@ public sealed class NbdUri
         }
         var scheme = text[..schemeEnd].ToLowerInvariant();
         var rest = text[(schemeEnd + 3)..];
-        if (scheme is "nbds" or "nbds+unix")
-        {
-            throw new ArgumentException($"bad NBD URI '{text}': TLS (nbds) is not supported; {Usage}");
-        }
-        if (scheme is not ("nbd" or "nbd+unix"))
+        if (scheme is not ("nbd" or "nbd+unix" or "nbds" or "nbds+unix"))
         {
             throw new ArgumentException($"bad NBD URI '{text}': unknown scheme '{scheme}'; {Usage}");
         }
@@ -62,6 +74,9 @@ public sealed class NbdUri
             throw new ArgumentException($"bad NBD URI '{text}': the export name is longer than {NbdProtocol.MaxString} bytes");
         }
         string? socket = null;
+        string? certificates = null;
+        string? hostname = null;
+        var tls = scheme.StartsWith("nbds", StringComparison.Ordinal);
         foreach (var pair in query.Split('&', StringSplitOptions.RemoveEmptyEntries))
         {
             var eq = pair.IndexOf('=', StringComparison.Ordinal);
@@ -71,12 +86,28 @@ public sealed class NbdUri
             {
                 socket = value;
             }
-            else if (key is not ("tls-certificates" or "tls-psk-file" or "tls-verify-peer"))
+            else if (key == "tls-certificates" && tls)
+            {
+                certificates = value;
+            }
+            else if (key == "tls-hostname" && tls)
+            {
+                hostname = value;
+            }
+            else if (key == "tls-psk-file" && tls)
+            {
+                throw new ArgumentException($"bad NBD URI '{text}': TLS-PSK is not supported yet by the nbd target; use x509 certificates (tls-certificates=DIR)");
+            }
+            else if (key == "tls-verify-peer" && tls && value is "false" or "0" or "no" or "off")
+            {
+                throw new ArgumentException($"bad NBD URI '{text}': the server's certificate is always verified (TLS that does not know whom it talks to is refused)");
+            }
+            else if (key is not ("tls-certificates" or "tls-psk-file" or "tls-verify-peer" or "tls-hostname"))
             {
                 throw new ArgumentException($"bad NBD URI '{text}': unknown query parameter '{key}'");
             }
         }
-        if (scheme == "nbd+unix")
+        if (scheme.EndsWith("+unix", StringComparison.Ordinal))
         {
             if (authority.Length > 0)
             {
@@ -87,7 +118,7 @@ public sealed class NbdUri
                 throw new ArgumentException($"bad NBD URI '{text}': nbd+unix needs ?socket=PATH");
             }
             NbdAddress.CheckUnixPathLength(socket, text, "bad NBD URI");
-            return new NbdUri(text, NbdAddress.Unix(socket), export);
+            return new NbdUri(text, NbdAddress.Unix(socket), export, tls, certificates, hostname);
         }
         if (socket is not null)
         {
@@ -102,7 +133,7 @@ public sealed class NbdUri
         {
             throw new ArgumentException($"bad NBD URI '{text}': no host; {Usage}");
         }
-        return new NbdUri(text, NbdAddress.Tcp(host, port ?? NbdProtocol.DefaultPort), export);
+        return new NbdUri(text, NbdAddress.Tcp(host, port ?? NbdProtocol.DefaultPort), export, tls, certificates, tls ? hostname ?? host : null);
     }
 
     public override string ToString() => Text;
