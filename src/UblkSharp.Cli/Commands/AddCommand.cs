@@ -33,6 +33,7 @@ internal static class AddCommand
         };
         metrics.AddTo(command);
         target.AddTo(command);
+        target.AddClientTlsTo(command);
         command.SetAction(r =>
         {
             var recipe = target.Recipe(r);

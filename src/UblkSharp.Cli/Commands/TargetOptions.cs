@@ -46,7 +46,12 @@ internal sealed class TargetOptions
 
     public Option<string?> Writeback { get; } = new("--writeback") { Description = "cow: seconds between writing set bitmap bits back without a flush (data synced first; default 30, the page cache's own expiry); 0 for only on flush" };
 
-    public Option<string?> Uri { get; } = new("--uri") { Description = "nbd: the remote export, nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH" };
+    public Option<string?> Uri { get; } = new("--uri") { Description = "nbd: the remote export, nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH; nbds:// and nbds+unix:// for TLS" };
+
+    /// <summary>Only where the command has no --tls-certificates of its own (serve has, for its server); see <see cref="AddClientTlsTo"/>.</summary>
+    public Option<string?> TlsCertificates { get; } = new("--tls-certificates") { Description = "nbd with nbds:// URIs: directory with ca-cert.pem (the CA the server's certificate must chain to) and, for servers that verify clients, client-cert.pem and client-key.pem" };
+
+    private bool _clientTls;
 
     public Option<string?> Pool { get; } = new("--pool") { Description = "rbd: the Ceph pool" };
 
@@ -70,6 +75,13 @@ internal sealed class TargetOptions
         {
             command.Options.Add(option);
         }
+    }
+
+    /// <summary>Adds the nbd target's --tls-certificates (serve takes the directory in the URI instead: ?tls-certificates=DIR).</summary>
+    public void AddClientTlsTo(Command command)
+    {
+        command.Options.Add(TlsCertificates);
+        _clientTls = true;
     }
 
     public string Kind(ParseResult r) => r.GetValue(Type)!;
@@ -105,6 +117,7 @@ internal sealed class TargetOptions
         Put("allocate", r.GetValue(Allocate));
         Put("writeback", r.GetValue(Writeback));
         Put("uri", r.GetValue(Uri));
+        Put("tls-certificates", _clientTls && r.GetValue(TlsCertificates) is { Length: > 0 } certificates ? Path.GetFullPath(certificates) : null);
         Put("pool", r.GetValue(Pool));
         Put("image", r.GetValue(Image));
         // Absolute: the daemon (and a later recovery) may run from another directory.

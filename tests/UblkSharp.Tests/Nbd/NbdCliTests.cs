@@ -173,7 +173,10 @@ public class NbdCliTests
     [Theory]
     [InlineData("add -t nbd", "the nbd target needs --uri")]
     [InlineData("add -t nbd --uri nbd:/x", "bad NBD URI 'nbd:/x'")]
-    [InlineData("add -t nbd --uri nbds://127.0.0.1/x", "TLS (nbds) is not supported")]
+    [InlineData("add -t nbd --uri nbds://127.0.0.1/x", "TLS needs a directory with ca-cert.pem")]
+    [InlineData("add -t nbd --uri nbds://127.0.0.1/x --tls-certificates /nonexistent/pki", "TLS certificates directory /nonexistent/pki does not exist")]
+    [InlineData("add -t nbd --uri nbd://127.0.0.1/x --tls-certificates /tmp", "--tls-certificates is for TLS")]
+    [InlineData("add -t nbd --uri nbds://127.0.0.1/x?tls-certificates=/tmp", "/tmp/ca-cert.pem is missing")]
     [InlineData("add -t nbd --uri nbd+unix:///x?socket=/nonexistent/nbd.sock", "cannot connect to nbd+unix:///x?socket=/nonexistent/nbd.sock")]
     [InlineData("serve -t nbd --uri nbd+unix:///?socket=/nonexistent/nbd.sock --listen tcp://127.0.0.1:0", "cannot connect to")]
     public void BadNbdTargetInputGivesOneClearLine(string args, string message)
