@@ -107,6 +107,11 @@ public sealed class NbdUri
                 throw new ArgumentException($"bad NBD URI '{text}': unknown query parameter '{key}'");
             }
         }
+        if (authority.Contains('@', StringComparison.Ordinal))
+        {
+            // A user name (alice@HOST) names a TLS-PSK identity, as libnbd and qemu take it.
+            throw new ArgumentException($"bad NBD URI '{text}': a user name (USER@) is for TLS-PSK, which the nbd target does not support yet; use x509 certificates (tls-certificates=DIR)");
+        }
         if (scheme.EndsWith("+unix", StringComparison.Ordinal))
         {
             if (authority.Length > 0)
