@@ -51,6 +51,9 @@ internal sealed class TargetOptions
     /// <summary>Only where the command has no --tls-certificates of its own (serve has, for its server); see <see cref="AddClientTlsTo"/>.</summary>
     public Option<string?> TlsCertificates { get; } = new("--tls-certificates") { Description = "nbd with nbds:// URIs: directory with ca-cert.pem (the CA the server's certificate must chain to) and, for servers that verify clients, client-cert.pem and client-key.pem" };
 
+    /// <summary>Only where the command has no --tls-psk of its own, as <see cref="TlsCertificates"/>.</summary>
+    public Option<string?> TlsPsk { get; } = new("--tls-psk") { Description = "nbd with nbds:// URIs: TLS-PSK with a psktool key file (username:hexkey lines); the username is the URI's (nbds://USER@HOST/...), else your login name" };
+
     private bool _clientTls;
 
     public Option<string?> Pool { get; } = new("--pool") { Description = "rbd: the Ceph pool" };
@@ -77,10 +80,11 @@ internal sealed class TargetOptions
         }
     }
 
-    /// <summary>Adds the nbd target's --tls-certificates (serve takes the directory in the URI instead: ?tls-certificates=DIR).</summary>
+    /// <summary>Adds the nbd target's --tls-certificates and --tls-psk (serve takes them in the URI instead: ?tls-certificates=DIR, ?tls-psk-file=FILE).</summary>
     public void AddClientTlsTo(Command command)
     {
         command.Options.Add(TlsCertificates);
+        command.Options.Add(TlsPsk);
         _clientTls = true;
     }
 
@@ -118,6 +122,7 @@ internal sealed class TargetOptions
         Put("writeback", r.GetValue(Writeback));
         Put("uri", r.GetValue(Uri));
         Put("tls-certificates", _clientTls && r.GetValue(TlsCertificates) is { Length: > 0 } certificates ? Path.GetFullPath(certificates) : null);
+        Put("tls-psk", _clientTls && r.GetValue(TlsPsk) is { Length: > 0 } psk ? Path.GetFullPath(psk) : null);
         Put("pool", r.GetValue(Pool));
         Put("image", r.GetValue(Image));
         // Absolute: the daemon (and a later recovery) may run from another directory.

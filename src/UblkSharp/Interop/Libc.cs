@@ -122,6 +122,22 @@ internal static unsafe partial class Libc
     [LibraryImport(Lib, EntryPoint = "fcntl", SetLastError = true)]
     public static partial int fcntl(int fd, int cmd, void* arg);
 
+    public const int F_GETFL = 3, F_SETFL = 4, O_NONBLOCK = 0x800;
+
+    /// <summary>
+    /// Makes <paramref name="fd"/> blocking in the kernel. .NET leaves a socket's fd non-blocking
+    /// once it has been (it emulates blocking calls itself), which native code reading the fd
+    /// (GnuTLS) would see as EAGAIN.
+    /// </summary>
+    public static void MakeBlocking(int fd)
+    {
+        var flags = fcntl(fd, F_GETFL, null);
+        if (flags < 0 || ((flags & O_NONBLOCK) != 0 && fcntl(fd, F_SETFL, (void*)(nint)(flags & ~O_NONBLOCK)) < 0))
+        {
+            throw new ErrnoException(Marshal.GetLastPInvokeError(), "fcntl", "F_SETFL ~O_NONBLOCK");
+        }
+    }
+
     /// <summary>Returns malloc'd memory (free it with NativeMemory.Free), or 0 with errno set.</summary>
     [LibraryImport(Lib, EntryPoint = "realpath", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
     public static partial nint realpath(string path, byte* resolved);

@@ -73,10 +73,17 @@ public sealed class NbdTarget : BlockTarget
         {
             throw new ArgumentException($"{uri}: TLS certificates were given for a plain NBD URI; use nbds:// (or nbds+unix://) for TLS");
         }
-        _tls = _options.Tls ?? (uri.IsTls && !string.IsNullOrEmpty(uri.TlsCertificates) ? NbdClientTlsOptions.Load(uri.TlsCertificates) : null);
+        try
+        {
+            _tls = _options.Tls ?? (uri.IsTls ? TlsOf(uri) : null);
+        }
+        catch (ArgumentException e)
+        {
+            throw new ArgumentException($"{uri}: {e.Message}", e);
+        }
         if (uri.IsTls && _tls is null)
         {
-            throw new ArgumentException($"{uri}: TLS needs a directory with ca-cert.pem (to check the server) and, for a server that verifies clients, client-cert.pem and client-key.pem: --tls-certificates DIR or ?tls-certificates=DIR");
+            throw new ArgumentException($"{uri}: TLS needs a directory with ca-cert.pem (to check the server) and, for a server that verifies clients, client-cert.pem and client-key.pem: --tls-certificates DIR or ?tls-certificates=DIR; or, for TLS-PSK, a psktool key file: --tls-psk FILE or ?tls-psk-file=FILE");
         }
         Uri = uri;
         Logger = (_options.LoggerFactory ?? NullLoggerFactory.Instance).CreateLogger<NbdTarget>();
@@ -104,6 +111,12 @@ public sealed class NbdTarget : BlockTarget
 
     public NbdUri Uri { get; }
 
+    /// <summary>The credentials an nbds URI names itself (?tls-psk-file= with its user, as libnbd: the login name by default; or ?tls-certificates=).</summary>
+    internal static NbdClientTlsOptions? TlsOf(NbdUri uri)
+        => !string.IsNullOrEmpty(uri.TlsPskFile) ? NbdClientTlsOptions.LoadPsk(uri.TlsPskFile, uri.TlsUsername ?? Environment.UserName)
+            : !string.IsNullOrEmpty(uri.TlsCertificates) ? NbdClientTlsOptions.Load(uri.TlsCertificates)
+            : null;
+
     internal ILogger Logger { get; }
 
     internal NbdTargetOptions Options => _options;
@@ -128,6 +141,12 @@ public sealed class NbdTarget : BlockTarget
             if (_options.Tls?.Directory is { } directory)
             {
                 recipe["tls-certificates"] = directory;
+            }
+            // The key file by path, never the key.
+            if (_options.Tls?.PskFile is { } pskFile)
+            {
+                recipe["tls-psk"] = pskFile;
+                recipe["tls-username"] = _options.Tls.PskUsername!;
             }
             return recipe;
         }

@@ -58,6 +58,20 @@ public static class TargetFactory
             }
             tls = NbdClientTlsOptions.Load(certificates);
         }
+        if (o.TryGetValue("tls-psk", out var pskFile) && !string.IsNullOrEmpty(pskFile))
+        {
+            if (!parsed.IsTls)
+            {
+                throw new ArgumentException($"--tls-psk is for TLS: use an nbds:// or nbds+unix:// URI, not {uri}");
+            }
+            if (tls is not null || parsed.TlsCertificates is not null)
+            {
+                throw new ArgumentException("--tls-psk (PSK) and TLS certificates (x509) exclude each other: give one");
+            }
+            // The identity: --tls-username (kept in recipes), else the URI's user, else the login name (as libnbd).
+            var username = o.TryGetValue("tls-username", out var u) && !string.IsNullOrEmpty(u) ? u : parsed.TlsUsername ?? Environment.UserName;
+            tls = NbdClientTlsOptions.LoadPsk(pskFile, username);
+        }
         return new NbdTarget(parsed, new NbdTargetOptions { Timeout = TimeSpan.FromSeconds(timeout), Tls = tls, LoggerFactory = loggerFactory });
     }
 

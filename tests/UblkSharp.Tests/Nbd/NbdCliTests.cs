@@ -177,8 +177,11 @@ public class NbdCliTests
     [InlineData("add -t nbd --uri nbds://127.0.0.1/x --tls-certificates /nonexistent/pki", "TLS certificates directory /nonexistent/pki does not exist")]
     [InlineData("add -t nbd --uri nbd://127.0.0.1/x --tls-certificates /tmp", "--tls-certificates is for TLS")]
     [InlineData("add -t nbd --uri nbds://127.0.0.1/x?tls-certificates=/tmp", "/tmp/ca-cert.pem is missing")]
-    [InlineData("add -t nbd --uri nbds://alice@127.0.0.1/x?tls-psk-file=/tmp/keys.psk", "TLS-PSK is not supported yet")]
-    [InlineData("add -t nbd --uri nbds+unix://alice@/x?socket=/tmp/s", "a user name (USER@) is for TLS-PSK, which the nbd target does not support yet")]
+    [InlineData("add -t nbd --uri nbds://alice@127.0.0.1/x?tls-psk-file=/nonexistent/keys.psk", "nbds://alice@127.0.0.1/x?tls-psk-file=/nonexistent/keys.psk: cannot read the PSK file /nonexistent/keys.psk")]
+    [InlineData("add -t nbd --uri nbds://127.0.0.1/x --tls-psk /nonexistent/keys.psk", "cannot read the PSK file /nonexistent/keys.psk")]
+    [InlineData("add -t nbd --uri nbd://127.0.0.1/x --tls-psk /nonexistent/keys.psk", "--tls-psk is for TLS")]
+    [InlineData("add -t nbd --uri nbd+unix://alice@/x?socket=/tmp/s", "a user name (USER@) is a TLS-PSK identity, for nbds:// and nbds+unix:// URIs")]
+    [InlineData("add -t nbd --uri nbds://127.0.0.1/x?tls-psk-file=/k&tls-certificates=/c", "tls-certificates (x509) and tls-psk-file (PSK) exclude each other")]
     [InlineData("add -t nbd --uri nbd+unix:///x?socket=/nonexistent/nbd.sock", "cannot connect to nbd+unix:///x?socket=/nonexistent/nbd.sock")]
     [InlineData("serve -t nbd --uri nbd+unix:///?socket=/nonexistent/nbd.sock --listen tcp://127.0.0.1:0", "cannot connect to")]
     public void BadNbdTargetInputGivesOneClearLine(string args, string message)

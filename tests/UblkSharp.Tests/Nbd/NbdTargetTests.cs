@@ -191,10 +191,28 @@ public class NbdTargetTests
     }
 
     [Theory]
+    [InlineData("nbds://alice@127.0.0.1:1234/e?tls-psk-file=/k.psk", "tcp://127.0.0.1:1234", "alice")]
+    [InlineData("nbds://127.0.0.1/e?tls-psk-file=/k.psk&tls-username=bob", "tcp://127.0.0.1:10809", "bob")]
+    [InlineData("nbds+unix://al%40ice@/e?socket=/tmp/s&tls-psk-file=/k.psk", "unix:///tmp/s", "al@ice")]
+    [InlineData("nbds://[::1]:99/e?tls-psk-file=/k.psk", "tcp://[::1]:99", null)]
+    public void PskUrisParse(string text, string address, string? user)
+    {
+        var uri = NbdUri.Parse(text);
+        Assert.Equal(address, uri.Address.ToString());
+        Assert.Equal("e", uri.ExportName);
+        Assert.True(uri.IsTls);
+        Assert.Equal("/k.psk", uri.TlsPskFile);
+        Assert.Equal(user, uri.TlsUsername);
+        Assert.Null(uri.TlsCertificates);
+    }
+
+    [Theory]
     [InlineData("")]
     [InlineData("127.0.0.1:10809")]
     [InlineData("http://127.0.0.1/")]
-    [InlineData("nbds://127.0.0.1/?tls-psk-file=/x")]
+    [InlineData("nbds://127.0.0.1/?tls-psk-file=/x&tls-certificates=/y")]
+    [InlineData("nbd://alice@127.0.0.1/")]
+    [InlineData("nbds://:secret@127.0.0.1/?tls-psk-file=/x")]
     [InlineData("nbds://127.0.0.1/?tls-verify-peer=false")]
     [InlineData("nbds+unix:///disk")]
     [InlineData("nbd+unix:///disk")]

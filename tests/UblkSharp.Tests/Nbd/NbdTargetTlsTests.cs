@@ -17,7 +17,8 @@ namespace UblkSharp.Tests.Nbd;
 /// </summary>
 /// <remarks>Serial: it counts the process's relay threads and allocations.</remarks>
 [Collection(nameof(NbdSerialCollection))]
-public sealed unsafe class NbdTargetTlsTests(TlsCertificates certs) : IClassFixture<TlsCertificates>, IDisposable
+[System.Runtime.Versioning.UnsupportedOSPlatform("windows")]
+public sealed unsafe class NbdTargetTlsTests(TlsCertificates certs, PskKeys keys) : IClassFixture<TlsCertificates>, IClassFixture<PskKeys>, IDisposable
 {
     private const int Tags = 16;
     private const int TagBytes = 256 * 1024;
@@ -180,12 +181,21 @@ public sealed unsafe class NbdTargetTlsTests(TlsCertificates certs) : IClassFixt
     /// plain path, for comparison, allocates nothing at all.
     /// </summary>
     [Theory]
-    [InlineData(true)]
-    [InlineData(false)]
-    public void SteadyStateRequestsThroughTheRelayAllocateNothingOfItsOwn(bool tls)
+    [InlineData("x509")]
+    [InlineData("psk")]
+    [InlineData("plain")]
+    public void SteadyStateRequestsThroughTheRelayAllocateNothingOfItsOwn(string mode)
     {
-        using var nbdkit = StartNbdkit(tcp: false, tls ? "--tls=require" : "--tls=off", $"--tls-certificates={certs.Server}", "memory", "16M");
-        using (var target = new NbdTarget(NbdUri.Parse(tls ? Nbds(nbdkit, certs.Client) : $"nbd+unix:///?socket={nbdkit.SocketPath}")))
+        var tls = mode != "plain";
+        using var nbdkit = StartNbdkit(tcp: false, tls ? "--tls=require" : "--tls=off",
+            mode == "psk" ? $"--tls-psk={keys.Server}" : $"--tls-certificates={certs.Server}", "memory", "16M");
+        var uri = mode switch
+        {
+            "x509" => Nbds(nbdkit, certs.Client),
+            "psk" => $"nbds+unix://alice@/?socket={nbdkit.SocketPath}&tls-psk-file={keys.Server}",
+            _ => $"nbd+unix:///?socket={nbdkit.SocketPath}",
+        };
+        using (var target = new NbdTarget(NbdUri.Parse(uri)))
         using (var ring = new NbdStepRing(target.CreateUringBackend(0)!))
         {
             const int Depth = 8, Length = 65536, WarmUp = 4000, Measured = 8000;
@@ -235,12 +245,108 @@ public sealed unsafe class NbdTargetTlsTests(TlsCertificates certs) : IClassFixt
             // (on .NET 10 some 25-50 bytes a 64 KiB request on average), as do the
             // runner and timers meanwhile. A buffer per request would be 64 KiB.
             var message = $"{allocated} bytes allocated for {Measured} requests ({allocated / (double)Measured:F1} per request; {queue} on the queue's thread)";
-            TestContext.Current.SendDiagnosticMessage($"tls={tls}: {message}");
+            TestContext.Current.SendDiagnosticMessage($"{mode}: {message}");
             Assert.True(queue / Measured < 16, message);
-            Assert.True(allocated / Measured < (tls ? 128 : 16), message);
+            // GnuTLS (psk) works in native memory: like plain, nothing managed per request.
+            Assert.True(allocated / Measured < (mode == "x509" ? 128 : 16), message);
             Assert.Equal(0, target.Reconnects);
             ring.End(TimeSpan.FromSeconds(10));
         }
+        AssertNoRelayThreads();
+    }
+
+    private TestServer ServePsk(bool tcp) => new(new MemoryTarget(64 << 20), "disk", options: new NbdServerOptions
+    {
+        Tls = NbdTlsOptions.LoadPsk(keys.Server, NbdTlsMode.Require),
+    }, tcp: tcp);
+
+    private static string NbdsPsk(TestServer s, string user, string keyFile)
+        => s.Server.Address.IsUnix
+            ? $"nbds+unix://{user}@/disk?socket={s.SocketPath}&tls-psk-file={keyFile}"
+            : $"nbds://{user}@127.0.0.1:{s.Server.Address.Port}/disk?tls-psk-file={keyFile}";
+
+    /// <summary>TLS-PSK (GnuTLS, as SslStream has none) through the same relay: our server, TCP and Unix.</summary>
+    [Theory]
+    [InlineData(true)]
+    [InlineData(false)]
+    public void RoundTripsOverPskWithOurServer(bool tcp)
+    {
+        using var s = ServePsk(tcp);
+        using var log = new CapturingLoggerFactory();
+        using (var target = new NbdTarget(NbdUri.Parse(NbdsPsk(s, "alice", keys.Server)), new NbdTargetOptions { LoggerFactory = log }))
+        {
+            Assert.Equal(64L << 20, target.Size);
+            var line = Assert.Single(log.Messages, m => m.Contains("connected over TLS", StringComparison.Ordinal));
+            Assert.Contains("PSK", line, StringComparison.Ordinal);
+            SyncRoundTrip(target);
+            RingRoundTrip(target, (offset, length) =>
+            {
+                var back = new byte[length];
+                Assert.Equal(length, s.Target.Read(back, offset));
+                return back;
+            });
+        }
+        AssertNoRelayThreads();
+        Assert.Equal(0, s.Server.TlsFailures);
+        Assert.Equal(0, s.Server.TlsRequiredRefusals);
+    }
+
+    [Fact]
+    public void RoundTripsOverPskWithNbdkit()
+    {
+        using var nbdkit = StartNbdkit(tcp: true, "--tls=require", $"--tls-psk={keys.Server}", "memory", "64M");
+        // The identity through --tls-psk's recipe keys, as `add` passes them, and through the URI.
+        using (var target = (NbdTarget)TargetFactory.Create("nbd", new Dictionary<string, string>
+        {
+            ["uri"] = $"nbds://localhost:{nbdkit.Port}/",
+            ["tls-psk"] = keys.Server,
+            ["tls-username"] = "alice",
+        }))
+        using (var reader = new NbdTarget(NbdUri.Parse($"nbds://alice@localhost:{nbdkit.Port}/?tls-psk-file={keys.Server}"), new NbdTargetOptions { Connections = 1 }))
+        {
+            // The recipe keeps the key file's path and the user, never the key.
+            Assert.Equal(keys.Server, target.Recipe["tls-psk"]);
+            Assert.Equal("alice", target.Recipe["tls-username"]);
+            var key = File.ReadAllText(keys.Server).Trim().Split(':')[1];
+            Assert.DoesNotContain(target.Recipe.Values, v => v.Contains(key, StringComparison.OrdinalIgnoreCase));
+            SyncRoundTrip(target);
+            RingRoundTrip(target, (offset, length) =>
+            {
+                var back = new byte[length];
+                Assert.Equal(length, reader.Read(back, offset));
+                return back;
+            });
+        }
+        AssertNoRelayThreads();
+    }
+
+    [Fact]
+    public void AWrongKeyOrAnUnknownUserIsRefusedAndTheServerServesOn()
+    {
+        using var s = ServePsk(tcp: true);
+        var wrong = Assert.Throws<NbdHandshakeException>(() => new NbdTarget(NbdUri.Parse(NbdsPsk(s, "alice", keys.File("wrong")))));
+        Assert.Contains("the TLS-PSK handshake as 'alice' failed", wrong.Message, StringComparison.Ordinal);
+        Assert.StartsWith("nbds://alice@127.0.0.1:", wrong.Message, StringComparison.Ordinal);
+        // bob holds a key, but not one the server knows.
+        var bob = Assert.Throws<NbdHandshakeException>(() => new NbdTarget(NbdUri.Parse(NbdsPsk(s, "bob", keys.File("bob")))));
+        Assert.Contains("the TLS-PSK handshake as 'bob' failed", bob.Message, StringComparison.Ordinal);
+        // A key file without the user's line is refused before any connection.
+        var none = Assert.Throws<ArgumentException>(() => new NbdTarget(NbdUri.Parse(NbdsPsk(s, "alice", keys.File("bob")))));
+        Assert.Contains("holds no key for the user 'alice'", none.Message, StringComparison.Ordinal);
+        // An x509 client to a PSK server, and a PSK client to an x509 server: refused, never plain.
+        Assert.ThrowsAny<IOException>(() => new NbdTarget(NbdUri.Parse($"nbds://127.0.0.1:{s.Server.Address.Port}/disk?tls-certificates={certs.Client}")));
+        using (var x509 = Serve(certs.Server, tcp: true))
+        {
+            Assert.ThrowsAny<IOException>(() => new NbdTarget(NbdUri.Parse(NbdsPsk(x509, "alice", keys.Server))));
+            Assert.Equal(0, x509.Server.RequestsServed);
+        }
+        Assert.Equal(0, s.Server.RequestsServed);
+        using var good = new NbdTarget(NbdUri.Parse(NbdsPsk(s, "alice", keys.Server)));
+        Assert.Equal(64L << 20, good.Size);
+        var (code, _, stderr) = NbdCliTests.Cli($"add -t nbd --uri nbds://alice@127.0.0.1:{s.Server.Address.Port}/disk --tls-psk {keys.File("wrong")}");
+        Assert.NotEqual(0, code);
+        var line = Assert.Single(stderr.Trim().Split('\n'));
+        Assert.Contains("the TLS-PSK handshake as 'alice' failed", line, StringComparison.Ordinal);
         AssertNoRelayThreads();
     }
 
@@ -326,7 +432,7 @@ public sealed unsafe class NbdTargetTlsTests(TlsCertificates certs) : IClassFixt
             ($"add -t nbd --uri {tlsUri}?tls-certificates={certs.OtherCaClient}", "the server's certificate 'CN=localhost' is refused"),
             ($"add -t nbd --uri {tls.Uri}", "the server requires TLS: use an nbds:// URI"),
             ($"add -t nbd --uri nbds://127.0.0.1:{plain.Server.Address.Port}/disk --tls-certificates {certs.Client}", "the server does not offer TLS"),
-            ($"add -t nbd --uri {tlsUri}?tls-psk-file=/nonexistent/keys.psk", "TLS-PSK is not supported yet"),
+            ($"add -t nbd --uri {tlsUri}?tls-psk-file=/nonexistent/keys.psk", "cannot read the PSK file /nonexistent/keys.psk"),
             ($"serve -t nbd --uri {tlsUri}?tls-certificates={certs.OtherCaClient} --listen tcp://127.0.0.1:0", "is refused"),
         ];
         foreach (var (args, message) in cases)

@@ -3,7 +3,7 @@ using System.Runtime.InteropServices;
 namespace UblkSharp.Interop.GnuTls;
 
 /// <summary>
-/// The few GnuTLS entry points a TLS-PSK server needs (libgnutls.so.30, the library qemu, nbdkit and
+/// The few GnuTLS entry points TLS-PSK needs, server and client (libgnutls.so.30, the library qemu, nbdkit and
 /// libnbd use). Errors are negative GNUTLS_E_* codes. Values are gnutls.h's, checked by
 /// GnuTlsConstantsTests against the installed header.
 /// </summary>
@@ -23,6 +23,8 @@ internal static unsafe partial class GnuTls
     public const int GNUTLS_E_TIMEDOUT = -319;
 
     public const uint GNUTLS_SERVER = 1;
+    public const uint GNUTLS_CLIENT = 1 << 1;
+    public const int GNUTLS_PSK_KEY_HEX = 1;
     public const uint GNUTLS_NO_SIGNAL = 1 << 6;
     public const int GNUTLS_CRD_PSK = 4;
     public const int GNUTLS_SHUT_WR = 1;
@@ -44,6 +46,23 @@ internal static unsafe partial class GnuTls
 
     [LibraryImport(Lib, EntryPoint = "gnutls_psk_set_server_credentials_file", StringMarshalling = StringMarshalling.Utf8)]
     public static partial int gnutls_psk_set_server_credentials_file(GnuTlsPskCredentials credentials, string passwordFile);
+
+    [LibraryImport(Lib, EntryPoint = "gnutls_psk_allocate_client_credentials")]
+    public static partial int gnutls_psk_allocate_client_credentials(out nint credentials);
+
+    [LibraryImport(Lib, EntryPoint = "gnutls_psk_free_client_credentials")]
+    public static partial void gnutls_psk_free_client_credentials(nint credentials);
+
+    [LibraryImport(Lib, EntryPoint = "gnutls_psk_set_client_credentials", StringMarshalling = StringMarshalling.Utf8)]
+    public static partial int gnutls_psk_set_client_credentials(GnuTlsPskClientCredentials credentials, string username, in Datum key, int flags);
+
+    /// <summary>gnutls_datum_t.</summary>
+    [StructLayout(LayoutKind.Sequential)]
+    public struct Datum
+    {
+        public byte* Data;
+        public uint Size;
+    }
 
     [LibraryImport(Lib, EntryPoint = "gnutls_init")]
     public static partial int gnutls_init(out nint session, uint flags);

@@ -4,7 +4,7 @@ using static UblkSharp.Interop.GnuTls.GnuTls;
 namespace UblkSharp.Interop.GnuTls;
 
 /// <summary>
-/// The server's side of one TLS-PSK session over a connected, blocking socket fd (GnuTLS reads and
+/// One side (server or client) of a TLS-PSK session over a connected, blocking socket fd (GnuTLS reads and
 /// writes the fd itself). One thread may receive while another sends, which GnuTLS allows; the
 /// handshake and <see cref="Bye"/> must have the session to themselves.
 /// </summary>
@@ -15,6 +15,7 @@ internal sealed unsafe class GnuTlsSession : SafeHandle
     private const string PskPriority = "+ECDHE-PSK:+DHE-PSK:+PSK";
 
     private GnuTlsPskCredentials? _credentials;
+    private GnuTlsPskClientCredentials? _clientCredentials;
 
     public GnuTlsSession() : base(0, ownsHandle: true)
     {
@@ -48,6 +49,31 @@ internal sealed unsafe class GnuTlsSession : SafeHandle
         return session;
     }
 
+    /// <summary>A client session on <paramref name="fd"/> (after NBD_OPT_STARTTLS), ready for <see cref="Handshake"/>.</summary>
+    public static GnuTlsSession Client(GnuTlsPskClientCredentials credentials, int fd, TimeSpan handshakeTimeout)
+    {
+        EnsureInitialized();
+        GnuTlsException.Check(gnutls_init(out var raw, GNUTLS_CLIENT | GNUTLS_NO_SIGNAL), "gnutls_init");
+        var session = new GnuTlsSession();
+        session.SetHandle(raw);
+        try
+        {
+            var added = false;
+            credentials.DangerousAddRef(ref added);
+            session._clientCredentials = credentials;
+            GnuTlsException.Check(gnutls_set_default_priority_append(session, PskPriority, out _, 0), "gnutls_set_default_priority_append");
+            GnuTlsException.Check(gnutls_credentials_set(session, GNUTLS_CRD_PSK, credentials.DangerousGetHandle()), "gnutls_credentials_set");
+            gnutls_transport_set_int2(session, fd, fd);
+            gnutls_handshake_set_timeout(session, (uint)Math.Clamp(handshakeTimeout.TotalMilliseconds, 1, int.MaxValue));
+        }
+        catch
+        {
+            session.Dispose();
+            throw;
+        }
+        return session;
+    }
+
     /// <summary>
     /// The handshake, blocking. Throws <see cref="GnuTlsException"/> with what went wrong (a wrong
     /// key, an unknown user, a timeout, garbage); the session is then unusable.
@@ -65,6 +91,8 @@ internal sealed unsafe class GnuTlsSession : SafeHandle
         {
             var reason = rc switch
             {
+                GNUTLS_E_FATAL_ALERT_RECEIVED when _clientCredentials is not null =>
+                    $"the server refused the TLS-PSK handshake with the alert '{Text(gnutls_alert_get_name(gnutls_alert_get(this)))}' (a wrong key, or a username it does not know)",
                 GNUTLS_E_FATAL_ALERT_RECEIVED => $"the client sent the alert '{Text(gnutls_alert_get_name(gnutls_alert_get(this)))}'",
                 // A binder that does not verify. GnuTLS answers an unknown username with a random
                 // key, so it fails the same way and clients cannot probe for usernames.
@@ -171,6 +199,7 @@ internal sealed unsafe class GnuTlsSession : SafeHandle
     {
         gnutls_deinit(handle);
         _credentials?.DangerousRelease();
+        _clientCredentials?.DangerousRelease();
         return true;
     }
 }

@@ -5,6 +5,7 @@ using System.Net.Sockets;
 using System.Runtime.CompilerServices;
 using System.Security.Authentication;
 using System.Text;
+using UblkSharp.Interop.GnuTls;
 using static UblkSharp.Nbd.Protocol.NbdProtocol;
 
 namespace UblkSharp.Nbd.Protocol;
@@ -263,6 +264,11 @@ public sealed class NbdClient : IDisposable
             };
             throw new NbdHandshakeException($"the server does not offer TLS (it answered NBD_OPT_STARTTLS with {what}{Detail(body)}); refusing to go on without it");
         }
+        if (tls.PskFile is not null)
+        {
+            StartTlsPsk(tls.PskFile, tls.PskUsername!);
+            return;
+        }
         var rejected = new StrongBox<string?>();
         var ssl = new SslStream(new NetworkStream(_socket, ownsSocket: false), leaveInnerStreamOpen: false);
         try
@@ -281,6 +287,30 @@ public sealed class NbdClient : IDisposable
         }
         _tls = ssl;
         TlsDescription = $"{ssl.SslProtocol}, {ssl.NegotiatedCipherSuite}";
+    }
+
+    /// <summary>
+    /// The TLS-PSK handshake (GnuTLS: SslStream has no PSK), on the socket itself, within the
+    /// socket's receive timeout (the connect timeout during the handshake).
+    /// </summary>
+    private void StartTlsPsk(string file, string username)
+    {
+        using var credentials = GnuTlsPskClientCredentials.FromFile(file, username);
+        // GnuTLS reads and writes the fd itself, in blocking calls (bounded by the socket's timeouts).
+        UblkSharp.Interop.Libc.MakeBlocking((int)_socket.Handle);
+        var session = GnuTlsSession.Client(credentials, (int)_socket.Handle, TimeSpan.FromMilliseconds(_socket.ReceiveTimeout > 0 ? _socket.ReceiveTimeout : int.MaxValue));
+        try
+        {
+            session.Handshake();
+        }
+        catch (GnuTlsException e)
+        {
+            session.Dispose();
+            throw new NbdHandshakeException($"the TLS-PSK handshake as '{username}' failed: {e.Message}");
+        }
+        var stream = new GnuTlsStream(session, _socket);
+        _tls = stream;
+        TlsDescription = stream.Description;
     }
 
     /// <summary>Reads one reply to <paramref name="option"/>: its body, and its type in <paramref name="type"/>.</summary>
@@ -542,9 +572,9 @@ public sealed class NbdClient : IDisposable
                 BinaryPrimitives.WriteUInt16BigEndian(h[6..], CmdDisc);
                 BinaryPrimitives.WriteUInt64BigEndian(h[8..], ++_cookie);
                 Send(h);
-                if (_tls is SslStream ssl)
+                if (_tls is not null)
                 {
-                    CloseNotify(ssl);
+                    CloseNotify(_tls);
                 }
             }
             catch (Exception e) when (SocketIo.IsConnectionError(e))
@@ -558,11 +588,18 @@ public sealed class NbdClient : IDisposable
     /// Ends a TLS session properly (close_notify), so the server sees a clean close, not a
     /// truncation (GnuTLS servers log one); waits at most a second, and ignores a failure.
     /// </summary>
-    internal static void CloseNotify(SslStream ssl)
+    internal static void CloseNotify(Stream tls)
     {
         try
         {
-            ssl.ShutdownAsync().Wait(TimeSpan.FromSeconds(1));
+            if (tls is GnuTlsStream psk)
+            {
+                psk.CloseNotify();
+            }
+            else if (tls is SslStream ssl)
+            {
+                ssl.ShutdownAsync().Wait(TimeSpan.FromSeconds(1));
+            }
         }
         catch (Exception e) when (e is AggregateException or IOException or ObjectDisposedException or InvalidOperationException)
         {

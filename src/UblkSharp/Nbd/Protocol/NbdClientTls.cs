@@ -9,12 +9,19 @@ namespace UblkSharp.Nbd.Protocol;
 /// A client's x509 credentials for NBD over TLS (nbds:// URIs), in the layout qemu and libnbd use:
 /// ca-cert.pem, whose CA the server's certificate must chain to, and optionally client-cert.pem
 /// with client-key.pem for servers that verify their clients. There is no unauthenticated TLS: a
-/// server is always checked against the CA, and against the URI's host name.
+/// server is always checked against the CA, and against the URI's host name. Or TLS-PSK
+/// (<see cref="LoadPsk"/>): a username and its key from a psktool file, which both sides hold.
 /// </summary>
 public sealed record NbdClientTlsOptions
 {
-    /// <summary>The CA (or CAs) the server's certificate must chain to; the system's are not used.</summary>
-    public required X509Certificate2Collection TrustedCertificates { get; init; }
+    /// <summary>x509: the CA (or CAs) the server's certificate must chain to; the system's are not used. Null for PSK.</summary>
+    public X509Certificate2Collection? TrustedCertificates { get; init; }
+
+    /// <summary>TLS-PSK: the psktool key file (<c>username:hexkey</c> lines), by path; null for x509.</summary>
+    public string? PskFile { get; init; }
+
+    /// <summary>TLS-PSK: whose key in <see cref="PskFile"/> this client uses.</summary>
+    public string? PskUsername { get; init; }
 
     /// <summary>The client's certificate, with its private key, for servers that ask for one.</summary>
     public X509Certificate2? Certificate { get; init; }
@@ -76,6 +83,19 @@ public sealed record NbdClientTlsOptions
     }
 
     /// <summary>
+    /// TLS-PSK as <paramref name="username"/> with that user's key in the psktool file
+    /// <paramref name="file"/> (read at each connect, never copied). Throws
+    /// <see cref="ArgumentException"/> when the file cannot be read or holds no usable key for them.
+    /// </summary>
+    public static NbdClientTlsOptions LoadPsk(string file, string username)
+    {
+        ArgumentException.ThrowIfNullOrEmpty(file);
+        ArgumentException.ThrowIfNullOrEmpty(username);
+        _ = UblkSharp.Interop.GnuTls.GnuTlsPskClientCredentials.KeyOf(file, username);
+        return new NbdClientTlsOptions { PskFile = Path.GetFullPath(file), PskUsername = username };
+    }
+
+    /// <summary>
     /// Options for one handshake with a server that must prove to be <paramref name="host"/> (null:
     /// a Unix socket with no name to check, so only the chain is). The reason a refused server
     /// certificate was refused goes to <paramref name="rejected"/>.
@@ -87,7 +107,7 @@ public sealed record NbdClientTlsOptions
             TrustMode = X509ChainTrustMode.CustomRootTrust,
             RevocationMode = X509RevocationMode.NoCheck,
         };
-        policy.CustomTrustStore.AddRange(TrustedCertificates);
+        policy.CustomTrustStore.AddRange(TrustedCertificates ?? throw new InvalidOperationException("no CA for an x509 handshake"));
         return new SslClientAuthenticationOptions
         {
             TargetHost = host ?? "",

@@ -9,8 +9,11 @@ public sealed class NbdUri
 {
     private const string Usage = "use nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH (nbds:// and nbds+unix:// for TLS)";
 
-    private NbdUri(string text, NbdAddress address, string exportName, bool tls = false, string? tlsCertificates = null, string? tlsHostname = null)
+    private NbdUri(string text, NbdAddress address, string exportName, bool tls = false, string? tlsCertificates = null, string? tlsHostname = null,
+        string? tlsPskFile = null, string? tlsUsername = null)
     {
+        TlsPskFile = tlsPskFile;
+        TlsUsername = tlsUsername;
         Text = text;
         Address = address;
         ExportName = exportName;
@@ -36,6 +39,12 @@ public sealed class NbdUri
     /// null for a Unix socket without <c>tls-hostname</c> (then only the certificate's chain is checked).
     /// </summary>
     public string? TlsHostname { get; }
+
+    /// <summary>The URI's <c>tls-psk-file</c>: TLS-PSK with a key from this psktool file, or null.</summary>
+    public string? TlsPskFile { get; }
+
+    /// <summary>The PSK identity: the URI's user (<c>nbds://alice@HOST/</c>) or <c>tls-username</c>, or null.</summary>
+    public string? TlsUsername { get; }
 
     public static NbdUri Tcp(string host, int port, string exportName = "", bool tls = false)
         => new($"nbd{(tls ? "s" : "")}://{(host.Contains(':', StringComparison.Ordinal) ? $"[{host}]" : host)}:{port}/{Uri.EscapeDataString(exportName)}", NbdAddress.Tcp(host, port), exportName, tls, null, tls ? host : null);
@@ -76,6 +85,8 @@ public sealed class NbdUri
         string? socket = null;
         string? certificates = null;
         string? hostname = null;
+        string? pskFile = null;
+        string? username = null;
         var tls = scheme.StartsWith("nbds", StringComparison.Ordinal);
         foreach (var pair in query.Split('&', StringSplitOptions.RemoveEmptyEntries))
         {
@@ -96,21 +107,39 @@ public sealed class NbdUri
             }
             else if (key == "tls-psk-file" && tls)
             {
-                throw new ArgumentException($"bad NBD URI '{text}': TLS-PSK is not supported yet by the nbd target; use x509 certificates (tls-certificates=DIR)");
+                pskFile = value;
+            }
+            else if (key == "tls-username" && tls)
+            {
+                username = value;
             }
             else if (key == "tls-verify-peer" && tls && value is "false" or "0" or "no" or "off")
             {
                 throw new ArgumentException($"bad NBD URI '{text}': the server's certificate is always verified (TLS that does not know whom it talks to is refused)");
             }
-            else if (key is not ("tls-certificates" or "tls-psk-file" or "tls-verify-peer" or "tls-hostname"))
+            else if (key is not ("tls-certificates" or "tls-psk-file" or "tls-verify-peer" or "tls-hostname" or "tls-username"))
             {
                 throw new ArgumentException($"bad NBD URI '{text}': unknown query parameter '{key}'");
             }
         }
-        if (authority.Contains('@', StringComparison.Ordinal))
+        var at = authority.LastIndexOf('@');
+        if (at >= 0)
         {
             // A user name (alice@HOST) names a TLS-PSK identity, as libnbd and qemu take it.
-            throw new ArgumentException($"bad NBD URI '{text}': a user name (USER@) is for TLS-PSK, which the nbd target does not support yet; use x509 certificates (tls-certificates=DIR)");
+            if (!tls)
+            {
+                throw new ArgumentException($"bad NBD URI '{text}': a user name (USER@) is a TLS-PSK identity, for nbds:// and nbds+unix:// URIs");
+            }
+            username ??= Uri.UnescapeDataString(authority[..at]);
+            authority = authority[(at + 1)..];
+            if (username.Length == 0 || username.Contains(':', StringComparison.Ordinal))
+            {
+                throw new ArgumentException($"bad NBD URI '{text}': the user name before '@' must be a PSK username (no password, no ':')");
+            }
+        }
+        if (certificates is not null && pskFile is not null)
+        {
+            throw new ArgumentException($"bad NBD URI '{text}': tls-certificates (x509) and tls-psk-file (PSK) exclude each other");
         }
         if (scheme.EndsWith("+unix", StringComparison.Ordinal))
         {
@@ -123,7 +152,7 @@ public sealed class NbdUri
                 throw new ArgumentException($"bad NBD URI '{text}': nbd+unix needs ?socket=PATH");
             }
             NbdAddress.CheckUnixPathLength(socket, text, "bad NBD URI");
-            return new NbdUri(text, NbdAddress.Unix(socket), export, tls, certificates, hostname);
+            return new NbdUri(text, NbdAddress.Unix(socket), export, tls, certificates, hostname, pskFile, username);
         }
         if (socket is not null)
         {
@@ -138,7 +167,7 @@ public sealed class NbdUri
         {
             throw new ArgumentException($"bad NBD URI '{text}': no host; {Usage}");
         }
-        return new NbdUri(text, NbdAddress.Tcp(host, port ?? NbdProtocol.DefaultPort), export, tls, certificates, tls ? hostname ?? host : null);
+        return new NbdUri(text, NbdAddress.Tcp(host, port ?? NbdProtocol.DefaultPort), export, tls, certificates, tls ? hostname ?? host : null, pskFile, username);
     }
 
     public override string ToString() => Text;

@@ -88,10 +88,7 @@ internal sealed class TlsRelay
                 {
                     // The caller closed its end (after NBD_CMD_DISC, or dropping the connection):
                     // end TLS properly, so the server sees a clean close rather than a truncation.
-                    if (_stream is SslStream ssl)
-                    {
-                        NbdClient.CloseNotify(ssl);
-                    }
+                    NbdClient.CloseNotify(_stream);
                     break;
                 }
                 _stream.Write(buffer, 0, n);
