@@ -75,6 +75,35 @@ public class NbdVmTests
         }
     }
 
+    /// <summary>
+    /// The ring backend over TLS-PSK (GnuTLS) to nbdkit, as a real device: the queue's SEND/RECV go
+    /// through the socketpair the TLS relay carries.
+    /// </summary>
+    [Fact]
+    [Trait("kernel", "7.3")]
+    public void NbdTargetOverTlsPskToNbdkitPassesFioVerify()
+    {
+        VmEnvironment.RequireDriver();
+        var socket = $"/tmp/ublksharp-psk-{Guid.NewGuid():N}"[..30] + ".sock";
+        var keys = socket + ".keys";
+        VmEnvironment.ShOk($"psktool -u alice -p {keys} >/dev/null && chmod 600 {keys}");
+        using var nbdkit = StartNbdkit(socket, "--tls=require", $"--tls-psk={keys}", "memory", "256M");
+        try
+        {
+            var dev = CliDevices.Add($"-t nbd --uri nbds+unix://alice@/?socket={socket} --tls-psk {keys} -q 2");
+            var r = Fio.Verify(dev, "32M", TimeSpan.FromMinutes(6));
+            Assert.True(r.ExitCode == 0 && r.Error == 0, r.ToString());
+            Assert.True(r.WriteIos > 0 && r.ReadIos > 0, r.ToString());
+            CliDevices.Del(CliDevices.IdOf(dev));
+        }
+        finally
+        {
+            CliDevices.CleanUp();
+            Stop(nbdkit);
+            File.Delete(keys);
+        }
+    }
+
     [Fact]
     [Trait("kernel", "7.3")]
     public void NbdTargetInFrontOfOurServerPassesFioVerifyAcrossAServerRestart()
