@@ -88,6 +88,10 @@ public class NbdTlsPskTests(PskKeys keys, ITestOutputHelper output) : IClassFixt
         using var json = JsonDocument.Parse(Tools.Ok("nbdinfo", "--json", Nbds(s, "alice", keys.Server)));
         Assert.Equal(16L << 20, json.RootElement.GetProperty("exports")[0].GetProperty("export-size").GetInt64());
         Assert.True(json.RootElement.GetProperty("TLS").GetBoolean());
+        // nbdsh (libnbd's Python shell) as well: a read of what nbdcopy wrote, and a write of its own.
+        var expect = Convert.ToHexString(pattern.AsSpan(4096, 4096)).ToLowerInvariant();
+        Assert.Contains("OK", NbdTlsTests.Nbdsh(Nbds(s, "alice", keys.Server),
+            $"assert h.pread(4096, 4096).hex() == '{expect}'\nh.pwrite(b'p' * 4096, 12 << 20)\nassert h.pread(4096, 12 << 20) == b'p' * 4096\nprint('OK')"), StringComparison.Ordinal);
         Assert.Equal(0, s.Server.TlsFailures);
         var line = log.Messages.First(m => m.StartsWith("nbd: TLS-PSK client", StringComparison.Ordinal));
         output.WriteLine(line);

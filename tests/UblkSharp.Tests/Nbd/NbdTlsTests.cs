@@ -502,7 +502,7 @@ public class NbdTlsTests(TlsCertificates certs, ITestOutputHelper output) : ICla
     }
 
     /// <summary>nbdsh with the URI's tls-certificates allowed (libnbd refuses local files named in a URI by default).</summary>
-    private static string Nbdsh(string uri, string script)
+    internal static string Nbdsh(string uri, string script)
     {
         var prelude = $"h.set_uri_allow_local_file(True)\nh.connect_uri({Tools.Py(uri)})\n";
         var (code, stdout, stderr) = Tools.Run("/usr/bin/python3", ["-m", "nbd", "-c", "-"], TimeSpan.FromSeconds(60), prelude + script);
