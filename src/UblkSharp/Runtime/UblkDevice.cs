@@ -568,6 +568,26 @@ public sealed class UblkDevice : IDisposable
                 throw new TimeoutException(
                     $"ublk device {Id} did not start within {_options.StartTimeout.TotalSeconds:0.#} s: START_DEV reads the partition table through the target, which did not answer in time", e);
             }
+            if ((Info.flags & (ulong)UblkFeatures.UnprivilegedDev) != 0)
+            {
+                WaitUntilBlockDeviceOwned();
+            }
+        }
+    }
+
+    // /dev/ublkbN appears at START_DEV, root's, and udev hands it to the user a moment later (as it
+    // did /dev/ublkcN): the path printed to the user must be theirs to open. Bounded as above.
+    private void WaitUntilBlockDeviceOwned()
+    {
+        var deadline = Environment.TickCount64 + (long)OwnershipTimeout.TotalMilliseconds;
+        while (Libc.access(BlockPath, Libc.R_OK | Libc.W_OK) != 0)
+        {
+            if (Environment.TickCount64 > deadline)
+            {
+                throw new UnauthorizedAccessException(
+                    $"{BlockPath} is still not yours {OwnershipTimeout.TotalSeconds:0} s after device {Id} started: the udev rule that hands a user's devices to them is missing or failed ('ublksharp setup-unprivileged', as root, installs it)");
+            }
+            Thread.Sleep(20);
         }
     }
 
@@ -620,7 +640,10 @@ public sealed class UblkDevice : IDisposable
         Span<byte> info = stackalloc byte[64];
         while (true)
         {
-            var res = Control.Execute(UblkCommands.GetDevInfo, new CtrlCmd { dev_id = Id, queue_id = ushort.MaxValue }, default, info, ControlDevice.DefaultTimeout);
+            // A node that is not there yet (udev creating it) is waited for like one not yet ours.
+            var res = File.Exists(CharPath)
+                ? Control.Execute(UblkCommands.GetDevInfo, new CtrlCmd { dev_id = Id, queue_id = ushort.MaxValue }, default, info, ControlDevice.DefaultTimeout)
+                : -Errno.ENOENT;
             if (res == 0 && Libc.access(CharPath, Libc.R_OK | Libc.W_OK) == 0)
             {
                 return;

@@ -273,6 +273,13 @@ public sealed unsafe class ControlDevice : IDisposable
             cmd.dev_path_len = (ushort)prefix;
         }
         var res = Execute(cmdOp, cmd, timeout);
+        // The driver looks the path up only for a device it still has: a missing /dev/ublkcN means
+        // the device is being removed (its char device goes first), so it is gone as far as any
+        // caller is concerned, as ENODEV says for every other device.
+        if (prefix > 0 && res == -Errno.ENOENT)
+        {
+            res = -Errno.ENODEV;
+        }
         if (output.Length > 0)
         {
             new ReadOnlySpan<byte>(_scratch + prefix, output.Length).CopyTo(output);
