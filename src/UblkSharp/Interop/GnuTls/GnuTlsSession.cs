@@ -14,8 +14,9 @@ internal sealed unsafe class GnuTlsSession : SafeHandle
     // nbdkit append the same ones (qemu: crypto/tlscredspsk.c, nbdkit: server/crypto.c).
     private const string PskPriority = "+ECDHE-PSK:+DHE-PSK:+PSK";
 
-    private GnuTlsPskCredentials? _credentials;
-    private GnuTlsPskClientCredentials? _clientCredentials;
+    // The credentials (server's or client's), held while the session may use them.
+    private SafeHandle? _credentials;
+    private bool _isClient;
 
     public GnuTlsSession() : base(0, ownsHandle: true)
     {
@@ -25,42 +26,24 @@ internal sealed unsafe class GnuTlsSession : SafeHandle
 
     /// <summary>A server session on <paramref name="fd"/>, ready for <see cref="Handshake"/>.</summary>
     public static GnuTlsSession Server(GnuTlsPskCredentials credentials, int fd, TimeSpan handshakeTimeout)
+        => Create(GNUTLS_SERVER, credentials, fd, handshakeTimeout);
+
+    /// <summary>A client session on <paramref name="fd"/> (after NBD_OPT_STARTTLS), ready for <see cref="Handshake"/>.</summary>
+    public static GnuTlsSession Client(GnuTlsPskClientCredentials credentials, int fd, TimeSpan handshakeTimeout)
+        => Create(GNUTLS_CLIENT, credentials, fd, handshakeTimeout);
+
+    private static GnuTlsSession Create(uint side, SafeHandle credentials, int fd, TimeSpan handshakeTimeout)
     {
         EnsureInitialized();
-        // NO_SIGNAL: a client that has gone away must not raise SIGPIPE in the process.
-        GnuTlsException.Check(gnutls_init(out var raw, GNUTLS_SERVER | GNUTLS_NO_SIGNAL), "gnutls_init");
-        var session = new GnuTlsSession();
+        // NO_SIGNAL: a peer that has gone away must not raise SIGPIPE in the process.
+        GnuTlsException.Check(gnutls_init(out var raw, side | GNUTLS_NO_SIGNAL), "gnutls_init");
+        var session = new GnuTlsSession { _isClient = side == GNUTLS_CLIENT };
         session.SetHandle(raw);
         try
         {
             var added = false;
             credentials.DangerousAddRef(ref added);
             session._credentials = credentials;
-            GnuTlsException.Check(gnutls_set_default_priority_append(session, PskPriority, out _, 0), "gnutls_set_default_priority_append");
-            GnuTlsException.Check(gnutls_credentials_set(session, GNUTLS_CRD_PSK, credentials.DangerousGetHandle()), "gnutls_credentials_set");
-            gnutls_transport_set_int2(session, fd, fd);
-            gnutls_handshake_set_timeout(session, (uint)Math.Clamp(handshakeTimeout.TotalMilliseconds, 1, int.MaxValue));
-        }
-        catch
-        {
-            session.Dispose();
-            throw;
-        }
-        return session;
-    }
-
-    /// <summary>A client session on <paramref name="fd"/> (after NBD_OPT_STARTTLS), ready for <see cref="Handshake"/>.</summary>
-    public static GnuTlsSession Client(GnuTlsPskClientCredentials credentials, int fd, TimeSpan handshakeTimeout)
-    {
-        EnsureInitialized();
-        GnuTlsException.Check(gnutls_init(out var raw, GNUTLS_CLIENT | GNUTLS_NO_SIGNAL), "gnutls_init");
-        var session = new GnuTlsSession();
-        session.SetHandle(raw);
-        try
-        {
-            var added = false;
-            credentials.DangerousAddRef(ref added);
-            session._clientCredentials = credentials;
             GnuTlsException.Check(gnutls_set_default_priority_append(session, PskPriority, out _, 0), "gnutls_set_default_priority_append");
             GnuTlsException.Check(gnutls_credentials_set(session, GNUTLS_CRD_PSK, credentials.DangerousGetHandle()), "gnutls_credentials_set");
             gnutls_transport_set_int2(session, fd, fd);
@@ -91,7 +74,7 @@ internal sealed unsafe class GnuTlsSession : SafeHandle
         {
             var reason = rc switch
             {
-                GNUTLS_E_FATAL_ALERT_RECEIVED when _clientCredentials is not null =>
+                GNUTLS_E_FATAL_ALERT_RECEIVED when _isClient =>
                     $"the server refused the TLS-PSK handshake with the alert '{Text(gnutls_alert_get_name(gnutls_alert_get(this)))}' (a wrong key, or a username it does not know)",
                 GNUTLS_E_FATAL_ALERT_RECEIVED => $"the client sent the alert '{Text(gnutls_alert_get_name(gnutls_alert_get(this)))}'",
                 // A binder that does not verify. GnuTLS answers an unknown username with a random
@@ -199,7 +182,6 @@ internal sealed unsafe class GnuTlsSession : SafeHandle
     {
         gnutls_deinit(handle);
         _credentials?.DangerousRelease();
-        _clientCredentials?.DangerousRelease();
         return true;
     }
 }
