@@ -38,6 +38,11 @@ public class StructLayoutTests
         ]),
         ("io_uring_getevents_arg", typeof(GeteventsArg), [("sigmask", "sigmask"), ("sigmask_sz", "sigmask_sz"), ("pad", "pad"), ("ts", "ts")]),
         ("__kernel_timespec", typeof(KernelTimespec), [("tv_sec", "tv_sec"), ("tv_nsec", "tv_nsec")]),
+        ("io_uring_rsrc_register", typeof(RsrcRegister), [("nr", "nr"), ("flags", "flags"), ("resv2", "resv2"), ("data", "data"), ("tags", "tags")]),
+        ("io_uring_rsrc_update2", typeof(RsrcUpdate2),
+        [
+            ("offset", "offset"), ("resv", "resv"), ("data", "data"), ("tags", "tags"), ("nr", "nr"), ("resv2", "resv2"),
+        ]),
         ("iovec", typeof(Iovec), [("iov_base", "iov_base"), ("iov_len", "iov_len")]),
         ("msghdr", typeof(MsgHdr),
         [
@@ -90,6 +95,8 @@ public class StructLayoutTests
         ("IORING_FSYNC_DATASYNC", (ulong)FsyncFlags.DataSync), ("IORING_TIMEOUT_ABS", (ulong)TimeoutFlags.Absolute),
         ("IORING_ASYNC_CANCEL_ALL", (ulong)CancelFlags.All),
         ("IORING_REGISTER_BUFFERS", 0), ("IORING_REGISTER_FILES", 2), ("IORING_REGISTER_EVENTFD", 4), ("IORING_REGISTER_FILES_UPDATE", 6),
+        ("IORING_REGISTER_BUFFERS2", (ulong)RegisterOp.Buffers2), ("IORING_REGISTER_BUFFERS_UPDATE", (ulong)RegisterOp.BuffersUpdate),
+        ("IORING_RSRC_REGISTER_SPARSE", RsrcRegister.RegisterSparse),
         ("RWF_DSYNC", (ulong)RwFlags.DSync), ("FALLOC_FL_PUNCH_HOLE", (ulong)FallocateMode.PunchHole),
         ("FALLOC_FL_ZERO_RANGE", (ulong)FallocateMode.ZeroRange), ("FALLOC_FL_KEEP_SIZE", (ulong)FallocateMode.KeepSize),
         ("UBLK_IO_OP_WRITE_ZEROES", (ulong)IoOp.WriteZeroes), ("UBLK_IO_F_FUA", (ulong)IoFlags.Fua), ("UBLK_IO_F_NOUNMAP", (ulong)IoFlags.NoUnmap),

@@ -300,6 +300,52 @@ public unsafe class RingTests
     }
 
     [Fact]
+    public void SparseBufferTableSlotsAreEmptyUntilABufferIsInstalled()
+    {
+        // ublk's zero copy: the driver installs a request's pages in a slot of a sparse table; here a
+        // user buffer stands in for them (IORING_REGISTER_BUFFERS_UPDATE).
+        using var file = new TempFile();
+        File.WriteAllBytes(file.Path, [.. Enumerable.Range(0, 8192).Select(i => (byte)(i * 7))]);
+        using var ring = Ring.Create(new RingOptions { Entries = 4 });
+        var buf = (byte*)NativeMemory.AlignedAlloc(8192, 4096);
+        try
+        {
+            ring.RegisterFiles([file.Fd]);
+            ring.RegisterSparseBuffers(64);
+
+            ref var sqe = ref ring.GetSqe();
+            sqe.PrepareReadFixed(0, buf, 4096, 0, 5, 1);
+            sqe.flags |= SqeFlags.FixedFile;
+            ring.SubmitAndWait(1);
+            Assert.True(ring.TryGetCompletion(out var empty));
+            Assert.True(empty.res < 0, $"READ_FIXED on an empty slot gave {empty.res}");
+
+            var iov = new Iovec { iov_base = buf, iov_len = 8192 };
+            ring.UpdateBuffers(5, new ReadOnlySpan<Iovec>(&iov, 1));
+            sqe = ref ring.GetSqe();
+            sqe.PrepareReadFixed(0, buf + 4096, 4096, 4096, 5, 2);
+            sqe.flags |= SqeFlags.FixedFile;
+            ring.SubmitAndWait(1);
+            Assert.True(ring.TryGetCompletion(out var read));
+            Assert.Equal(4096, read.res);
+            Assert.Equal(unchecked((byte)(4100 * 7)), buf[4096 + 4]);
+
+            buf[4096] = 0xee;
+            sqe = ref ring.GetSqe();
+            sqe.PrepareWriteFixed(0, buf + 4096, 1, 0, 5, 3, RwFlags.DSync);
+            sqe.flags |= SqeFlags.FixedFile;
+            ring.SubmitAndWait(1);
+            Assert.True(ring.TryGetCompletion(out var write));
+            Assert.Equal(1, write.res);
+            Assert.Equal(0xee, File.ReadAllBytes(file.Path)[0]);
+        }
+        finally
+        {
+            NativeMemory.AlignedFree(buf);
+        }
+    }
+
+    [Fact]
     public void RegisteredFilesBuffersAndEventFd()
     {
         using var file = new TempFile();

@@ -154,6 +154,33 @@ internal enum RegisterOp : uint
     UnregisterEventFd = 5,
     FilesUpdate = 6,
     Probe = 8,
+    Buffers2 = 15,
+    BuffersUpdate = 16,
+}
+
+/// <summary>struct io_uring_rsrc_register (IORING_REGISTER_BUFFERS2 and FILES2).</summary>
+[StructLayout(LayoutKind.Sequential)]
+internal struct RsrcRegister
+{
+    public const uint RegisterSparse = 1u << 0;
+
+    public uint nr;
+    public uint flags;
+    public ulong resv2;
+    public ulong data;
+    public ulong tags;
+}
+
+/// <summary>struct io_uring_rsrc_update2 (IORING_REGISTER_BUFFERS_UPDATE).</summary>
+[StructLayout(LayoutKind.Sequential)]
+internal struct RsrcUpdate2
+{
+    public uint offset;
+    public uint resv;
+    public ulong data;
+    public ulong tags;
+    public uint nr;
+    public uint resv2;
 }
 
 internal static class MmapOffsets

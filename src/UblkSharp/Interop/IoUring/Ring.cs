@@ -465,6 +465,26 @@ public sealed unsafe class Ring : IDisposable
         }
     }
 
+    /// <summary>
+    /// Registers a table of <paramref name="count"/> empty buffer slots (IORING_RSRC_REGISTER_SPARSE,
+    /// Linux 5.19+), for buffers others install at an index: ublk's zero copy puts a request's pages there.
+    /// </summary>
+    public void RegisterSparseBuffers(uint count)
+    {
+        var reg = new RsrcRegister { nr = count, flags = RsrcRegister.RegisterSparse };
+        Register(RegisterOp.Buffers2, &reg, (uint)sizeof(RsrcRegister), "IORING_REGISTER_BUFFERS2 (sparse)");
+    }
+
+    /// <summary>Installs user buffers at slots <paramref name="offset"/> onwards of a registered table (IORING_REGISTER_BUFFERS_UPDATE).</summary>
+    public void UpdateBuffers(uint offset, ReadOnlySpan<Iovec> buffers)
+    {
+        fixed (Iovec* p = buffers)
+        {
+            var update = new RsrcUpdate2 { offset = offset, data = (ulong)p, nr = (uint)buffers.Length };
+            Register(RegisterOp.BuffersUpdate, &update, (uint)sizeof(RsrcUpdate2), "IORING_REGISTER_BUFFERS_UPDATE");
+        }
+    }
+
     public void UnregisterBuffers() => Register(RegisterOp.UnregisterBuffers, null, 0, "IORING_UNREGISTER_BUFFERS");
 
     /// <summary>Makes the kernel signal <paramref name="eventFd"/> for every completion posted.</summary>

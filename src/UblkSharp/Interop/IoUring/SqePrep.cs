@@ -48,6 +48,14 @@ public unsafe partial struct Sqe
         buf_index = bufferIndex;
     }
 
+    /// <summary>WRITE from a registered buffer (<paramref name="buffer"/> is an address within it, or, for a buffer the kernel installed, an offset into it).</summary>
+    public void PrepareWriteFixed(int fd, void* buffer, uint length, ulong offset, ushort bufferIndex, ulong userData, RwFlags rwFlags = RwFlags.None)
+    {
+        Rw(Opcode.WriteFixed, fd, (ulong)buffer, length, offset, userData);
+        buf_index = bufferIndex;
+        op_flags = (uint)rwFlags;
+    }
+
     public void PrepareFsync(int fd, FsyncFlags fsyncFlags, ulong userData)
     {
         Rw(Opcode.Fsync, fd, 0, 0, 0, userData);
