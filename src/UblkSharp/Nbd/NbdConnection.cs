@@ -263,8 +263,8 @@ internal sealed class NbdConnection : IDisposable
                 {
                     return;
                 }
+                Record(type, -(int)error, started); // NBD's error numbers are Linux errnos; counted before the reply, as below
                 ReplyError(cookie, error, why);
-                Record(type, -(int)error, started); // NBD's error numbers are Linux errnos
                 continue;
             }
             var bytes = type is CmdRead or CmdWrite ? length : 0;
@@ -479,14 +479,16 @@ internal sealed class NbdConnection : IDisposable
         var sample = Math.Clamp(elapsed, 0, 4 * _inlineThresholdTicks);
         var ewma = Volatile.Read(ref _ewmaTicks);
         Volatile.Write(ref _ewmaTicks, ewma + ((sample - ewma) / 8));
+        // Before the reply: a client that has its answer finds the request in the figures (a worker's
+        // count used to land just after, so stats read right then could miss it); and before Release:
+        // once nothing is in flight, the figures are complete (Close folds them).
+        Record(request.Type, result < 0 ? result : (int)request.Bytes, request.Started);
         try
         {
             Reply(request, result, payload);
         }
         finally
         {
-            // Before Release: once nothing is in flight, the figures are complete (Close folds them).
-            Record(request.Type, result < 0 ? result : (int)request.Bytes, request.Started);
             _server.NoteServed();
             Release(request);
         }
