@@ -21,7 +21,14 @@ public class ZeroAllocationTests
     [InlineData("mem")]
     [InlineData("loop")]
     [InlineData("nbd")]
-    public void SteadyStateServesWithoutAllocating(string kind)
+    public void SteadyStateServesWithoutAllocating(string kind) => Measure(kind);
+
+    /// <summary>The loop target on the ring with zero copy (AUTO_BUF_REG) where the kernel has it (7.3), the copy path where not (6.12).</summary>
+    [Fact]
+    [Trait("kernel", "7.3")]
+    public void ZeroCopySteadyStateServesWithoutAllocating() => Measure("loop-zc");
+
+    private static void Measure(string kind)
     {
         VmEnvironment.RequireDriver();
         using (var f = File.Create(Image))
@@ -40,6 +47,7 @@ public class ZeroAllocationTests
             {
                 "mem" => new MemoryTarget(64 << 20),
                 "nbd" => new NbdTarget(NbdUri.Unix(socket, "disk")),
+                "loop-zc" => new LoopTarget(Image, io: LoopIo.Ring),
                 _ => new LoopTarget(Image),
             };
             using var device = UblkDevice.Create(target, new DeviceOptions { Queues = 2, Depth = 64 }, e => fatal = e);
@@ -58,6 +66,14 @@ public class ZeroAllocationTests
             // Each queue got past its warm-up, so each measured its steady state.
             Assert.All(queues, q => Assert.True(q.Completed > UblkQueue.WarmUpRequests + 1000, $"too few requests to measure: {perQueue}"));
             Assert.True(device.SteadyStateAllocatedBytes == 0, $"queue threads allocated in steady state: {perQueue}");
+            if (kind == "loop-zc")
+            {
+                using var control = Ublk.ControlDevice.Open();
+                var offered = (control.GetFeatures() & Ublk.UblkFeatures.AutoBufReg) != 0;
+                var zeroCopy = queues.Sum(q => q.ZeroCopyRequests);
+                VmEnvironment.Log($"loop-zc: {zeroCopy} requests zero copy (AUTO_BUF_REG offered: {offered})");
+                Assert.True(offered ? zeroCopy >= r.TotalIos : zeroCopy == 0, $"{zeroCopy} requests zero copy of {r.TotalIos}, AUTO_BUF_REG offered: {offered}");
+            }
         }
         finally
         {

@@ -24,12 +24,13 @@ internal static class AddCommand
         var autoclear = new Option<bool>("--autoclear") { Description = "Delete the device once it has been mounted and its last mount is gone" };
         var startTimeout = new Option<int>("--start-timeout") { Description = "Seconds the device may take to start (the kernel reads its partition table through the target)", DefaultValueFactory = _ => 60 };
         var noPartitionScan = new Option<bool>("--no-partition-scan") { Description = "Do not read a partition table when the device starts (Linux 7.0+)" };
+        var zeroCopy = new Option<string>("--zero-copy") { Description = "Zero copy (AUTO_BUF_REG, Linux 6.16+; loop on a file or block device served on the ring): auto (where it can be had; the default), on (or fail), off", DefaultValueFactory = _ => "auto" };
         var readyFile = new Option<string?>("--ready-file") { Hidden = true };
         var metrics = new MetricsOptions();
 
         var command = new Command("add", "Create a ublk device and serve it")
         {
-            number, queues, depth, maxIo, foreground, recovery, supervise, autoclear, startTimeout, noPartitionScan, readyFile,
+            number, queues, depth, maxIo, foreground, recovery, supervise, autoclear, startTimeout, noPartitionScan, zeroCopy, readyFile,
         };
         metrics.AddTo(command);
         target.AddTo(command);
@@ -48,6 +49,7 @@ internal static class AddCommand
                 Recovery = RecoveryModes.Parse(r.GetValue(recovery)!),
                 StartTimeout = TimeSpan.FromSeconds(r.GetValue(startTimeout)),
                 NoPartitionScan = r.GetValue(noPartitionScan),
+                ZeroCopy = ZeroCopyModes.Parse(r.GetValue(zeroCopy)!),
             };
             options.Validate();
             if (r.GetValue(supervise) && options.Recovery is not (RecoveryMode.On or RecoveryMode.Reissue))
@@ -97,9 +99,16 @@ internal static class AddCommand
                 return DaemonHost.Serve(kind, recipe, options, r.GetValue(autoclear), null, r.GetValue(readyFile), metrics: metricsAddress);
             }
             // Bad input is reported first, and before any daemon starts.
-            TargetFactory.Create(kind, recipe).Dispose();
-            Preflight.RequireDriver();
-            RequireOffered(options);
+            using (var t = TargetFactory.Create(kind, recipe))
+            {
+                Preflight.RequireDriver();
+                RequireOffered(options);
+                if (options.ZeroCopy == ZeroCopyMode.On)
+                {
+                    using var control = Ublk.ControlDevice.Open();
+                    UblkDevice.ZeroCopyFlags(control, t, options.ZeroCopy, !Processes.IsRoot);
+                }
+            }
             var (_, path) = DaemonLauncher.Launch(args);
             Console.WriteLine(path);
             return 0;

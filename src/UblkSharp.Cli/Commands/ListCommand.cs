@@ -56,7 +56,7 @@ internal static class ListCommand
                     CliLog.Warning($"device {id}: {e.Message}");
                 }
                 rows.Add(new Row(id, ((DeviceState)info.state).ToString().ToUpperInvariant(), info.ublksrv_pid, info.nr_hw_queues, info.queue_depth,
-                    size, record?.Target ?? "?", UblkFeatureNames.Format((UblkFeatures)info.flags), $"/dev/ublkb{id}", record?.Recipe,
+                    size, record?.Target ?? "?", UblkFeatureNames.Format((UblkFeatures)info.flags), DataPath((UblkFeatures)info.flags), $"/dev/ublkb{id}", record?.Recipe,
                     Orphans.Reason(id, info, record), record?.Version));
             }
             if (r.GetValue(json))
@@ -65,10 +65,10 @@ internal static class ListCommand
             }
             else
             {
-                Console.WriteLine($"{"ID",-4} {"STATE",-9} {"PID",-8} {"QUEUES",-6} {"DEPTH",-5} {"SIZE",-10} {"TARGET",-7} {"PATH",-14} {"VERSION",-14} FLAGS");
+                Console.WriteLine($"{"ID",-4} {"STATE",-9} {"PID",-8} {"QUEUES",-6} {"DEPTH",-5} {"SIZE",-10} {"TARGET",-7} {"PATH",-14} {"VERSION",-14} {"DATA",-9} FLAGS");
                 foreach (var x in rows)
                 {
-                    Console.WriteLine($"{x.Id,-4} {(x.Orphan is null ? x.State : "ORPHAN"),-9} {x.Pid,-8} {x.Queues,-6} {x.Depth,-5} {ByteSize.Format(x.Size),-10} {x.Target,-7} {x.Path,-14} {ShortVersion(x.Version),-14} {x.Flags}");
+                    Console.WriteLine($"{x.Id,-4} {(x.Orphan is null ? x.State : "ORPHAN"),-9} {x.Pid,-8} {x.Queues,-6} {x.Depth,-5} {ByteSize.Format(x.Size),-10} {x.Target,-7} {x.Path,-14} {ShortVersion(x.Version),-14} {x.Data,-9} {x.Flags}");
                 }
                 // The reason would not fit a column: one line per orphan under the table.
                 foreach (var x in rows.Where(x => x.Orphan is not null))
@@ -105,6 +105,7 @@ internal static class ListCommand
                 w.WriteNumber("size", x.Size);
                 w.WriteString("target", x.Target);
                 w.WriteString("flags", x.Flags);
+                w.WriteString("data", x.Data);
                 // The same, as a list: which ublk features (recovery mode, SAFE_STOP_DEV, ...) the device uses.
                 w.WriteStartArray("features");
                 foreach (var name in x.Flags.Split('|', StringSplitOptions.RemoveEmptyEntries).Where(n => n != "none"))
@@ -137,6 +138,10 @@ internal static class ListCommand
         return plus >= 0 && version.Length > plus + 8 ? version[..(plus + 8)] : version;
     }
 
-    private sealed record Row(uint Id, string State, int Pid, int Queues, int Depth, long Size, string Target, string Flags, string Path,
+    /// <summary>How request data reaches the daemon: zero-copy (AUTO_BUF_REG), user-copy (USER_COPY), or copy (the driver copies into the daemon's buffers).</summary>
+    internal static string DataPath(UblkFeatures flags)
+        => (flags & UblkFeatures.AutoBufReg) != 0 ? "zero-copy" : (flags & UblkFeatures.UserCopy) != 0 ? "user-copy" : "copy";
+
+    private sealed record Row(uint Id, string State, int Pid, int Queues, int Depth, long Size, string Target, string Flags, string Data, string Path,
         Dictionary<string, string>? Recipe, string? Orphan, string? Version);
 }

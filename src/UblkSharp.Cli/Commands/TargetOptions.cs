@@ -40,7 +40,7 @@ internal sealed class TargetOptions
 
     public Option<bool> IgnoreBackingMismatch { get; } = new("--ignore-backing-mismatch") { Description = "cow: open the overlay even if the backing file's size or mtime changed" };
 
-    public Option<string?> Io { get; } = new("--io") { Description = "cow: ring (IO on each queue's io_uring), sync (on the queue thread) or auto (the ring unless a file is on tmpfs or ramfs; the default)" };
+    public Option<string?> Io { get; } = new("--io") { Description = "loop and cow: ring (IO on each queue's io_uring), sync (on the queue thread) or auto (the ring unless a file is on tmpfs or ramfs; the default)" };
 
     public Option<string?> Allocate { get; } = new("--allocate") { Description = "cow: allocate the COW file's data area in chunks of this size at their first write, e.g. 64K (the default) or 1M; 0 keeps it as sparse as what was written" };
 

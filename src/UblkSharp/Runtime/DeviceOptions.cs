@@ -31,6 +31,14 @@ public sealed record DeviceOptions
     /// </summary>
     public bool NoPartitionScan { get; init; }
 
+    /// <summary>
+    /// Zero copy (AUTO_BUF_REG, Linux 6.16+): the driver installs each request's pages in the queue
+    /// ring's buffer table and the target's file IO moves them directly, with no copy through the
+    /// daemon's memory. Auto uses it where the target can (<see cref="Targets.BlockTarget.SupportsZeroCopy"/>)
+    /// and the driver offers it, for a device added by root; On refuses to add the device otherwise.
+    /// </summary>
+    public ZeroCopyMode ZeroCopy { get; init; } = ZeroCopyMode.Auto;
+
     /// <summary>Pin each queue thread to the CPUs blk-mq maps to its queue (GET_QUEUE_AFFINITY).</summary>
     public bool PinQueues { get; init; } = true;
 
@@ -70,4 +78,29 @@ public sealed record DeviceOptions
             throw new ArgumentOutOfRangeException(nameof(StartTimeout), $"The start and stop timeouts must be positive, not {StartTimeout.TotalSeconds} s and {StopTimeout.TotalSeconds} s");
         }
     }
+}
+
+/// <summary>Whether a device uses ublk zero copy (<see cref="DeviceOptions.ZeroCopy"/>).</summary>
+public enum ZeroCopyMode
+{
+    /// <summary>Where the target and the driver can (and the device is root's).</summary>
+    Auto,
+
+    /// <summary>Always; adding the device fails where it cannot be had.</summary>
+    On,
+
+    /// <summary>Never: request data is copied into the daemon's buffers.</summary>
+    Off,
+}
+
+/// <summary>The CLI's spellings of <see cref="ZeroCopyMode"/>.</summary>
+public static class ZeroCopyModes
+{
+    public static ZeroCopyMode Parse(string text) => text switch
+    {
+        "auto" => ZeroCopyMode.Auto,
+        "on" => ZeroCopyMode.On,
+        "off" => ZeroCopyMode.Off,
+        _ => throw new ArgumentException($"--zero-copy {text}: use auto, on or off"),
+    };
 }

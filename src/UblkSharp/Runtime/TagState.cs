@@ -21,6 +21,8 @@ internal unsafe struct TagState
     /// busy would be a second one, which the queue refuses (and counts).
     /// </summary>
     public bool Busy;
+    /// <summary>A READ or WRITE whose pages the driver installed in the ring's buffer table (zero copy): the tag's buffer is not its data.</summary>
+    public bool ZeroCopy;
     /// <summary>Submitted to a completion-fd backend and not reaped yet.</summary>
     public bool InBackend;
     public byte* Buffer;

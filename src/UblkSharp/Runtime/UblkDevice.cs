@@ -128,8 +128,13 @@ public sealed class UblkDevice : IDisposable
         {
             var wanted = options.Flags | options.Recovery.Flags() | (options.NoPartitionScan ? UblkFeatures.NoAutoPartScan : 0)
                 | (unprivileged ? UblkFeatures.UnprivilegedDev : 0);
+            var zeroCopy = ZeroCopyFlags(control, target, options.ZeroCopy, unprivileged);
+            if (options.ZeroCopy == ZeroCopyMode.On)
+            {
+                wanted |= UblkFeatures.AutoBufReg; // so that a driver dropping it is caught below
+            }
             RequireFeatures(control, wanted);
-            var optional = WantsUserCopy(control, target, wanted) ? UblkFeatures.UserCopy : 0;
+            var optional = zeroCopy | (WantsUserCopy(control, target, wanted) ? UblkFeatures.UserCopy : 0);
             // A recoverable device can also be quiesced for a hand-over where the driver can (6.16+).
             if (options.Recovery != RecoveryMode.Off && (Offered(control) & UblkFeatures.Quiesce) != 0)
             {
@@ -508,6 +513,42 @@ public sealed class UblkDevice : IDisposable
         }
     }
 
+    /// <summary>
+    /// AUTO_BUF_REG where <paramref name="mode"/> asks for it and the target, the caller and the
+    /// driver allow it; with USER_COPY beside it (same kernels) for the requests that still need their
+    /// bytes: one whose buffer the driver could not install, or a read past a short file's end,
+    /// whose tail is zeroed through /dev/ublkcN. On throws the reason it cannot be had (the CLI asks
+    /// before it starts a daemon).
+    /// </summary>
+    public static UblkFeatures ZeroCopyFlags(ControlDevice control, BlockTarget target, ZeroCopyMode mode, bool unprivileged)
+    {
+        if (mode == ZeroCopyMode.Off)
+        {
+            return 0;
+        }
+        string? refusal = null;
+        var offered = Offered(control);
+        if (!target.SupportsZeroCopy)
+        {
+            refusal = target.Kind == "loop"
+                ? "the loop target serves this file through its mapping, not the ring (tmpfs or ramfs, or --io sync): zero copy needs --io ring"
+                : $"the {target.Kind} target works on each request's bytes in the daemon's memory, so it cannot use zero copy";
+        }
+        else if (unprivileged)
+        {
+            refusal = "the kernel gives devices that users add (UNPRIVILEGED_DEV) no zero copy: a daemon that did not fill a read's pages would leak kernel memory";
+        }
+        else if ((offered & UblkFeatures.AutoBufReg) == 0)
+        {
+            refusal = $"this kernel's ublk driver ({Environment.OSVersion.Version}) does not offer AUTO_BUF_REG (Linux 6.16+)";
+        }
+        if (refusal is not null)
+        {
+            return mode == ZeroCopyMode.On ? throw new NotSupportedException($"--zero-copy on: {refusal}") : UblkFeatures.None;
+        }
+        return UblkFeatures.AutoBufReg | (offered & UblkFeatures.UserCopy);
+    }
+
     private static void ValidateTarget(BlockTarget target)
     {
         var lbs = target.LogicalBlockSize;
@@ -550,7 +591,8 @@ public sealed class UblkDevice : IDisposable
             }
             // A recovered device keeps the flags it was created with: USER_COPY is the kernel's say, not the target's.
             var userCopy = (Info.flags & (ulong)UblkFeatures.UserCopy) != 0;
-            _queues[q] = new UblkQueue(q, Info.queue_depth, (int)Info.max_io_buf_bytes, _charFd, _target, userCopy, cpus, onFatal, _options.LoggerFactory.CreateLogger<UblkQueue>());
+            var zeroCopy = (Info.flags & (ulong)UblkFeatures.AutoBufReg) != 0;
+            _queues[q] = new UblkQueue(q, Info.queue_depth, (int)Info.max_io_buf_bytes, _charFd, _target, userCopy, zeroCopy, cpus, onFatal, _options.LoggerFactory.CreateLogger<UblkQueue>());
             _queues[q].Start(TimeSpan.FromSeconds(30));
         }
         if (recovering)

@@ -35,6 +35,10 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
     private readonly int _charFd;
     private readonly BlockTarget _target;
     private readonly bool _userCopy;
+    // AUTO_BUF_REG: the driver installs each request's pages at slot `tag` of the ring's sparse
+    // buffer table before handing it over, and takes them out at its commit; the backend's READ/WRITE
+    // use that slot. A request it could not install comes flagged NEED_REG_BUF and is copied (USER_COPY).
+    private readonly bool _zeroCopy;
     private readonly IUserCopyTarget? _direct;
     private readonly int _blockSize;
     private readonly int[]? _cpus;
@@ -86,10 +90,11 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
     private int[] _reapResults = [];
     private bool _reapAgainPending;
 
-    public UblkQueue(int queueId, int depth, int maxIo, int charFd, BlockTarget target, bool userCopy, int[]? cpus, Action<Exception> onFatal, ILogger logger)
+    public UblkQueue(int queueId, int depth, int maxIo, int charFd, BlockTarget target, bool userCopy, bool zeroCopy, int[]? cpus, Action<Exception> onFatal, ILogger logger)
     {
         _userCopy = userCopy;
-        _direct = userCopy ? target as IUserCopyTarget : null;
+        _zeroCopy = zeroCopy;
+        _direct = userCopy && !zeroCopy ? target as IUserCopyTarget : null;
         _queueId = queueId;
         _depth = depth;
         _maxIo = maxIo;
@@ -120,6 +125,12 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
 
     /// <summary>Requests committed.</summary>
     public long Completed { get; private set; }
+
+    /// <summary>Reads and writes served by zero copy (the request's pages in the ring's buffer table).</summary>
+    public long ZeroCopyRequests { get; private set; }
+
+    /// <summary>Reads and writes of a zero-copy device whose buffer the driver could not install (NEED_REG_BUF), served by copying.</summary>
+    public long ZeroCopyFallbacks { get; private set; }
 
     /// <summary>Backend steps retried (short, EAGAIN).</summary>
     public long Retries { get; private set; }
@@ -282,6 +293,15 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
             DeferTaskrun = true,
         });
         _backend = _target.CreateUringBackend(_queueId);
+        if (_zeroCopy)
+        {
+            if (_backend is null || _backend.RunsSteps || _backend.CompletionFd >= 0)
+            {
+                throw new InvalidOperationException($"the device uses zero copy, but the {_target.Kind} target's backend does not prepare one SQE per step on the ring");
+            }
+            // Before the first FETCH: the driver installs a request's pages at its slot when it hands it over.
+            _ring.RegisterSparseBuffers((uint)_depth);
+        }
         Span<int> files = stackalloc int[1 + (_backend?.Files.Count ?? 0)];
         files[0] = _charFd;
         for (var i = 1; i < files.Length; i++)
@@ -337,54 +357,18 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
             {
                 _allocationBaseline = GC.GetAllocatedBytesForCurrentThread();
             }
-            while (ring.TryGetCompletion(out var cqe))
+            // Completions are read in place and the CQ head released once per batch (liburing's
+            // io_uring_for_each_cqe), not once per completion; what handling them submits may add more.
+            uint ready;
+            while ((ready = ring.PeekCompletions()) > 0)
             {
-                handled++;
-                var tag = (int)(cqe.user_data & 0xffff);
-                switch (cqe.user_data & KindMask)
+                for (var i = 0u; i < ready; i++)
                 {
-                    case KindCommand:
-                        OnCommand(tag, cqe.res);
-                        break;
-                    case KindBackend:
-                        _backendInFlight--;
-                        if (Progress(ref _tags[tag], tag, cqe.res))
-                        {
-                            StartBackend(tag);
-                        }
-                        break;
-                    case KindDelay:
-                        _backendInFlight--;
-                        StartBackend(tag);
-                        break;
-                    case KindNotify:
-                        OnNotification(cqe.res);
-                        break;
-                    case KindStep:
-                        _backendInFlight--;
-                        OnStep(tag, (uint)(cqe.user_data >> 32), cqe.res);
-                        break;
-                    case KindReapAgain:
-                        _backendInFlight--;
-                        _reapAgainPending = false;
-                        ReapAll();
-                        break;
-                    case KindStop:
-                        if (_stopRequested)
-                        {
-                            _stopping = true;
-                        }
-                        else
-                        {
-                            _handingOver |= _handOverRequested;
-                            _ending |= _endRequested || _handingOver;
-                            ArmStop(); // a later RequestStop must still wake the thread
-                        }
-                        break;
-                    default:
-                        _backendInFlight--;
-                        break;
+                    ref readonly var cqe = ref ring.CompletionAt(i);
+                    handled++;
+                    OnCompletion(cqe.user_data, cqe.res);
                 }
+                ring.AdvanceCompletions(ready);
             }
             if (_stopping)
             {
@@ -418,6 +402,55 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
                 return;
             }
             wait = 0;
+        }
+    }
+
+    private void OnCompletion(ulong userData, int res)
+    {
+        var tag = (int)(userData & 0xffff);
+        switch (userData & KindMask)
+        {
+            case KindCommand:
+                OnCommand(tag, res);
+                break;
+            case KindBackend:
+                _backendInFlight--;
+                if (Progress(ref _tags[tag], tag, res))
+                {
+                    StartBackend(tag);
+                }
+                break;
+            case KindDelay:
+                _backendInFlight--;
+                StartBackend(tag);
+                break;
+            case KindNotify:
+                OnNotification(res);
+                break;
+            case KindStep:
+                _backendInFlight--;
+                OnStep(tag, (uint)(userData >> 32), res);
+                break;
+            case KindReapAgain:
+                _backendInFlight--;
+                _reapAgainPending = false;
+                ReapAll();
+                break;
+            case KindStop:
+                if (_stopRequested)
+                {
+                    _stopping = true;
+                }
+                else
+                {
+                    _handingOver |= _handOverRequested;
+                    _ending |= _endRequested || _handingOver;
+                    ArmStop(); // a later RequestStop must still wake the thread
+                }
+                break;
+            default:
+                _backendInFlight--;
+                break;
         }
     }
 
@@ -468,6 +501,19 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
         t.Progress = new RequestProgress(t.Op switch { IoOp.Read => StepKind.Read, IoOp.Write => StepKind.Write, _ => StepKind.Other }, length);
         t.InRequest = 0;
         t.InBackend = false;
+        t.ZeroCopy = false;
+        if (_zeroCopy && t.Op is IoOp.Read or IoOp.Write)
+        {
+            if ((t.Flags & IoFlags.NeedRegBuf) == 0)
+            {
+                t.ZeroCopy = true;
+                ZeroCopyRequests++;
+            }
+            else
+            {
+                ZeroCopyFallbacks++;
+            }
+        }
         Debug.Assert(!t.Busy, "the driver handed a busy tag a new request");
         t.Busy = true;
         _busyTags++;
@@ -482,9 +528,18 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
             Commit(tag, -Errno.EINVAL);
             return;
         }
-        if (_userCopy && t.Op is IoOp.Read or IoOp.Write && !TakeRequestData(ref t, tag))
+        if (t.Op is IoOp.Read or IoOp.Write && !t.ZeroCopy)
         {
-            return;
+            if (_userCopy && !TakeRequestData(ref t, tag))
+            {
+                return;
+            }
+            if (!_userCopy && _zeroCopy)
+            {
+                // Its buffer is not installed and the driver copies nothing: no way to reach its bytes.
+                Commit(tag, -Errno.EIO);
+                return;
+            }
         }
         if (_filter is not null)
         {
@@ -708,7 +763,9 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
             ref var sqe = ref _ring!.GetSqe();
             try
             {
-                _backend.Prepare(ref sqe, new BackendRequest(t.Op, t.Flags, t.Offset + t.Done, t.Remaining, t.Buffer + t.Done));
+                _backend.Prepare(ref sqe, t.ZeroCopy
+                    ? new BackendRequest(t.Op, t.Flags, t.Offset + t.Done, t.Remaining, (byte*)t.Done, tag)
+                    : new BackendRequest(t.Op, t.Flags, t.Offset + t.Done, t.Remaining, t.Buffer + t.Done));
             }
             catch (Exception e) when (e is not OutOfMemoryException)
             {
@@ -825,6 +882,11 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
         {
             // Past the end of a shorter backing file: the rest reads as zeros.
             new Span<byte>(t.Buffer + t.Done, (int)t.Remaining).Clear();
+            if (t.ZeroCopy)
+            {
+                // The request's pages are not ours to write: the zeros go in through USER_COPY.
+                error = _userCopy ? CopyRequest(tag, t.Buffer, (int)t.Done, (int)t.Remaining, toRequest: true) : -Errno.EIO;
+            }
         }
         Commit(tag, error < 0 ? error : t.Op is IoOp.Read or IoOp.Write ? (int)t.Length : 0);
         return false;
@@ -843,7 +905,7 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
             }
             return;
         }
-        if (_userCopy && t.Op == IoOp.Read && result > 0 && t.InRequest < result)
+        if (_userCopy && !t.ZeroCopy && t.Op == IoOp.Read && result > 0 && t.InRequest < result)
         {
             // The data is still in the tag's buffer: under USER_COPY the driver copies nothing.
             var r = CopyRequest(tag, t.Buffer, (int)t.InRequest, result - (int)t.InRequest, toRequest: true);
@@ -881,9 +943,15 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
 
     private void QueueCommand(uint op, int tag, int result)
     {
-        // Under USER_COPY the driver wants no buffer (addr must be 0).
-        var cmd = new IoCmd { q_id = (ushort)_queueId, tag = (ushort)tag, result = result, addr = _userCopy ? 0 : (ulong)_tags[tag].Buffer };
+        // Under USER_COPY and AUTO_BUF_REG the driver copies nothing, and the command's addr must be 0.
+        var cmd = new IoCmd { q_id = (ushort)_queueId, tag = (ushort)tag, result = result, addr = _userCopy || _zeroCopy ? 0 : (ulong)_tags[tag].Buffer };
         ref var sqe = ref _ring!.PrepareUringCmd(0, op, cmd, KindCommand | (ulong)tag);
+        if (_zeroCopy)
+        {
+            // The SQE's own addr (not the command's) says where the driver installs the next
+            // request's pages: slot `tag`, with fallback to the copy path if it cannot.
+            sqe.addr = UblkCommands.AutoBufReg((ushort)tag, UblkCommands.AutoBufRegFallback);
+        }
         sqe.flags |= SqeFlags.FixedFile;
     }
 

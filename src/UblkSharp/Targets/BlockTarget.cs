@@ -158,6 +158,16 @@ public abstract unsafe class BlockTarget : IDisposable
     public virtual UringBackend? CreateUringBackend(int queueId) => null;
 
     /// <summary>
+    /// Whether the target can serve reads and writes without the bytes in the daemon's memory
+    /// (ublk zero copy, AUTO_BUF_REG on Linux 6.16+): its <see cref="CreateUringBackend"/> returns a
+    /// backend that prepares one SQE per step (<see cref="UringBackend.Prepare"/>) and honours
+    /// <see cref="BackendRequest.FixedBuffer"/> (READ_FIXED/WRITE_FIXED on that slot of the ring's
+    /// buffer table). False by default: the target gets the request's bytes in a buffer, copied by
+    /// the kernel, and may read and write them (a memory store, a checksum, a fault check).
+    /// </summary>
+    public virtual bool SupportsZeroCopy => false;
+
+    /// <summary>
     /// A filter over this target's step results for one ublk queue or NBD connection
     /// (<paramref name="streamId"/> tells them apart), or null (the default): how a wrapper target
     /// such as <see cref="FaultTarget"/> sees results that do not pass through its methods.

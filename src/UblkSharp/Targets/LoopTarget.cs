@@ -25,6 +25,7 @@ public sealed unsafe class LoopTarget : BlockTarget, IUserCopyTarget
     private readonly int _fd;
     private readonly SafeFileHandle _handle;
     private readonly bool _readOnly;
+    private readonly LoopIo _io;
 
     public LoopTarget(string path, bool directIo = false, bool readOnly = false, LoopIo io = LoopIo.Auto)
     {
@@ -32,6 +33,7 @@ public sealed unsafe class LoopTarget : BlockTarget, IUserCopyTarget
         Path = path;
         DirectIo = directIo;
         _readOnly = readOnly;
+        _io = io;
         if (Directory.Exists(path))
         {
             throw new ArgumentException($"{path} is a directory, not a file or block device");
@@ -128,12 +130,24 @@ public sealed unsafe class LoopTarget : BlockTarget, IUserCopyTarget
 
     public override string Kind => "loop";
 
-    public override IReadOnlyDictionary<string, string> Recipe => new Dictionary<string, string>
+    public override IReadOnlyDictionary<string, string> Recipe
     {
-        ["file"] = Path,
-        ["direct-io"] = DirectIo ? "on" : "off",
-        ["read-only"] = _readOnly ? "on" : "off",
-    };
+        get
+        {
+            var recipe = new Dictionary<string, string>
+            {
+                ["file"] = Path,
+                ["direct-io"] = DirectIo ? "on" : "off",
+                ["read-only"] = _readOnly ? "on" : "off",
+            };
+            if (_io != LoopIo.Auto)
+            {
+                // A recovered zero-copy device needs the ring again (its kernel flags say AUTO_BUF_REG).
+                recipe["io"] = _io == LoopIo.Ring ? "ring" : "sync";
+            }
+            return recipe;
+        }
+    }
 
     public override bool IsReadOnly => _readOnly;
 
@@ -414,6 +428,9 @@ public sealed unsafe class LoopTarget : BlockTarget, IUserCopyTarget
     /// </summary>
     public override UringBackend? CreateUringBackend(int queueId) => UsesRing ? new Backend(_fd) : null;
 
+    /// <summary>Where the ring serves the file: the file's IO then moves the request's pages directly (no tmpfs mapping to copy through).</summary>
+    public override bool SupportsZeroCopy => UsesRing;
+
     protected override void Dispose(bool disposing)
     {
         if (_map is not null)
@@ -439,8 +456,14 @@ public sealed unsafe class LoopTarget : BlockTarget, IUserCopyTarget
             const int file = FirstFixedFile;
             switch (request.Op)
             {
+                case IoOp.Read when request.FixedBuffer >= 0:
+                    sqe.PrepareReadFixed(file, request.Buffer, (uint)request.Length, (ulong)request.Offset, (ushort)request.FixedBuffer, 0);
+                    break;
                 case IoOp.Read:
                     sqe.PrepareRead(file, request.Buffer, (uint)request.Length, (ulong)request.Offset, 0);
+                    break;
+                case IoOp.Write when request.FixedBuffer >= 0:
+                    sqe.PrepareWriteFixed(file, request.Buffer, (uint)request.Length, (ulong)request.Offset, (ushort)request.FixedBuffer, 0, request.IsFua ? RwFlags.DSync : RwFlags.None);
                     break;
                 case IoOp.Write:
                     sqe.PrepareWrite(file, request.Buffer, (uint)request.Length, (ulong)request.Offset, 0, request.IsFua ? RwFlags.DSync : RwFlags.None);

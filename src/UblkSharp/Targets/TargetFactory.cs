@@ -125,7 +125,7 @@ public static class TargetFactory
         var directIo = Flag(o, "direct-io");
         try
         {
-            return new LoopTarget(Path.GetFullPath(file), directIo, Flag(o, "read-only"));
+            return new LoopTarget(Path.GetFullPath(file), directIo, Flag(o, "read-only"), Io(o));
         }
         catch (Interop.ErrnoException e) when (e.Errno == Interop.Errno.EINVAL && directIo)
         {

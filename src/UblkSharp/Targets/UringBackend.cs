@@ -9,14 +9,18 @@ namespace UblkSharp.Targets;
 /// </summary>
 public readonly unsafe struct BackendRequest
 {
-    public BackendRequest(IoOp op, IoFlags flags, long offset, long length, byte* buffer)
+    public BackendRequest(IoOp op, IoFlags flags, long offset, long length, byte* buffer, int fixedBuffer = NoFixedBuffer)
     {
         Op = op;
         Flags = flags;
         Offset = offset;
         Length = length;
         Buffer = buffer;
+        FixedBuffer = fixedBuffer;
     }
+
+    /// <summary><see cref="FixedBuffer"/> when the request's data is in <see cref="Buffer"/>.</summary>
+    public const int NoFixedBuffer = -1;
 
     public IoOp Op { get; }
 
@@ -28,8 +32,19 @@ public readonly unsafe struct BackendRequest
     /// <summary>Bytes left to do (for DISCARD and WRITE_ZEROES, the range length).</summary>
     public long Length { get; }
 
-    /// <summary>Where the remaining data is (READ: to fill; WRITE: to take). Null for other ops.</summary>
+    /// <summary>
+    /// Where the remaining data is (READ: to fill; WRITE: to take). Null for other ops. Under zero
+    /// copy (<see cref="FixedBuffer"/> set) it is not an address but the offset into the request's
+    /// registered buffer, which is what READ_FIXED/WRITE_FIXED take for a buffer the kernel installed.
+    /// </summary>
     public byte* Buffer { get; }
+
+    /// <summary>
+    /// Under zero copy (<see cref="BlockTarget.SupportsZeroCopy"/>), the slot of the queue ring's
+    /// buffer table that holds the request's pages: READ and WRITE must be READ_FIXED/WRITE_FIXED on
+    /// it, with <see cref="Buffer"/> as the offset. <see cref="NoFixedBuffer"/> otherwise.
+    /// </summary>
+    public int FixedBuffer { get; }
 
     public bool IsFua => (Flags & IoFlags.Fua) != 0;
 }

@@ -185,6 +185,9 @@ public enum IoFlags : uint
     Fua = 1u << 13,
     NoUnmap = 1u << 15,
     Swap = 1u << 16,
+
+    /// <summary>AUTO_BUF_REG with fallback: the driver could not install this request's buffer; it takes the copy path.</summary>
+    NeedRegBuf = 1u << 17,
 }
 
 /// <summary>dev_info.state.</summary>

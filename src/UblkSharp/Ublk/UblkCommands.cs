@@ -35,6 +35,18 @@ public static class UblkCommands
     /// <summary>CQE res of an IO command when the device is going away.</summary>
     public const int IoResAbort = -19; // -ENODEV
 
+    /// <summary>
+    /// UBLK_AUTO_BUF_REG_FALLBACK: a request whose buffer the driver cannot install still comes,
+    /// with <see cref="IoFlags.NeedRegBuf"/> set, instead of failing unseen.
+    /// </summary>
+    public const byte AutoBufRegFallback = 1 << 0;
+
+    /// <summary>
+    /// The SQE's addr (not the command's) of FETCH and COMMIT_AND_FETCH under AUTO_BUF_REG (struct ublk_auto_buf_reg): the slot of
+    /// the ring's buffer table the driver installs the request's pages at, and flags.
+    /// </summary>
+    public static ulong AutoBufReg(ushort index, byte flags) => index | ((ulong)flags << 16);
+
     /// <summary>CQE res of an IO command asking for NEED_GET_DATA.</summary>
     public const int IoResNeedGetData = 1;
 
