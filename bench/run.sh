@@ -54,6 +54,8 @@ section binding "$root/bench/binding.sh" "${binding[@]}" --out "$out"
 rm -rf "$out/micro"
 section micro dotnet "$root/bench/UblkSharp.Bench/bin/Release/net10.0/UblkSharp.Bench.dll" micro "${micro[@]}" --artifacts "$out/micro"
 section vm "$root/bench/vm-fio.sh" --no-build "${vm[@]}" --out "$out/vm-fio.json"
+# Linux 7.3: zero copy on and off against the kernel loop driver over brd (its figures stay in zc.log and zc/).
+section zc "$root/bench/zc.sh" --reps 3 --out "$out/zc"
 # nbd.sh, nbd-tls.sh and rbd.sh write DIR/NAME.json in the suite's row shape.
 for name in nbd nbd-tls rbd; do
   rm -f "$out/$name.json"

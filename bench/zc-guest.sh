@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Runs in the guest (bench/zc.sh boots Linux 7.3): the loop target over a RAM block device (brd's
+# /dev/ram0, opened O_DIRECT) with zero copy on and off, against the kernel loop driver over the same
+# device with direct IO, REPS interleaved repetitions of each workload. One line per run into
+# OUT/runs.txt: rep workload device iops MiB/s p50_us p99_us cpu_us_per_io.
+set -euo pipefail
+out=$1 reps=$2 rt=$3 cli=$4
+log() { echo "zc-guest: $*" >&2; }
+[ -b /dev/ram0 ] || { log "no /dev/ram0 (brd)"; exit 1; }
+declare -A dev
+dev[kloop]=$(losetup --direct-io=on -f --show /dev/ram0)
+add() {  # name args...
+  local name=$1 path; shift
+  path=$("$cli" add -t loop -f /dev/ram0 --direct-io -q 1 -d 128 --max-io 1M "$@") || { log "add $*: failed"; exit 1; }
+  dev[$name]=$path
+  "$cli" list | grep -F "$path" >&2
+}
+add ublk-zc --zero-copy on
+add ublk-copy --zero-copy off
+for d in "${!dev[@]}"; do echo none >"/sys/block/${dev[$d]#/dev/}/queue/scheduler" 2>/dev/null || true; done
+# The device's data first: reads of a never-written brd page cost nothing, which would flatter reads.
+dd if=/dev/urandom of=/dev/ram0 bs=1M count=512 oflag=direct status=none
+busy() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
+run() {  # rep name device rw bs qd
+  local f=/tmp/zc-$1-$2-$3.json a b
+  a=$(busy)
+  fio --name=zc --filename="${dev[$3]}" --rw="$4" --bs="$5" --iodepth="$6" --ioengine=io_uring --direct=1 --size=512M \
+    --runtime="$rt" --ramp_time=1 --time_based --output-format=json --output="$f" >/dev/null
+  b=$(busy)
+  python3 - "$f" "$1" "$2" "$3" "$((b - a))" "$(getconf CLK_TCK)" "$rt" >>"$out/runs.txt" <<'PY'
+import json, sys
+f, rep, name, d, jiffies, hz, rt = sys.argv[1:]
+j = json.load(open(f))["jobs"][0]
+io = j["read"] if j["read"]["total_ios"] else j["write"]
+pct = io["clat_ns"].get("percentile", {})
+ios = io["total_ios"]
+# CPU of the whole guest over the run (ramp included), per IO: the daemon's, the kernel's and fio's.
+cpu = int(jiffies) / int(hz) * 1e6 / max(1, ios * (int(rt) + 1) / int(rt))
+print(rep, name, d, round(io["iops"]), round(io["bw_bytes"] / 2**20, 1), round(pct.get("50.000000", 0) / 1000, 1),
+      round(pct.get("99.000000", 0) / 1000, 1), round(cpu, 2))
+PY
+  rm -f "$f"
+  log "$(tail -1 "$out/runs.txt")"
+}
+W=("sr128k-qd16 read 128k 16" "sw128k-qd16 write 128k 16" "rr4k-qd64 randread 4k 64")
+devs=(ublk-zc ublk-copy kloop)
+for d in "${devs[@]}"; do fio --name=warm --filename="${dev[$d]}" --rw=randread --bs=4k --iodepth=64 --ioengine=io_uring --direct=1 --runtime=2 --time_based >/dev/null; done
+for rep in $(seq "$reps"); do
+  for w in "${W[@]}"; do
+    read -r name rw bs qd <<<"$w"
+    k=$((rep % ${#devs[@]}))
+    for d in "${devs[@]:k}" "${devs[@]:0:k}"; do run "$rep" "$name" "$d" "$rw" "$bs" "$qd"; done
+  done
+done
+"$cli" del --all >&2
+losetup -d "${dev[kloop]}"

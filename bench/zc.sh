@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The zero-copy benchmark (issue 13's 7.3 section): one boot of Linux 7.3 (tools/ublksharp-vm -k 7.3)
+# runs bench/zc-guest.sh, which measures the loop target over a RAM block device (brd, O_DIRECT) with
+# zero copy (AUTO_BUF_REG) on and off against the kernel loop driver with direct IO over the same
+# device, in REPS interleaved repetitions. Prints medians (IOPS, MiB/s, p50/p99 completion latency,
+# CPU per IO) and the ratios the issue's bars are about; --out DIR keeps runs.txt and summary.txt.
+# usage: bench/zc.sh [--reps N] [--runtime SECONDS] [--out DIR]
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+reps=3 runtime=5 out=''
+while [ $# -gt 0 ]; do
+  case $1 in
+    --reps|--runtime|--out) [ $# -ge 2 ] || { sed -n 's/^# usage: //p' "$0" >&2; exit 2; };;
+    *) sed -n 's/^# usage: //p' "$0" >&2; exit 2;;
+  esac
+  case $1 in --reps) reps=$2;; --runtime) runtime=$2;; --out) out=$2;; esac
+  shift 2
+done
+[[ $reps =~ ^[1-9][0-9]*$ && $runtime =~ ^[0-9]+$ && $runtime -ge 3 ]] || { echo "zc: --reps >= 1, --runtime >= 3" >&2; exit 2; }
+cli=$root/artifacts/cli/ublksharp
+[ -x "$cli" ] || "$root/tools/publish-cli" "$root/artifacts/cli" >/dev/null
+raw=$(mktemp -d /tmp/zc.XXXXXX); trap 'rm -rf "$raw"' EXIT
+# 9 fio runs a repetition, each about runtime + 4 s under TCG, plus boot, set-up and filling the disk.
+"$root/tools/ublksharp-vm" -k 7.3 -t $((reps * 9 * (runtime + 20) + 600)) --rw "$raw" -- \
+  "bash $root/bench/zc-guest.sh $raw $reps $runtime $cli"
+python3 - "$raw/runs.txt" <<'PY' | tee "$raw/summary.txt"
+import collections, statistics as st, sys
+runs = collections.defaultdict(list)
+for line in open(sys.argv[1]):
+    rep, name, dev, *v = line.split()
+    runs[(name, dev)].append([float(x) for x in v])
+med = {k: [st.median(c) for c in zip(*v)] for k, v in runs.items()}
+names = sorted({n for n, _ in med}, key=["sr128k-qd16", "sw128k-qd16", "rr4k-qd64"].index)
+print(f"medians of {len(next(iter(runs.values())))} runs; IOPS, MiB/s, p50/p99 clat (us), guest CPU us per IO")
+for n in names:
+    for d in ("ublk-zc", "ublk-copy", "kloop"):
+        if (n, d) in med:
+            i, bw, p50, p99, cpu = med[(n, d)]
+            print(f"  {n:12} {d:10} {i:8.0f} IOPS {bw:8.1f} MiB/s  p50 {p50:8.1f}  p99 {p99:8.1f}  cpu {cpu:7.2f}")
+    z, c, k = (med.get((n, d), [0])[0] for d in ("ublk-zc", "ublk-copy", "kloop"))
+    if z and c and k:
+        print(f"  {n:12} zero copy vs kernel loop {z / k:.2f}x, vs copy {z / c:.2f}x; copy vs kernel loop {c / k:.2f}x")
+PY
+[ -z "$out" ] || { mkdir -p "$out"; cp "$raw/runs.txt" "$raw/summary.txt" "$out/"; }
