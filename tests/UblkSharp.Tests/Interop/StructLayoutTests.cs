@@ -43,6 +43,9 @@ public class StructLayoutTests
         [
             ("offset", "offset"), ("resv", "resv"), ("data", "data"), ("tags", "tags"), ("nr", "nr"), ("resv2", "resv2"),
         ]),
+        // 6.1 headers call flags "pad" (flags came with IOU_PBUF_RING_MMAP in 6.4).
+        ("io_uring_buf_reg", typeof(BufReg), [("ring_addr", "ring_addr"), ("ring_entries", "ring_entries"), ("bgid", "bgid"), ("pad", "flags"), ("resv", "resv")]),
+        ("io_uring_buf", typeof(ProvidedBuffer), [("addr", "addr"), ("len", "len"), ("bid", "bid"), ("resv", "resv")]),
         ("iovec", typeof(Iovec), [("iov_base", "iov_base"), ("iov_len", "iov_len")]),
         ("msghdr", typeof(MsgHdr),
         [
@@ -97,6 +100,10 @@ public class StructLayoutTests
         ("IORING_REGISTER_BUFFERS", 0), ("IORING_REGISTER_FILES", 2), ("IORING_REGISTER_EVENTFD", 4), ("IORING_REGISTER_FILES_UPDATE", 6),
         ("IORING_REGISTER_BUFFERS2", (ulong)RegisterOp.Buffers2), ("IORING_REGISTER_BUFFERS_UPDATE", (ulong)RegisterOp.BuffersUpdate),
         ("IORING_RSRC_REGISTER_SPARSE", RsrcRegister.RegisterSparse),
+        ("IORING_REGISTER_PBUF_RING", (ulong)RegisterOp.PbufRing), ("IORING_UNREGISTER_PBUF_RING", (ulong)RegisterOp.UnregisterPbufRing),
+        ("IORING_CQE_F_BUFFER", CqeFlags.Buffer), ("IORING_CQE_F_MORE", CqeFlags.More), ("IORING_CQE_BUFFER_SHIFT", CqeFlags.BufferShift),
+        ("IOSQE_BUFFER_SELECT", (ulong)SqeFlags.BufferSelect), ("offsetof(struct io_uring_sqe, buf_group)", 40),
+        ("offsetof(struct io_uring_buf_ring, tail)", 14),
         ("RWF_DSYNC", (ulong)RwFlags.DSync), ("FALLOC_FL_PUNCH_HOLE", (ulong)FallocateMode.PunchHole),
         ("FALLOC_FL_ZERO_RANGE", (ulong)FallocateMode.ZeroRange), ("FALLOC_FL_KEEP_SIZE", (ulong)FallocateMode.KeepSize),
         ("UBLK_IO_OP_WRITE_ZEROES", (ulong)IoOp.WriteZeroes), ("UBLK_IO_F_FUA", (ulong)IoFlags.Fua), ("UBLK_IO_F_NOUNMAP", (ulong)IoFlags.NoUnmap),

@@ -346,6 +346,58 @@ public unsafe class RingTests
     }
 
     [Fact]
+    public void IncrementalBufferRingHandsOutOneBufferAPieceAtATime()
+    {
+        // What ublk's batched fetch (FETCH_IO_CMDS) uses: the kernel appends each completion's bytes
+        // to the same provided buffer, the CQE naming the buffer and saying whether room is left.
+        Span<int> fds = stackalloc int[2];
+        fixed (int* p = fds)
+        {
+            Assert.Equal(0, Libc.socketpair(Libc.AF_UNIX, Libc.SOCK_STREAM | Libc.SOCK_CLOEXEC, 0, p));
+        }
+        using var ring = Ring.Create(new RingOptions { Entries = 4 });
+        var buf = (byte*)NativeMemory.AlignedAlloc(4096, 4096);
+        try
+        {
+            using var br = BufferRing.Register(ring, 7, 8, incremental: true);
+            br.Add(buf, 4096, 3);
+            br.Advance(1);
+            var sent = 0;
+            var data = stackalloc byte[100];
+            foreach (var n in new[] { 100, 50 })
+            {
+                for (var i = 0; i < n; i++)
+                {
+                    data[i] = (byte)(sent + i);
+                }
+                Assert.Equal(n, (int)Libc.write(fds[1], data, (nuint)n));
+                ref var sqe = ref ring.GetSqe();
+                sqe.PrepareRecv(fds[0], null, 0, MsgFlags.None, 1);
+                sqe.flags |= SqeFlags.BufferSelect;
+                sqe.buf_group = 7;
+                ring.SubmitAndWait(1);
+                Assert.True(ring.TryGetCompletion(out var cqe));
+                Assert.Equal(n, cqe.res);
+                Assert.True((cqe.flags & CqeFlags.Buffer) != 0, $"no buffer in the CQE's flags {cqe.flags:x}");
+                Assert.Equal(3u, cqe.flags >> CqeFlags.BufferShift);
+                Assert.True((cqe.flags & CqeFlags.BufMore) != 0, $"the buffer should have room left (flags {cqe.flags:x})");
+                sent += n;
+            }
+            // The second receive continued where the first ended, in the same buffer.
+            for (var i = 0; i < sent; i++)
+            {
+                Assert.Equal((byte)i, buf[i]);
+            }
+        }
+        finally
+        {
+            NativeMemory.AlignedFree(buf);
+            _ = Libc.close(fds[0]);
+            _ = Libc.close(fds[1]);
+        }
+    }
+
+    [Fact]
     public void RegisteredFilesBuffersAndEventFd()
     {
         using var file = new TempFile();

@@ -156,6 +156,44 @@ internal enum RegisterOp : uint
     Probe = 8,
     Buffers2 = 15,
     BuffersUpdate = 16,
+    PbufRing = 22,
+    UnregisterPbufRing = 23,
+}
+
+/// <summary>struct io_uring_buf_reg (IORING_REGISTER_PBUF_RING).</summary>
+[StructLayout(LayoutKind.Sequential)]
+internal unsafe struct BufReg
+{
+    public ulong ring_addr;
+    public uint ring_entries;
+    public ushort bgid;
+    public ushort flags;
+    public fixed ulong resv[3];
+}
+
+/// <summary>struct io_uring_buf: one entry of a provided buffer ring; entry 0's last 2 bytes are the ring's tail.</summary>
+[StructLayout(LayoutKind.Sequential)]
+internal struct ProvidedBuffer
+{
+    public ulong addr;
+    public uint len;
+    public ushort bid;
+    public ushort resv;
+}
+
+/// <summary>CQE flags (IORING_CQE_F_*).</summary>
+public static class CqeFlags
+{
+    /// <summary>The upper 16 bits hold the id of the provided buffer used.</summary>
+    public const uint Buffer = 1u << 0;
+
+    /// <summary>A multishot request stays armed: more completions follow.</summary>
+    public const uint More = 1u << 1;
+
+    /// <summary>Incremental buffer ring: the buffer was not used up and stays at the head (its next data follows this one's).</summary>
+    public const uint BufMore = 1u << 4;
+
+    public const int BufferShift = 16;
 }
 
 /// <summary>struct io_uring_rsrc_register (IORING_REGISTER_BUFFERS2 and FILES2).</summary>
@@ -251,6 +289,8 @@ public unsafe partial struct Sqe
     [FieldOffset(28)] public uint op_flags;
     [FieldOffset(32)] public ulong user_data;
     [FieldOffset(40)] public ushort buf_index;
+    /// <summary>With <see cref="SqeFlags.BufferSelect"/>: the provided buffer group to take the buffer from (a union with buf_index).</summary>
+    [FieldOffset(40)] public ushort buf_group;
     [FieldOffset(42)] public ushort personality;
     [FieldOffset(44)] public uint file_index;
     [FieldOffset(48)] public ulong addr3;

@@ -496,6 +496,9 @@ public sealed unsafe class Ring : IDisposable
 
     public void UnregisterEventFd() => Register(RegisterOp.UnregisterEventFd, null, 0, "IORING_UNREGISTER_EVENTFD");
 
+    /// <summary>io_uring_register for the binding's other types (<see cref="BufferRing"/>).</summary>
+    internal void RegisterRaw(RegisterOp op, void* arg, uint count, string what) => Register(op, arg, count, what);
+
     private void Register(RegisterOp op, void* arg, uint count, string what)
     {
         ObjectDisposedException.ThrowIf(_fd < 0, this);
