@@ -506,19 +506,20 @@ public sealed class NbdServer : IDisposable
         return new NbdServerStats(Address.ToString(), taken, open, ConnectionsAccepted, closed, ConnectionsRefused, exports, connections);
     }
 
+    // The line is written before the count moves: whoever sees the count (a test, `stats`) finds the line.
     internal void NoteProtocolError(string what)
     {
-        Interlocked.Increment(ref _protocolErrors);
         NbdLog.ProtocolError(_logger, what);
+        Interlocked.Increment(ref _protocolErrors);
     }
 
     internal void NoteTlsFailure(string reason)
     {
-        Interlocked.Increment(ref _tlsFailures);
         if (_tlsLog.ShouldLog(out var more))
         {
             NbdLog.TlsFailed(_logger, reason, LogThrottle.More(more));
         }
+        Interlocked.Increment(ref _tlsFailures);
     }
 
     internal void NoteTlsStarted(string session, string? pskUser)
@@ -536,11 +537,11 @@ public sealed class NbdServer : IDisposable
 
     internal void NoteTlsRequired(uint option)
     {
-        Interlocked.Increment(ref _tlsRequiredRefusals);
         if (_tlsRequiredLog.ShouldLog(out var more))
         {
             NbdLog.TlsRequired(_logger, NbdProtocol.OptionName(option), LogThrottle.More(more));
         }
+        Interlocked.Increment(ref _tlsRequiredRefusals);
     }
 
     internal void NoteRefused() => Interlocked.Increment(ref _refusedRequests);
@@ -549,17 +550,17 @@ public sealed class NbdServer : IDisposable
 
     internal void NoteTargetException(NbdRequest request, Exception e)
     {
-        Interlocked.Increment(ref _targetExceptions);
         if (_targetLog.ShouldLog(out var more))
         {
             NbdLog.TargetThrew(_logger, NbdProtocol.CommandName(request.Type), request.Offset, LogThrottle.More(more), e);
         }
+        Interlocked.Increment(ref _targetExceptions);
     }
 
     internal void NoteInternalError(Exception e)
     {
-        Interlocked.Increment(ref _internalErrors);
         NbdLog.InternalError(_logger, e);
+        Interlocked.Increment(ref _internalErrors);
     }
 
     /// <summary>
