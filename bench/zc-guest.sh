@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs in the guest (bench/zc.sh boots Linux 7.3): the loop target over a RAM block device (brd's
 # /dev/ram0, opened O_DIRECT) with zero copy on and off, against the kernel loop driver over the same
-# device with direct IO, REPS interleaved repetitions of each workload. One line per run into
+# device with direct IO; and the null target with BATCH_IO on and off; REPS interleaved repetitions
+# of each workload. One line per run into
 # OUT/runs.txt: rep workload device iops MiB/s p50_us p99_us cpu_us_per_io.
 set -euo pipefail
 out=$1 reps=$2 rt=$3 cli=$4
@@ -11,12 +12,16 @@ declare -A dev
 dev[kloop]=$(losetup --direct-io=on -f --show /dev/ram0)
 add() {  # name args...
   local name=$1 path; shift
-  path=$("$cli" add -t loop -f /dev/ram0 --direct-io -q 1 -d 128 --max-io 1M "$@") || { log "add $*: failed"; exit 1; }
+  path=$("$cli" add -q 1 -d 128 --max-io 1M "$@") || { log "add $*: failed"; exit 1; }
   dev[$name]=$path
   "$cli" list | grep -F "$path" >&2
 }
-add ublk-zc --zero-copy on
-add ublk-copy --zero-copy off
+loop=(-t loop -f /dev/ram0 --direct-io)
+add ublk-zc "${loop[@]}" --zero-copy on --batch off
+add ublk-zcb "${loop[@]}" --zero-copy on --batch on
+add ublk-copy "${loop[@]}" --zero-copy off --batch off
+add null-batch -t null --size 1G --batch on
+add null-nobatch -t null --size 1G --batch off
 for d in "${!dev[@]}"; do echo none >"/sys/block/${dev[$d]#/dev/}/queue/scheduler" 2>/dev/null || true; done
 # The device's data first: reads of a never-written brd page cost nothing, which would flatter reads.
 dd if=/dev/urandom of=/dev/ram0 bs=1M count=512 oflag=direct status=none
@@ -42,12 +47,14 @@ PY
   rm -f "$f"
   log "$(tail -1 "$out/runs.txt")"
 }
-W=("sr128k-qd16 read 128k 16" "sw128k-qd16 write 128k 16" "rr4k-qd64 randread 4k 64")
-devs=(ublk-zc ublk-copy kloop)
-for d in "${devs[@]}"; do fio --name=warm --filename="${dev[$d]}" --rw=randread --bs=4k --iodepth=64 --ioengine=io_uring --direct=1 --runtime=2 --time_based >/dev/null; done
+W=("sr128k-qd16 read 128k 16 ublk-zc ublk-zcb ublk-copy kloop" "sw128k-qd16 write 128k 16 ublk-zc ublk-zcb ublk-copy kloop"
+   "rr4k-qd64 randread 4k 64 ublk-zc ublk-zcb ublk-copy kloop" "null4k-qd64 randread 4k 64 null-batch null-nobatch"
+   "null4k-qd1 randread 4k 1 null-batch null-nobatch")
+for d in "${!dev[@]}"; do fio --name=warm --filename="${dev[$d]}" --rw=randread --bs=4k --iodepth=64 --ioengine=io_uring --direct=1 --runtime=2 --time_based >/dev/null; done
 for rep in $(seq "$reps"); do
   for w in "${W[@]}"; do
-    read -r name rw bs qd <<<"$w"
+    read -r name rw bs qd devs <<<"$w"
+    read -ra devs <<<"$devs"
     k=$((rep % ${#devs[@]}))
     for d in "${devs[@]:k}" "${devs[@]:0:k}"; do run "$rep" "$name" "$d" "$rw" "$bs" "$qd"; done
   done

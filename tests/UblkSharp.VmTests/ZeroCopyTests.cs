@@ -16,6 +16,15 @@ public class ZeroCopyTests
 {
     private const string Image = "/tmp/ublksharp-zc.img";
 
+    private static bool BatchOffered
+    {
+        get
+        {
+            using var control = ControlDevice.Open();
+            return (control.GetFeatures() & UblkFeatures.BatchIo) != 0;
+        }
+    }
+
     private static bool Offered
     {
         get
@@ -31,13 +40,16 @@ public class ZeroCopyTests
     /// block device (the kernel loop driver over a file), each with zero copy on and off.
     /// </summary>
     [Theory]
-    [InlineData("file", true)]
-    [InlineData("file", false)]
-    [InlineData("direct", true)]
-    [InlineData("direct", false)]
-    [InlineData("blockdev", true)]
-    [InlineData("blockdev", false)]
-    public void FioVerifyPassesWithAndWithoutZeroCopy(string backing, bool zeroCopy)
+    [InlineData("file", true, true)]
+    [InlineData("file", true, false)]
+    [InlineData("file", false, true)]
+    [InlineData("file", false, false)]
+    [InlineData("direct", true, true)]
+    [InlineData("direct", false, false)]
+    [InlineData("blockdev", true, true)]
+    [InlineData("blockdev", true, false)]
+    [InlineData("blockdev", false, true)]
+    public void FioVerifyPassesWithAndWithoutZeroCopy(string backing, bool zeroCopy, bool batch)
     {
         VmEnvironment.RequireDriver();
         using (var f = File.Create(Image))
@@ -61,18 +73,22 @@ public class ZeroCopyTests
                 Depth = 64,
                 MaxIoBytes = 1 << 20,
                 ZeroCopy = zeroCopy ? ZeroCopyMode.Auto : ZeroCopyMode.Off,
+                Batch = batch ? BatchMode.Auto : BatchMode.Off,
             }, e => fatal = e))
             {
                 var usesZeroCopy = (device.Info.flags & (ulong)UblkFeatures.AutoBufReg) != 0;
                 Assert.Equal(zeroCopy && Offered, usesZeroCopy);
+                var usesBatch = (device.Info.flags & (ulong)UblkFeatures.BatchIo) != 0;
+                Assert.Equal(batch && BatchOffered, usesBatch);
                 var r = Fio.Run(device.BlockPath, TimeSpan.FromMinutes(4), "--rw=randwrite", "--bsrange=512-1m", "--verify=crc32c",
                     "--do_verify=1", "--verify_state_save=0", "--size=24M", "--offset_increment=24M");
                 Fio.AssertVerified(r);
                 Assert.Null(fatal);
                 Assert.Equal(0, device.Errors);
                 var (served, fellBack) = Counters(device);
-                VmEnvironment.Log($"{backing}, zero copy {(usesZeroCopy ? "on" : "off")}: {served} requests zero copy, {fellBack} fell back; {r.Summary}");
+                VmEnvironment.Log($"{backing}, zero copy {(usesZeroCopy ? "on" : "off")}, batch {(usesBatch ? "on" : "off")}: {served} requests zero copy, {fellBack} fell back; {r.Summary}");
                 Assert.Equal(0, fellBack);
+                Assert.Equal(0, BatchCommitFailures(device));
                 if (usesZeroCopy)
                 {
                     Assert.True(served >= r.TotalIos, $"only {served} of fio's {r.TotalIos} IOs went zero copy");
@@ -109,6 +125,7 @@ public class ZeroCopyTests
             var dev = CliDevices.Add($"-t loop -f {Image} --io ring --zero-copy auto -q 2");
             var row = CliDevices.List()[CliDevices.IdOf(dev)];
             Assert.Equal(Offered ? "zero-copy" : "copy", row.GetProperty("data").GetString());
+            Assert.Equal(BatchOffered, row.GetProperty("batch").GetBoolean());
             VmEnvironment.ShOk($"mkfs.ext4 -q -F {dev} && mount {dev} {mnt} && mkdir -p {mnt}/a/b && " +
                 $"head -c 20000000 /dev/urandom > {mnt}/a/big && seq 1 100000 > {mnt}/a/b/seq && cp -r /usr/share/doc/fio {mnt}/doc && " +
                 $"sha256sum {mnt}/a/big {mnt}/a/b/seq > /tmp/ublksharp-zc.sums && umount {mnt}", TimeSpan.FromMinutes(3));
@@ -165,6 +182,46 @@ public class ZeroCopyTests
         {
             CliDevices.CleanUp();
             File.Delete(Image);
+        }
+    }
+
+    /// <summary>
+    /// `--batch on` where batched IO cannot be had is refused before a device exists: with
+    /// --recovery, at depth 1, and on a kernel without BATCH_IO; where it can, `list` says so.
+    /// </summary>
+    [Fact]
+    public void BatchOnIsRefusedWhereItCannotBeHad()
+    {
+        VmEnvironment.RequireDriver();
+        try
+        {
+            var (code, output) = VmEnvironment.RunCli("add -t null --size 16M --batch on --recovery on");
+            Assert.True(code != 0 && output.Contains("--recovery", StringComparison.Ordinal) && !output.Contains("   at ", StringComparison.Ordinal),
+                $"--batch on --recovery on: exit {code}:\n{output}");
+            (code, output) = VmEnvironment.RunCli("add -t null --size 16M --batch on -d 1");
+            Assert.True(code != 0 && output.Contains("depth 1", StringComparison.Ordinal), $"--batch on -d 1: exit {code}:\n{output}");
+            (code, output) = VmEnvironment.RunCli("add -t null --size 16M --batch maybe");
+            Assert.True(code != 0 && output.Contains("auto, on or off", StringComparison.Ordinal), $"--batch maybe: exit {code}:\n{output}");
+            Assert.Empty(VmEnvironment.DeviceIds());
+            (code, output) = VmEnvironment.RunCli("add -t null --size 16M --batch on");
+            if (BatchOffered)
+            {
+                Assert.True(code == 0, $"--batch on: exit {code}:\n{output}");
+                var id = VmEnvironment.DeviceIds().Single();
+                Assert.True(CliDevices.List()[id].GetProperty("batch").GetBoolean(), "list does not show the device as batched");
+                var r = Fio.Run($"/dev/ublkb{id}", TimeSpan.FromMinutes(2), "--rw=randread", "--bs=4k", "--size=8M", "--io_size=16M");
+                Assert.True(r.ExitCode == 0 && r.Error == 0 && r.ReadIos >= 4096, $"fio on the batched null device: {r}");
+                CliDevices.Del(id);
+            }
+            else
+            {
+                Assert.True(code != 0 && output.Contains("BATCH_IO", StringComparison.Ordinal), $"--batch on without BATCH_IO: exit {code}:\n{output}");
+            }
+            Assert.Empty(VmEnvironment.DeviceIds());
+        }
+        finally
+        {
+            CliDevices.CleanUp();
         }
     }
 
@@ -232,9 +289,16 @@ public class ZeroCopyTests
     /// <summary>Requests the device's queues served zero copy, and those that fell back to copying.</summary>
     private static (long Served, long FellBack) Counters(UblkDevice device)
     {
+        var queues = Queues(device);
+        return (queues.Sum(q => q.ZeroCopyRequests), queues.Sum(q => q.ZeroCopyFallbacks));
+    }
+
+    private static long BatchCommitFailures(UblkDevice device) => Queues(device).Sum(q => q.BatchCommitFailures);
+
+    private static UblkQueue[] Queues(UblkDevice device)
+    {
         var field = typeof(UblkDevice).GetField("_queues", BindingFlags.NonPublic | BindingFlags.Instance);
         Assert.NotNull(field);
-        var queues = (UblkQueue[])field.GetValue(device)!;
-        return (queues.Sum(q => q.ZeroCopyRequests), queues.Sum(q => q.ZeroCopyFallbacks));
+        return (UblkQueue[])field.GetValue(device)!;
     }
 }

@@ -25,12 +25,13 @@ internal static class AddCommand
         var startTimeout = new Option<int>("--start-timeout") { Description = "Seconds the device may take to start (the kernel reads its partition table through the target)", DefaultValueFactory = _ => 60 };
         var noPartitionScan = new Option<bool>("--no-partition-scan") { Description = "Do not read a partition table when the device starts (Linux 7.0+)" };
         var zeroCopy = new Option<string>("--zero-copy") { Description = "Zero copy (AUTO_BUF_REG, Linux 6.16+; loop on a file or block device served on the ring): auto (where it can be had; the default), on (or fail), off", DefaultValueFactory = _ => "auto" };
+        var batch = new Option<string>("--batch") { Description = "Batched IO commands (BATCH_IO, Linux 7.0+): auto (where offered; the default), on (or fail), off", DefaultValueFactory = _ => "auto" };
         var readyFile = new Option<string?>("--ready-file") { Hidden = true };
         var metrics = new MetricsOptions();
 
         var command = new Command("add", "Create a ublk device and serve it")
         {
-            number, queues, depth, maxIo, foreground, recovery, supervise, autoclear, startTimeout, noPartitionScan, zeroCopy, readyFile,
+            number, queues, depth, maxIo, foreground, recovery, supervise, autoclear, startTimeout, noPartitionScan, zeroCopy, batch, readyFile,
         };
         metrics.AddTo(command);
         target.AddTo(command);
@@ -50,6 +51,7 @@ internal static class AddCommand
                 StartTimeout = TimeSpan.FromSeconds(r.GetValue(startTimeout)),
                 NoPartitionScan = r.GetValue(noPartitionScan),
                 ZeroCopy = ZeroCopyModes.Parse(r.GetValue(zeroCopy)!),
+                Batch = BatchModes.Parse(r.GetValue(batch)!),
             };
             options.Validate();
             if (r.GetValue(supervise) && options.Recovery is not (RecoveryMode.On or RecoveryMode.Reissue))
@@ -127,7 +129,7 @@ internal static class AddCommand
         {
             throw new ArgumentException(UblkDevice.UnprivilegedRecoveryRefused);
         }
-        if (!options.NoPartitionScan && options.Recovery != RecoveryMode.FailIo)
+        if (!options.NoPartitionScan && options.Recovery != RecoveryMode.FailIo && options.Batch != BatchMode.On)
         {
             return;
         }
@@ -136,6 +138,14 @@ internal static class AddCommand
         if (options.NoPartitionScan && (offered & Ublk.UblkFeatures.NoAutoPartScan) == 0)
         {
             throw new NotSupportedException($"--no-partition-scan needs NO_AUTO_PART_SCAN (Linux 7.0+); this kernel's ublk driver ({Environment.OSVersion.Version}) does not offer it");
+        }
+        if (options.Batch == BatchMode.On && UblkDevice.BatchRefusal(options) is { } why)
+        {
+            throw new NotSupportedException($"--batch on: {why}");
+        }
+        if (options.Batch == BatchMode.On && (offered & Ublk.UblkFeatures.BatchIo) == 0)
+        {
+            throw new NotSupportedException($"--batch on needs BATCH_IO (Linux 7.0+); this kernel's ublk driver ({Environment.OSVersion.Version}) does not offer it");
         }
         if (options.Recovery == RecoveryMode.FailIo && (offered & Ublk.UblkFeatures.UserRecoveryFailIo) == 0)
         {

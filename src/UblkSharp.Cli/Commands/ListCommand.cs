@@ -65,10 +65,10 @@ internal static class ListCommand
             }
             else
             {
-                Console.WriteLine($"{"ID",-4} {"STATE",-9} {"PID",-8} {"QUEUES",-6} {"DEPTH",-5} {"SIZE",-10} {"TARGET",-7} {"PATH",-14} {"VERSION",-14} {"DATA",-9} FLAGS");
+                Console.WriteLine($"{"ID",-4} {"STATE",-9} {"PID",-8} {"QUEUES",-6} {"DEPTH",-5} {"SIZE",-10} {"TARGET",-7} {"PATH",-14} {"VERSION",-14} {"DATA",-15} FLAGS");
                 foreach (var x in rows)
                 {
-                    Console.WriteLine($"{x.Id,-4} {(x.Orphan is null ? x.State : "ORPHAN"),-9} {x.Pid,-8} {x.Queues,-6} {x.Depth,-5} {ByteSize.Format(x.Size),-10} {x.Target,-7} {x.Path,-14} {ShortVersion(x.Version),-14} {x.Data,-9} {x.Flags}");
+                    Console.WriteLine($"{x.Id,-4} {(x.Orphan is null ? x.State : "ORPHAN"),-9} {x.Pid,-8} {x.Queues,-6} {x.Depth,-5} {ByteSize.Format(x.Size),-10} {x.Target,-7} {x.Path,-14} {ShortVersion(x.Version),-14} {x.Data + (x.Batch ? "+batch" : ""),-15} {x.Flags}");
                 }
                 // The reason would not fit a column: one line per orphan under the table.
                 foreach (var x in rows.Where(x => x.Orphan is not null))
@@ -106,6 +106,7 @@ internal static class ListCommand
                 w.WriteString("target", x.Target);
                 w.WriteString("flags", x.Flags);
                 w.WriteString("data", x.Data);
+                w.WriteBoolean("batch", x.Batch);
                 // The same, as a list: which ublk features (recovery mode, SAFE_STOP_DEV, ...) the device uses.
                 w.WriteStartArray("features");
                 foreach (var name in x.Flags.Split('|', StringSplitOptions.RemoveEmptyEntries).Where(n => n != "none"))
@@ -143,5 +144,8 @@ internal static class ListCommand
         => (flags & UblkFeatures.AutoBufReg) != 0 ? "zero-copy" : (flags & UblkFeatures.UserCopy) != 0 ? "user-copy" : "copy";
 
     private sealed record Row(uint Id, string State, int Pid, int Queues, int Depth, long Size, string Target, string Flags, string Data, string Path,
-        Dictionary<string, string>? Recipe, string? Orphan, string? Version);
+        Dictionary<string, string>? Recipe, string? Orphan, string? Version)
+    {
+        public bool Batch => Flags.Split('|').Contains("BATCH_IO");
+    }
 }

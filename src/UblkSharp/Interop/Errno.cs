@@ -32,6 +32,7 @@ public static class Errno
     public const int ENOSYS = 38;
     public const int ETIME = 62;
     public const int EOVERFLOW = 75;
+    public const int ENOBUFS = 105;
     public const int EOPNOTSUPP = 95;
     public const int ETIMEDOUT = 110;
     public const int EALREADY = 114;

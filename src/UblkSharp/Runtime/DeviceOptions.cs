@@ -39,6 +39,13 @@ public sealed record DeviceOptions
     /// </summary>
     public ZeroCopyMode ZeroCopy { get; init; } = ZeroCopyMode.Auto;
 
+    /// <summary>
+    /// Batched IO commands (BATCH_IO, Linux 7.0+): a queue fetches many requests per completion and
+    /// commits the results of a pass of its loop in one command. Auto uses it where the driver offers
+    /// it; On refuses to add the device otherwise.
+    /// </summary>
+    public BatchMode Batch { get; init; } = BatchMode.Auto;
+
     /// <summary>Pin each queue thread to the CPUs blk-mq maps to its queue (GET_QUEUE_AFFINITY).</summary>
     public bool PinQueues { get; init; } = true;
 
@@ -102,5 +109,30 @@ public static class ZeroCopyModes
         "on" => ZeroCopyMode.On,
         "off" => ZeroCopyMode.Off,
         _ => throw new ArgumentException($"--zero-copy {text}: use auto, on or off"),
+    };
+}
+
+/// <summary>Whether a device uses BATCH_IO (<see cref="DeviceOptions.Batch"/>).</summary>
+public enum BatchMode
+{
+    /// <summary>Where the driver offers it.</summary>
+    Auto,
+
+    /// <summary>Always; adding the device fails where the driver lacks it.</summary>
+    On,
+
+    /// <summary>Never: a FETCH and a COMMIT_AND_FETCH per request.</summary>
+    Off,
+}
+
+/// <summary>The CLI's spellings of <see cref="BatchMode"/>.</summary>
+public static class BatchModes
+{
+    public static BatchMode Parse(string text) => text switch
+    {
+        "auto" => BatchMode.Auto,
+        "on" => BatchMode.On,
+        "off" => BatchMode.Off,
+        _ => throw new ArgumentException($"--batch {text}: use auto, on or off"),
     };
 }

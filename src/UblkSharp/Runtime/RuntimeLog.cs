@@ -43,6 +43,9 @@ internal static partial class RuntimeLog
     [LoggerMessage(EventId = 116, Level = LogLevel.Warning, Message = "queue {Queue}: {Op} of {Length} bytes at {Offset} failed: {Error}")]
     public static partial void IoFailed(ILogger logger, int queue, IoOp op, long length, long offset, string error);
 
+    [LoggerMessage(EventId = 118, Level = LogLevel.Error, Message = "queue {Queue}: the driver took {Taken} of {Count} commits of a COMMIT_IO_CMDS ({Result}); the rest are left unanswered")]
+    public static partial void BatchCommitRefused(ILogger logger, int queue, int taken, int count, string result);
+
     [LoggerMessage(EventId = 117, Level = LogLevel.Warning, Message = "queue {Queue}: target failed to close its backend")]
     public static partial void BackendCloseFailed(ILogger logger, int queue, Exception exception);
 

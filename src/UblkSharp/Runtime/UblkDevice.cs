@@ -128,13 +128,25 @@ public sealed class UblkDevice : IDisposable
         {
             var wanted = options.Flags | options.Recovery.Flags() | (options.NoPartitionScan ? UblkFeatures.NoAutoPartScan : 0)
                 | (unprivileged ? UblkFeatures.UnprivilegedDev : 0);
-            var zeroCopy = ZeroCopyFlags(control, target, options.ZeroCopy, unprivileged);
+            var dataPath = ZeroCopyFlags(control, target, options.ZeroCopy, unprivileged);
             if (options.ZeroCopy == ZeroCopyMode.On)
             {
                 wanted |= UblkFeatures.AutoBufReg; // so that a driver dropping it is caught below
             }
+            if (options.Batch == BatchMode.On)
+            {
+                if (BatchRefusal(options) is { } why)
+                {
+                    throw new NotSupportedException($"--batch on: {why}");
+                }
+                wanted |= UblkFeatures.BatchIo; // refused below, with the kernel it needs, where not offered
+            }
+            else if (options.Batch == BatchMode.Auto && BatchRefusal(options) is null && (Offered(control) & UblkFeatures.BatchIo) != 0)
+            {
+                dataPath |= UblkFeatures.BatchIo;
+            }
             RequireFeatures(control, wanted);
-            var optional = zeroCopy | (WantsUserCopy(control, target, wanted) ? UblkFeatures.UserCopy : 0);
+            var optional = dataPath | (WantsUserCopy(control, target, wanted) ? UblkFeatures.UserCopy : 0);
             // A recoverable device can also be quiesced for a hand-over where the driver can (6.16+).
             if (options.Recovery != RecoveryMode.Off && (Offered(control) & UblkFeatures.Quiesce) != 0)
             {
@@ -549,6 +561,22 @@ public sealed class UblkDevice : IDisposable
         return UblkFeatures.AutoBufReg | (offered & UblkFeatures.UserCopy);
     }
 
+    /// <summary>
+    /// Why a device with these options does not get BATCH_IO, or null. On 7.3, batched devices lost
+    /// reads across QUIESCE_DEV (a hand-over or upgrade) in our tests, and ADD_DEV refused a batched
+    /// depth-1 queue (EINVAL): until that is understood, recoverable devices (which are quiesced for
+    /// upgrades) and depth 1 keep a command per request.
+    /// </summary>
+    public static string? BatchRefusal(DeviceOptions options)
+    {
+        ArgumentNullException.ThrowIfNull(options);
+        if (options.Recovery != RecoveryMode.Off)
+        {
+            return "batched IO is not used with --recovery yet: on Linux 7.3 it lost reads across QUIESCE_DEV, which hand-overs and upgrades use";
+        }
+        return options.Depth < 2 ? "Linux 7.3 refused a batched queue of depth 1 (ADD_DEV: EINVAL)" : null;
+    }
+
     private static void ValidateTarget(BlockTarget target)
     {
         var lbs = target.LogicalBlockSize;
@@ -592,7 +620,8 @@ public sealed class UblkDevice : IDisposable
             // A recovered device keeps the flags it was created with: USER_COPY is the kernel's say, not the target's.
             var userCopy = (Info.flags & (ulong)UblkFeatures.UserCopy) != 0;
             var zeroCopy = (Info.flags & (ulong)UblkFeatures.AutoBufReg) != 0;
-            _queues[q] = new UblkQueue(q, Info.queue_depth, (int)Info.max_io_buf_bytes, _charFd, _target, userCopy, zeroCopy, cpus, onFatal, _options.LoggerFactory.CreateLogger<UblkQueue>());
+            var batch = (Info.flags & (ulong)UblkFeatures.BatchIo) != 0;
+            _queues[q] = new UblkQueue(q, Info.queue_depth, (int)Info.max_io_buf_bytes, _charFd, _target, userCopy, zeroCopy, batch, cpus, onFatal, _options.LoggerFactory.CreateLogger<UblkQueue>());
             _queues[q].Start(TimeSpan.FromSeconds(30));
         }
         if (recovering)

@@ -39,6 +39,9 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
     // buffer table before handing it over, and takes them out at its commit; the backend's READ/WRITE
     // use that slot. A request it could not install comes flagged NEED_REG_BUF and is copied (USER_COPY).
     private readonly bool _zeroCopy;
+    // BATCH_IO: fetches and commits go in batches (see BatchIo) instead of a command per request.
+    private readonly bool _batch;
+    private BatchIo? _batchIo;
     private readonly IUserCopyTarget? _direct;
     private readonly int _blockSize;
     private readonly int[]? _cpus;
@@ -90,10 +93,11 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
     private int[] _reapResults = [];
     private bool _reapAgainPending;
 
-    public UblkQueue(int queueId, int depth, int maxIo, int charFd, BlockTarget target, bool userCopy, bool zeroCopy, int[]? cpus, Action<Exception> onFatal, ILogger logger)
+    public UblkQueue(int queueId, int depth, int maxIo, int charFd, BlockTarget target, bool userCopy, bool zeroCopy, bool batch, int[]? cpus, Action<Exception> onFatal, ILogger logger)
     {
         _userCopy = userCopy;
         _zeroCopy = zeroCopy;
+        _batch = batch;
         _direct = userCopy && !zeroCopy ? target as IUserCopyTarget : null;
         _queueId = queueId;
         _depth = depth;
@@ -131,6 +135,9 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
 
     /// <summary>Reads and writes of a zero-copy device whose buffer the driver could not install (NEED_REG_BUF), served by copying.</summary>
     public long ZeroCopyFallbacks { get; private set; }
+
+    /// <summary>Commits the driver refused in a COMMIT_IO_CMDS (BATCH_IO); 0 unless something is wrong.</summary>
+    public long BatchCommitFailures => _batchIo?.CommitFailures ?? 0;
 
     /// <summary>Backend steps retried (short, EAGAIN).</summary>
     public long Retries { get; private set; }
@@ -334,7 +341,23 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
         for (var tag = 0; tag < _depth; tag++)
         {
             _tags[tag].Buffer = _buffers.Pointer + ((long)tag * _maxIo);
-            QueueCommand(UblkCommands.FetchReq, tag, 0);
+        }
+        if (_batch)
+        {
+            _batchIo = new BatchIo(_ring, _queueId, _depth, KindCommand, withAddress: !_userCopy && !_zeroCopy, autoBufReg: _zeroCopy);
+            var buffers = new byte*[_depth];
+            for (var tag = 0; tag < _depth; tag++)
+            {
+                buffers[tag] = _tags[tag].Buffer;
+            }
+            _batchIo.Start(buffers);
+        }
+        else
+        {
+            for (var tag = 0; tag < _depth; tag++)
+            {
+                QueueCommand(UblkCommands.FetchReq, tag, 0);
+            }
         }
         _ring.Submit();
     }
@@ -347,6 +370,7 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
         var wait = 1u;
         while (true)
         {
+            _batchIo?.Flush();
             ring.SubmitAndWait(wait);
             var handled = 0;
             if (_allocationBaseline >= 0)
@@ -366,7 +390,7 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
                 {
                     ref readonly var cqe = ref ring.CompletionAt(i);
                     handled++;
-                    OnCompletion(cqe.user_data, cqe.res);
+                    OnCompletion(cqe.user_data, cqe.res, cqe.flags);
                 }
                 ring.AdvanceCompletions(ready);
             }
@@ -405,11 +429,14 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
         }
     }
 
-    private void OnCompletion(ulong userData, int res)
+    private void OnCompletion(ulong userData, int res, uint flags)
     {
         var tag = (int)(userData & 0xffff);
         switch (userData & KindMask)
         {
+            case KindCommand when (userData & BatchIo.SubMask) != 0:
+                OnBatchCommand(userData, res, flags);
+                break;
             case KindCommand:
                 OnCommand(tag, res);
                 break;
@@ -563,6 +590,53 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
             }
         }
         StartBackend(tag);
+    }
+
+    /// <summary>A batch command completed: a fetch's tags are served as FETCH completions are; a commit's buffer is free again.</summary>
+    private void OnBatchCommand(ulong userData, int res, uint flags)
+    {
+        var batch = _batchIo!;
+        if ((userData & BatchIo.SubMask) != BatchIo.SubFetch)
+        {
+            batch.OnCommitted(userData, res, out var taken, out var count);
+            if (taken == count)
+            {
+                return;
+            }
+            if ((userData & BatchIo.SubMask) == BatchIo.SubPrep)
+            {
+                throw new ErrnoException(res < 0 ? -res : Errno.EINVAL, $"ublk PREP_IO_CMDS (queue {_queueId})");
+            }
+            // Never expected (the driver refuses only a tag it does not hand us): said, counted, and
+            // those requests stay unanswered rather than be committed twice.
+            if (batch.CommitFailures <= 10)
+            {
+                RuntimeLog.BatchCommitRefused(_logger, _queueId, taken, count, res < 0 ? Errno.Describe(res) : $"{res} bytes");
+            }
+            return;
+        }
+        var armed = batch.OnFetched(userData, res, flags, out var tags);
+        foreach (var tag in tags)
+        {
+            if (tag >= _depth)
+            {
+                if (++ExactlyOnceViolations <= 10)
+                {
+                    RuntimeLog.StrayCompletion(_logger, _queueId, tag);
+                }
+                continue;
+            }
+            OnCommand(tag, 0);
+        }
+        if (!armed)
+        {
+            if (res != UblkCommands.IoResAbort)
+            {
+                throw new ErrnoException(-res, $"ublk FETCH_IO_CMDS (queue {_queueId})");
+            }
+            // The device is stopping or quiesced: no request comes any more.
+            _ending = true;
+        }
     }
 
     private void ArmNotification()
@@ -943,6 +1017,12 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
 
     private void QueueCommand(uint op, int tag, int result)
     {
+        if (_batchIo is not null)
+        {
+            // Every tag was fetched by PREP_IO_CMDS: a commit goes with the pass's others (Serve flushes them).
+            _batchIo.Commit(tag, result, _tags[tag].Buffer);
+            return;
+        }
         // Under USER_COPY and AUTO_BUF_REG the driver copies nothing, and the command's addr must be 0.
         var cmd = new IoCmd { q_id = (ushort)_queueId, tag = (ushort)tag, result = result, addr = _userCopy || _zeroCopy ? 0 : (ulong)_tags[tag].Buffer };
         ref var sqe = ref _ring!.PrepareUringCmd(0, op, cmd, KindCommand | (ulong)tag);
@@ -975,6 +1055,7 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
             // The queue is going anyway; the rest below must still be released.
             RuntimeLog.BackendCloseFailed(_logger, _queueId, e);
         }
+        _batchIo?.Dispose(); // its buffers were the kernel's to write until the ring closed
         _descMap?.Dispose();
         _buffers?.Dispose();
         if (_notifyBuffer != null)

@@ -157,6 +157,33 @@ public struct IoCmd
     [FieldOffset(8)] public ulong addr;
 }
 
+/// <summary>sqe->cmd of a batch IO command (struct ublk_batch_io, BATCH_IO): PREP_IO_CMDS, COMMIT_IO_CMDS, FETCH_IO_CMDS.</summary>
+[StructLayout(LayoutKind.Explicit, Size = 16)]
+public struct BatchIoCmd
+{
+    /// <summary>Elements carry the tag's buffer address after their 8-byte header (copy mode).</summary>
+    public const ushort HasBufAddr = 1 << 1;
+
+    /// <summary>AUTO_BUF_REG's fallback for every element's buffer index.</summary>
+    public const ushort AutoBufRegFallback = 1 << 2;
+
+    [FieldOffset(0)] public ushort q_id;
+    [FieldOffset(2)] public ushort flags;
+    [FieldOffset(4)] public ushort nr_elem;
+    [FieldOffset(6)] public byte elem_bytes;
+    [FieldOffset(7)] public byte reserved;
+    [FieldOffset(8)] public ulong reserved2;
+}
+
+/// <summary>struct ublk_elem_header: one tag of a PREP_IO_CMDS or COMMIT_IO_CMDS buffer (8 bytes, then the buffer address if <see cref="BatchIoCmd.HasBufAddr"/>).</summary>
+[StructLayout(LayoutKind.Sequential)]
+public struct BatchElem
+{
+    public ushort tag;
+    public ushort buf_index;
+    public int result;
+}
+
 public enum IoOp : byte
 {
     Read = 0,

@@ -32,6 +32,11 @@ public static class UblkCommands
     public static readonly uint CommitAndFetchReq = Io(0x21);
     public static readonly uint NeedGetData = Io(0x22);
 
+    // BATCH_IO (Linux 7.0+): struct ublk_batch_io is 16 bytes, as struct ublksrv_io_cmd.
+    public static readonly uint PrepIoCmds = Io(0x25);
+    public static readonly uint CommitIoCmds = Io(0x26);
+    public static readonly uint FetchIoCmds = Io(0x27);
+
     /// <summary>CQE res of an IO command when the device is going away.</summary>
     public const int IoResAbort = -19; // -ENODEV
 

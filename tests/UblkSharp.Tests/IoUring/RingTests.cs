@@ -388,6 +388,22 @@ public unsafe class RingTests
             {
                 Assert.Equal((byte)i, buf[i]);
             }
+
+            // Reset forgets what was used of the buffer: the next receive starts a fresh one.
+            br.Reset();
+            br.Add(buf + 2048, 2048, 4);
+            br.Advance(1);
+            data[0] = 0xab;
+            Assert.Equal(1, (int)Libc.write(fds[1], data, 1));
+            ref var again = ref ring.GetSqe();
+            again.PrepareRecv(fds[0], null, 0, MsgFlags.None, 2);
+            again.flags |= SqeFlags.BufferSelect;
+            again.buf_group = 7;
+            ring.SubmitAndWait(1);
+            Assert.True(ring.TryGetCompletion(out var last));
+            Assert.Equal(1, last.res);
+            Assert.Equal(4u, last.flags >> CqeFlags.BufferShift);
+            Assert.Equal(0xab, buf[2048]);
         }
         finally
         {

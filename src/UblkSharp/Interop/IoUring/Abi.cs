@@ -181,6 +181,13 @@ internal struct ProvidedBuffer
     public ushort resv;
 }
 
+/// <summary>uring_cmd_flags of a URING_CMD SQE.</summary>
+public static class UringCmdFlags
+{
+    /// <summary>IORING_URING_CMD_MULTISHOT (Linux 7.0+): one command, many completions, each in a provided buffer.</summary>
+    public const uint Multishot = 1u << 1;
+}
+
 /// <summary>CQE flags (IORING_CQE_F_*).</summary>
 public static class CqeFlags
 {

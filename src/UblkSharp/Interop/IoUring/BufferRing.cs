@@ -17,9 +17,12 @@ public sealed unsafe class BufferRing : IDisposable
     private ushort _tail;
     private bool _registered;
 
+    private readonly ushort _count;
+
     private BufferRing(Ring ring, ushort groupId, ushort entries, bool incremental)
     {
         _ring = ring;
+        _count = entries;
         GroupId = groupId;
         Incremental = incremental;
         _mask = (ushort)(entries - 1);
@@ -43,9 +46,7 @@ public sealed unsafe class BufferRing : IDisposable
         var br = new BufferRing(ring, groupId, entries, incremental);
         try
         {
-            var reg = new BufReg { ring_addr = (ulong)br._entries, ring_entries = entries, bgid = groupId, flags = (ushort)(incremental ? IncrementalFlag : 0) };
-            ring.RegisterRaw(RegisterOp.PbufRing, &reg, 1, "IORING_REGISTER_PBUF_RING");
-            br._registered = true;
+            br.RegisterNow();
             return br;
         }
         catch
@@ -53,6 +54,28 @@ public sealed unsafe class BufferRing : IDisposable
             br.Dispose();
             throw;
         }
+    }
+
+    private void RegisterNow()
+    {
+        var reg = new BufReg { ring_addr = (ulong)_entries, ring_entries = _count, bgid = GroupId, flags = (ushort)(Incremental ? IncrementalFlag : 0) };
+        _ring.RegisterRaw(RegisterOp.PbufRing, &reg, 1, "IORING_REGISTER_PBUF_RING");
+        _registered = true;
+    }
+
+    /// <summary>
+    /// Empties the ring: unregisters it and registers the same memory again, with head and tail at 0.
+    /// For when it is not known how much of the buffers the kernel used (a multishot request that
+    /// ended early); allocates nothing. No request may be using the group meanwhile.
+    /// </summary>
+    public void Reset()
+    {
+        var reg = new BufReg { bgid = GroupId };
+        _ring.RegisterRaw(RegisterOp.UnregisterPbufRing, &reg, 1, "IORING_UNREGISTER_PBUF_RING");
+        _registered = false;
+        _tail = 0;
+        Volatile.Write(ref ((ushort*)_entries)[7], 0);
+        RegisterNow();
     }
 
     /// <summary>IOU_PBUF_RING_INC.</summary>
