@@ -122,12 +122,16 @@ internal sealed unsafe class BatchIo : IDisposable
         _commitCount[i]++;
     }
 
-    /// <summary>Sends the queued commits as one COMMIT_IO_CMDS, unless every buffer is still in flight (then the next pass does).</summary>
-    public void Flush()
+    /// <summary>
+    /// Sends the queued commits as one COMMIT_IO_CMDS, unless every buffer is still in flight (then
+    /// the next pass does). True when a command went: its completion is one the loop should not
+    /// count as something to do.
+    /// </summary>
+    public bool Flush()
     {
         if (_commitCount[_current] == 0)
         {
-            return;
+            return false;
         }
         var next = -1;
         for (var k = 1; k < CommitBuffers; k++)
@@ -141,11 +145,12 @@ internal sealed unsafe class BatchIo : IDisposable
         }
         if (next < 0)
         {
-            return; // a completion frees one, and wakes the loop that flushes again
+            return false; // a completion frees one, and wakes the loop that flushes again
         }
         Submit(UblkCommands.CommitIoCmds);
         _current = next;
         _commitCount[next] = 0;
+        return true;
     }
 
     private void Submit(uint op)

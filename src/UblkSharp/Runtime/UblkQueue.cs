@@ -370,8 +370,11 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
         var wait = 1u;
         while (true)
         {
-            _batchIo?.Flush();
-            ring.SubmitAndWait(wait);
+            // A COMMIT_IO_CMDS completes at once (the driver takes it at submission): waiting for
+            // one completion would return for it alone and cost a second enter per request at qd1,
+            // so the wait counts it on top of the one event waited for.
+            var commitSent = _batchIo?.Flush() == true;
+            ring.SubmitAndWait(wait == 0 ? 0 : commitSent ? wait + 1 : wait);
             var handled = 0;
             if (_allocationBaseline >= 0)
             {
