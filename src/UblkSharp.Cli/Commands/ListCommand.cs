@@ -56,7 +56,7 @@ internal static class ListCommand
                     CliLog.Warning($"device {id}: {e.Message}");
                 }
                 rows.Add(new Row(id, ((DeviceState)info.state).ToString().ToUpperInvariant(), info.ublksrv_pid, info.nr_hw_queues, info.queue_depth,
-                    size, record?.Target ?? "?", UblkFeatureNames.Format((UblkFeatures)info.flags), DataPath((UblkFeatures)info.flags), $"/dev/ublkb{id}", record?.Recipe,
+                    size, record?.Target ?? "?", UblkFeatureNames.Format((UblkFeatures)info.flags), DataPath((UblkFeatures)info.flags), (info.flags & (ulong)UblkFeatures.BatchIo) != 0, $"/dev/ublkb{id}", record?.Recipe,
                     Orphans.Reason(id, info, record), record?.Version));
             }
             if (r.GetValue(json))
@@ -143,9 +143,6 @@ internal static class ListCommand
     internal static string DataPath(UblkFeatures flags)
         => (flags & UblkFeatures.AutoBufReg) != 0 ? "zero-copy" : (flags & UblkFeatures.UserCopy) != 0 ? "user-copy" : "copy";
 
-    private sealed record Row(uint Id, string State, int Pid, int Queues, int Depth, long Size, string Target, string Flags, string Data, string Path,
-        Dictionary<string, string>? Recipe, string? Orphan, string? Version)
-    {
-        public bool Batch => Flags.Split('|').Contains("BATCH_IO");
-    }
+    private sealed record Row(uint Id, string State, int Pid, int Queues, int Depth, long Size, string Target, string Flags, string Data, bool Batch, string Path,
+        Dictionary<string, string>? Recipe, string? Orphan, string? Version);
 }

@@ -371,12 +371,7 @@ public unsafe class RingTests
                     data[i] = (byte)(sent + i);
                 }
                 Assert.Equal(n, (int)Libc.write(fds[1], data, (nuint)n));
-                ref var sqe = ref ring.GetSqe();
-                sqe.PrepareRecv(fds[0], null, 0, MsgFlags.None, 1);
-                sqe.flags |= SqeFlags.BufferSelect;
-                sqe.buf_group = 7;
-                ring.SubmitAndWait(1);
-                Assert.True(ring.TryGetCompletion(out var cqe));
+                var cqe = ReceiveSelected(ring, fds[0], 7);
                 Assert.Equal(n, cqe.res);
                 Assert.True((cqe.flags & CqeFlags.Buffer) != 0, $"no buffer in the CQE's flags {cqe.flags:x}");
                 Assert.Equal(3u, cqe.flags >> CqeFlags.BufferShift);
@@ -395,12 +390,7 @@ public unsafe class RingTests
             br.Advance(1);
             data[0] = 0xab;
             Assert.Equal(1, (int)Libc.write(fds[1], data, 1));
-            ref var again = ref ring.GetSqe();
-            again.PrepareRecv(fds[0], null, 0, MsgFlags.None, 2);
-            again.flags |= SqeFlags.BufferSelect;
-            again.buf_group = 7;
-            ring.SubmitAndWait(1);
-            Assert.True(ring.TryGetCompletion(out var last));
+            var last = ReceiveSelected(ring, fds[0], 7);
             Assert.Equal(1, last.res);
             Assert.Equal(4u, last.flags >> CqeFlags.BufferShift);
             Assert.Equal(0xab, buf[2048]);
@@ -411,6 +401,18 @@ public unsafe class RingTests
             _ = Libc.close(fds[0]);
             _ = Libc.close(fds[1]);
         }
+    }
+
+    /// <summary>One RECV into a buffer the kernel picks from <paramref name="group"/>; its completion.</summary>
+    private static Cqe ReceiveSelected(Ring ring, int fd, ushort group)
+    {
+        ref var sqe = ref ring.GetSqe();
+        sqe.PrepareRecv(fd, null, 0, MsgFlags.None, 1);
+        sqe.flags |= SqeFlags.BufferSelect;
+        sqe.buf_group = group;
+        ring.SubmitAndWait(1);
+        Assert.True(ring.TryGetCompletion(out var cqe));
+        return cqe;
     }
 
     [Fact]
