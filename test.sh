@@ -143,11 +143,11 @@ vmdll=artifacts/vmtests/UblkSharp.VmTests.dll
 vm_classes() { # trait-filter-args...: the classes the filters select, narrowed by UBLKSHARP_VM_CLASSES
   dotnet "$vmdll" -list classes -noColor "$@" 2>/dev/null | grep -E '^UblkSharp\.VmTests\.' | grep -E "${UBLKSHARP_VM_CLASSES:-.}"
 }
-vm_boot() { # kernel name classes...
-  local k=$1 name=$2 args="" c cstart=$SECONDS; shift 2
-  for c in "$@"; do args+=" -class $c"; done
+vm_boot() { # kernel name classes...: a class with the trait cpus=4 gets a guest with 4 CPUs (one per queue it tests)
+  local k=$1 name=$2 args="" c cpus=2 cstart=$SECONDS; shift 2
+  for c in "$@"; do args+=" -class $c"; if grep -qxF "$c" <<<"$cpus4"; then cpus=4; fi; done
   echo "--- $name (Linux $k)"
-  run_counted "$name on $k" tools/ublksharp-vm -k "$k" -t "${UBLKSHARP_VM_TIMEOUT:-1200}" -- "dotnet $vmdll -noColor$args ${filter[*]}"
+  run_counted "$name on $k" tools/ublksharp-vm -k "$k" -c "$cpus" -t "${UBLKSHARP_VM_TIMEOUT:-1200}" -- "dotnet $vmdll -noColor$args ${filter[*]}"
   echo "($name on Linux $k took $((SECONDS - cstart)) s)"
 }
 vm_suite() { # kernel
@@ -161,6 +161,7 @@ vm_suite() { # kernel
     return
   fi
   shared=$(vm_classes -trait boot=shared)
+  cpus4=$(vm_classes -trait cpus=4)
   for class in $classes; do
     if grep -qxF "$class" <<<"$shared"; then batch+=("$class"); else vm_boot "$k" "$class" "$class"; fi
     if [ ${#batch[@]} -ge "$size" ]; then vm_boot "$k" "$(IFS=,; echo "${batch[*]##*.}")" "${batch[@]}"; batch=(); fi

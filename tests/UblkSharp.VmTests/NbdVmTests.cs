@@ -303,7 +303,7 @@ public class NbdVmTests
         return File.Exists(path) && long.TryParse(File.ReadAllText(path).Trim(), out var n) ? n : -1;
     }
 
-    private static Process StartNbdkit(string socket, params string[] plugin)
+    internal static Process StartNbdkit(string socket, params string[] plugin)
     {
         var psi = new ProcessStartInfo("nbdkit") { RedirectStandardOutput = true, RedirectStandardError = true };
         // nbdkit writes its pid file once it accepts connections (the socket file exists earlier).
@@ -320,7 +320,7 @@ public class NbdVmTests
         return p;
     }
 
-    private static void Stop(Process p)
+    internal static void Stop(Process p)
     {
         if (!p.HasExited)
         {

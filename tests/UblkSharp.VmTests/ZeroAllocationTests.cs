@@ -81,13 +81,10 @@ public class ZeroAllocationTests
         }
     }
 
-    private static UblkQueue[] Queues(UblkDevice device)
+    private static IReadOnlyList<UblkQueue> Queues(UblkDevice device)
     {
-        var field = typeof(UblkDevice).GetField("_queues", BindingFlags.NonPublic | BindingFlags.Instance);
-        Assert.NotNull(field);
-        var queues = (UblkQueue[])field.GetValue(device)!;
-        Assert.Equal(2, queues.Length);
-        return queues;
+        Assert.Equal(2, device.Queues.Count);
+        return device.Queues;
     }
 
     [Fact]

@@ -1,4 +1,3 @@
-using System.Reflection;
 using UblkSharp.Runtime;
 using UblkSharp.Targets;
 using UblkSharp.Ublk;
@@ -287,18 +286,11 @@ public class ZeroCopyTests
     }
 
     /// <summary>Requests the device's queues served zero copy, and those that fell back to copying.</summary>
-    private static (long Served, long FellBack) Counters(UblkDevice device)
+    internal static (long Served, long FellBack) Counters(UblkDevice device)
     {
-        var queues = Queues(device);
+        var queues = device.Queues;
         return (queues.Sum(q => q.ZeroCopyRequests), queues.Sum(q => q.ZeroCopyFallbacks));
     }
 
-    private static long BatchCommitFailures(UblkDevice device) => Queues(device).Sum(q => q.BatchCommitFailures);
-
-    private static UblkQueue[] Queues(UblkDevice device)
-    {
-        var field = typeof(UblkDevice).GetField("_queues", BindingFlags.NonPublic | BindingFlags.Instance);
-        Assert.NotNull(field);
-        return (UblkQueue[])field.GetValue(device)!;
-    }
+    private static long BatchCommitFailures(UblkDevice device) => device.Queues.Sum(q => q.BatchCommitFailures);
 }

@@ -81,6 +81,9 @@ public sealed class UblkDevice : IDisposable
     /// <summary>Bytes allocated on queue threads in steady state (see <see cref="UblkQueue.SteadyStateAllocatedBytes"/>); 0 when the hot path is allocation-free.</summary>
     public long SteadyStateAllocatedBytes => _queues.Where(q => q is not null).Sum(q => q.SteadyStateAllocatedBytes);
 
+    /// <summary>The queues, for tests that read each one's counters.</summary>
+    internal IReadOnlyList<UblkQueue> Queues => _queues;
+
     /// <summary>Requests completed, over all queues.</summary>
     public long Completed => _queues.Where(q => q is not null).Sum(q => q.Completed);
 
@@ -572,9 +575,12 @@ public sealed class UblkDevice : IDisposable
         ArgumentNullException.ThrowIfNull(options);
         if (options.Recovery != RecoveryMode.Off)
         {
-            return "batched IO is not used with --recovery yet: on Linux 7.3 it lost reads across QUIESCE_DEV, which hand-overs and upgrades use";
+            // ublk_batch_cancel_queue() sets force_abort, which ublk_prep_req() checks before
+            // canceling: requests fail instead of waiting in the requeue list for the next daemon.
+            return "batched IO is not used with --recovery: Linux 7.3's QUIESCE_DEV, which hand-overs and upgrades use, makes the driver fail a batched device's requests with EIO until the next daemon attaches";
         }
-        return options.Depth < 2 ? "Linux 7.3 refused a batched queue of depth 1 (ADD_DEV: EINVAL)" : null;
+        // The driver sizes each queue's event fifo by the depth, and a kfifo needs 2 slots.
+        return options.Depth < 2 ? "a batched queue needs a depth of 2 or more (the driver refuses depth 1 at ADD_DEV with EINVAL)" : null;
     }
 
     private static void ValidateTarget(BlockTarget target)
