@@ -285,6 +285,52 @@ public class ZeroCopyTests
         }
     }
 
+    /// <summary>
+    /// The cow target under zero copy: what is written goes to the COW file and reads back, the rest
+    /// reads from the backing file, and past the end of a backing file cut short behind the device's
+    /// back a read gets zeros (READ_FIXED from /dev/zero into the request's pages), all zero copy.
+    /// </summary>
+    [Fact]
+    public void ACowDeviceServesZeroCopyAndReadsZerosPastItsBackingFilesEnd()
+    {
+        VmEnvironment.RequireDriver();
+        var backing = Image + ".base";
+        var overlay = Image + ".cow";
+        var baseData = new byte[8 << 20];
+        Random.Shared.NextBytes(baseData);
+        File.WriteAllBytes(backing, baseData);
+        try
+        {
+            Exception? fatal = null;
+            using var target = TargetFactory.Create("cow", new Dictionary<string, string> { ["file"] = overlay, ["backing"] = backing, ["create"] = "on", ["io"] = "ring" });
+            using var device = UblkDevice.Create(target, new DeviceOptions { Queues = 1, Depth = 16, ZeroCopy = ZeroCopyMode.Auto }, e => fatal = e);
+            Assert.Equal(Offered, (device.Info.flags & (ulong)UblkFeatures.AutoBufReg) != 0);
+            var written = new byte[64 << 10];
+            Random.Shared.NextBytes(written);
+            DirectIo.Write(device.BlockPath, 1 << 20, written);
+            var expected = baseData.AsSpan(0, 2 << 20).ToArray();
+            written.CopyTo(expected, 1 << 20);
+            Assert.Equal(expected, DirectIo.Read(device.BlockPath, 0, 2 << 20));
+
+            // Cut the backing file at 4 MiB + 2 KiB: 128 KiB read from 4 MiB - 64 KiB has 62 KiB of zeros at its end.
+            VmEnvironment.ShOk($"truncate -s {(4 << 20) + 2048} {backing}");
+            var back = DirectIo.Read(device.BlockPath, (4 << 20) - (64 << 10), 128 << 10);
+            Assert.Equal(baseData.AsSpan((4 << 20) - (64 << 10), (64 << 10) + 2048).ToArray(), back.AsSpan(0, (64 << 10) + 2048).ToArray());
+            Assert.True(back.AsSpan((64 << 10) + 2048).IndexOfAnyExcept((byte)0) < 0, "past the backing file's new end, a read returned non-zero bytes");
+            Assert.Null(fatal);
+            Assert.Equal(0, device.Errors);
+            var (served, fellBack) = Counters(device);
+            VmEnvironment.Log($"cow: {served} requests zero copy, {fellBack} fell back");
+            Assert.Equal(0, fellBack);
+            Assert.True(!Offered || served >= 3, $"only {served} requests went zero copy");
+        }
+        finally
+        {
+            File.Delete(backing);
+            File.Delete(overlay);
+        }
+    }
+
     /// <summary>Requests the device's queues served zero copy, and those that fell back to copying.</summary>
     internal static (long Served, long FellBack) Counters(UblkDevice device)
     {

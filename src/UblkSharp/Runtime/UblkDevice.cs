@@ -545,8 +545,8 @@ public sealed class UblkDevice : IDisposable
         var offered = Offered(control);
         if (!target.SupportsZeroCopy)
         {
-            refusal = target.Kind == "loop"
-                ? "the loop target serves this file through its mapping, not the ring (tmpfs or ramfs, or --io sync): zero copy needs --io ring"
+            refusal = target.Kind is "loop" or "cow"
+                ? $"the {target.Kind} target serves these files off the ring (on tmpfs or ramfs, or with --io sync): zero copy needs --io ring"
                 : $"the {target.Kind} target works on each request's bytes in the daemon's memory, so it cannot use zero copy";
         }
         else if (unprivileged)

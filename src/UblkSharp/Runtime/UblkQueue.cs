@@ -302,9 +302,10 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
         _backend = _target.CreateUringBackend(_queueId);
         if (_zeroCopy)
         {
-            if (_backend is null || _backend.RunsSteps || _backend.CompletionFd >= 0)
+            // Its IO must be on this ring: the slots are this ring's (a completion fd means another thread's).
+            if (_backend is null || _backend.CompletionFd >= 0)
             {
-                throw new InvalidOperationException($"the device uses zero copy, but the {_target.Kind} target's backend does not prepare one SQE per step on the ring");
+                throw new InvalidOperationException($"the device uses zero copy, but the {_target.Kind} target's backend does not do its IO on the queue's ring");
             }
             // Before the first FETCH: the driver installs a request's pages at its slot when it hands it over.
             _ring.RegisterSparseBuffers((uint)_depth);
@@ -821,7 +822,9 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
                 int r;
                 try
                 {
-                    r = _backend!.Start(this, tag, new BackendRequest(t.Op, t.Flags, t.Offset + t.Done, t.Remaining, t.Buffer + t.Done));
+                    r = _backend!.Start(this, tag, t.ZeroCopy
+                        ? new BackendRequest(t.Op, t.Flags, t.Offset + t.Done, t.Remaining, (byte*)t.Done, tag)
+                        : new BackendRequest(t.Op, t.Flags, t.Offset + t.Done, t.Remaining, t.Buffer + t.Done));
                 }
                 catch (Exception e) when (e is not OutOfMemoryException)
                 {

@@ -160,9 +160,9 @@ public abstract unsafe class BlockTarget : IDisposable
     /// <summary>
     /// Whether the target can serve reads and writes without the bytes in the daemon's memory
     /// (ublk zero copy, AUTO_BUF_REG on Linux 6.16+): its <see cref="CreateUringBackend"/> returns a
-    /// backend that prepares one SQE per step (<see cref="UringBackend.Prepare"/>) and honours
-    /// <see cref="BackendRequest.FixedBuffer"/> (READ_FIXED/WRITE_FIXED on that slot of the ring's
-    /// buffer table). False by default: the target gets the request's bytes in a buffer, copied by
+    /// backend that does its IO on the queue's ring (<see cref="UringBackend.Prepare"/>, or its own
+    /// steps) and honours <see cref="BackendRequest.FixedBuffer"/> (READ_FIXED/WRITE_FIXED on that
+    /// slot of the ring's buffer table). False by default: the target gets the request's bytes in a buffer, copied by
     /// the kernel, and may read and write them (a memory store, a checksum, a fault check).
     /// </summary>
     public virtual bool SupportsZeroCopy => false;

@@ -122,10 +122,11 @@ public sealed unsafe class CowUringBackendTests : IDisposable
     private readonly byte* _buffers = (byte*)NativeMemory.AlignedAlloc(Tags * TagBytes, 4096);
     private readonly byte[] _base;
     private readonly string _overlay;
+    private readonly string _backing;
 
     public CowUringBackendTests()
     {
-        var backing = _dir.RandomFile("base.img", Size, 41);
+        var backing = _backing = _dir.RandomFile("base.img", Size, 41);
         _base = File.ReadAllBytes(backing);
         _overlay = _dir.File("overlay.cow");
         CowTarget.CreateOverlay(_overlay, backing);
@@ -163,7 +164,7 @@ public sealed unsafe class CowUringBackendTests : IDisposable
             Assert.True(t.UsesRing);
             using var backend = t.CreateUringBackend(0)!;
             Assert.True(backend.RunsSteps);
-            Assert.Equal(2, backend.Files.Count);
+            Assert.Equal(3, backend.Files.Count); // the COW file, the backing file, /dev/zero (zeros under zero copy)
         }
         using var sync = new CowTarget(_overlay, new CowOpenOptions { Io = LoopIo.Sync, ReadOnly = true });
         Assert.False(sync.UsesRing);
@@ -521,5 +522,45 @@ public sealed unsafe class CowUringBackendTests : IDisposable
         Assert.Equal(0, q.Run(0, Req(IoOp.Flush, 0, 0, null)));
         Assert.Equal(4096, q.Run(0, Req(IoOp.Read, 4096, 4096, Buf(0))));
         Assert.True(new Span<byte>(Buf(0), 4096).SequenceEqual(_base.AsSpan(4096, 4096)));
+    }
+
+    /// <summary>
+    /// Zero copy: reads and writes name a slot of the ring's buffer table (READ_FIXED/WRITE_FIXED;
+    /// here slots of our own memory, where the address is a real one), each run from its file, and
+    /// the zeros past the end of a backing file cut short behind the target's back come from
+    /// /dev/zero into the slot: no plain READ or WRITE at all.
+    /// </summary>
+    [Fact]
+    public void UnderZeroCopyEveryRunMovesThroughTheBufferSlot()
+    {
+        using var t = Open();
+        Assert.True(t.SupportsZeroCopy);
+        using var q = new StepRing(t.CreateUringBackend(0)!);
+        q.Ring.RegisterBuffers([new Iovec { iov_base = Buf(0), iov_len = TagBytes }, new Iovec { iov_base = Buf(1), iov_len = TagBytes }]);
+        new Span<byte>(Buf(0), 8192).Fill(0x5a);
+        Assert.Equal(8192, q.Run(0, new BackendRequest(IoOp.Write, IoFlags.None, 65536, 8192, Buf(0), 0)));
+        // 4 KiB from the backing file, the 8 KiB just written from the COW file, 4 KiB from the backing file.
+        new Span<byte>(Buf(1), 16384).Clear();
+        Assert.Equal(16384, q.Run(1, new BackendRequest(IoOp.Read, IoFlags.None, 61440, 16384, Buf(1), 1)));
+        var expected = _base.AsSpan(61440, 16384).ToArray();
+        expected.AsSpan(4096, 8192).Fill(0x5a);
+        Assert.Equal(expected, new Span<byte>(Buf(1), 16384).ToArray());
+
+        // Cut short behind the target's back: a 64 KiB read across the new end has 32 KiB of zeros.
+        using (var f = new FileStream(_backing, FileMode.Open, FileAccess.Write))
+        {
+            f.SetLength(Size / 2);
+        }
+        new Span<byte>(Buf(1), 65536).Fill(0xff);
+        Assert.Equal(65536, q.Run(1, new BackendRequest(IoOp.Read, IoFlags.None, (Size / 2) - 32768, 65536, Buf(1), 1)));
+        expected = new byte[65536];
+        _base.AsSpan((Size / 2) - 32768, 32768).CopyTo(expected);
+        Assert.Equal(expected, new Span<byte>(Buf(1), 65536).ToArray());
+
+        const int zeros = UringBackend.FirstFixedFile + 2;
+        var submitted = q.Log.Where(e => e.Submit).ToList();
+        Assert.DoesNotContain(submitted, e => e.Op is Opcode.Read or Opcode.Write);
+        Assert.Contains(submitted, e => e.Op == Opcode.WriteFixed);
+        Assert.Contains(submitted, e => e.Op == Opcode.ReadFixed && e.File == zeros && e.Length == 32768);
     }
 }

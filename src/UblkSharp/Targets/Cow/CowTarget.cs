@@ -219,6 +219,9 @@ public sealed unsafe class CowTarget : BlockTarget
     /// </summary>
     public override UringBackend? CreateUringBackend(int queueId) => _ring ? new CowUringBackend(this, _cow.Fd, _backing.Fd) : null;
 
+    /// <summary>On the ring, reads and writes move the request's pages without looking at them: zero copy where the kernel has it.</summary>
+    public override bool SupportsZeroCopy => _ring;
+
     /// <summary>Whether sector <paramref name="sector"/> (of <see cref="CowHeader.SectorSize"/> bytes) is in the COW file.</summary>
     public bool IsInCow(long sector) => _bitmap.Test(sector);
 

@@ -23,6 +23,9 @@ namespace UblkSharp.Targets.Cow;
 /// looks again; one that finds another holder (another queue, the writeback thread) polls on the
 /// ring every <see cref="RetryInterval"/>. A flush whose writes are already durable ends at once.</item>
 /// </list>
+/// Under zero copy the request's pages are a slot of the ring's buffer table: reads and writes
+/// are READ_FIXED/WRITE_FIXED on it, and zeros past the end of a file are a READ_FIXED from
+/// /dev/zero, so the daemon never touches the bytes.
 /// Steps: the step number's low byte is the kind, the rest a slot (a run) or a batch index.
 /// </summary>
 internal sealed unsafe class CowUringBackend : UringBackend
@@ -34,6 +37,7 @@ internal sealed unsafe class CowUringBackend : UringBackend
 
     private const int CowFile = FirstFixedFile;
     private const int BackingFile = FirstFixedFile + 1;
+    private const int ZeroFile = FirstFixedFile + 2;
     private const int MaxRetries = 1000;
 
     private const uint StepRead = 1;
@@ -55,6 +59,7 @@ internal sealed unsafe class CowUringBackend : UringBackend
     private Work[] _work = [];
     private Run[] _runs = [];
     private KernelTimespec* _retry;
+    private int _zeroFd;
 
     // The persist this queue runs (it holds the target's token while _persistTag >= 0), and the
     // flushes on this queue that wait for it to end.
@@ -73,7 +78,13 @@ internal sealed unsafe class CowUringBackend : UringBackend
     {
         _target = target;
         _bitmap = target.Bitmap;
-        _files = [cowFd, backingFd];
+        // /dev/zero: the zeros a zero-copy read past the end of a file gets (READ_FIXED from it).
+        _zeroFd = Libc.open("/dev/zero", Libc.O_RDONLY | Libc.O_CLOEXEC, 0);
+        if (_zeroFd < 0)
+        {
+            throw new ErrnoException(Marshal.GetLastPInvokeError(), "opening /dev/zero");
+        }
+        _files = [cowFd, backingFd, _zeroFd];
         _sectorShift = target.SectorShift;
         _sectorSize = 1 << _sectorShift;
         _dataOffset = target.DataOffset;
@@ -96,7 +107,9 @@ internal sealed unsafe class CowUringBackend : UringBackend
         public bool MayUnmap;
         public long Offset;
         public long Length;
+        /// <summary>The request's data: an address, or under zero copy the offset into buffer slot <see cref="Fixed"/>.</summary>
         public byte* Buffer;
+        public int Fixed;
         /// <summary>READ: the next sector to plan a run for. WRITE: bytes written.</summary>
         public long Next;
         public int Pending;
@@ -116,6 +129,8 @@ internal sealed unsafe class CowUringBackend : UringBackend
         public int BufferOffset;
         public int Length;
         public bool InCow;
+        /// <summary>Past the end of its file: zeros, from /dev/zero (zero copy only).</summary>
+        public bool Zeros;
     }
 
     private static uint Step(uint kind, int index = 0) => kind | ((uint)index << 8);
@@ -142,6 +157,7 @@ internal sealed unsafe class CowUringBackend : UringBackend
         w.Offset = request.Offset;
         w.Length = request.Length;
         w.Buffer = request.Buffer;
+        w.Fixed = request.FixedBuffer;
         switch (request.Op)
         {
             case IoOp.Read:
@@ -282,6 +298,7 @@ internal sealed unsafe class CowUringBackend : UringBackend
         run.FileOffset = inCow ? _dataOffset + from : from;
         run.BufferOffset = (int)(from - w.Offset);
         run.Length = (int)(to - from);
+        run.Zeros = false;
         w.Next = runEnd;
         SubmitRun(ring, tag, ref w, slot, ref run);
         return true;
@@ -290,7 +307,15 @@ internal sealed unsafe class CowUringBackend : UringBackend
     private static void SubmitRun(IBackendRing ring, int tag, ref Work w, int slot, ref Run run)
     {
         ref var sqe = ref ring.GetSqe(tag, Step(StepRead, slot), out var ud);
-        sqe.PrepareRead(run.InCow ? CowFile : BackingFile, w.Buffer + run.BufferOffset, (uint)run.Length, (ulong)run.FileOffset, ud);
+        var file = run.Zeros ? ZeroFile : run.InCow ? CowFile : BackingFile;
+        if (w.Fixed >= 0)
+        {
+            sqe.PrepareReadFixed(file, w.Buffer + run.BufferOffset, (uint)run.Length, run.Zeros ? 0 : (ulong)run.FileOffset, (ushort)w.Fixed, ud);
+        }
+        else
+        {
+            sqe.PrepareRead(file, w.Buffer + run.BufferOffset, (uint)run.Length, (ulong)run.FileOffset, ud);
+        }
         sqe.flags |= SqeFlags.FixedFile;
         w.Pending++;
     }
@@ -308,10 +333,20 @@ internal sealed unsafe class CowUringBackend : UringBackend
         {
             w.Error = w.Error != 0 ? w.Error : (Transient(res) ? -Errno.EIO : res);
         }
+        else if (res == 0 && w.Fixed >= 0 && !run.Zeros)
+        {
+            // Past the end of the file: zeros, as UML reads it; under zero copy from /dev/zero.
+            run.Zeros = true;
+            SubmitRun(ring, tag, ref w, slot, ref run);
+            return;
+        }
+        else if (res == 0 && w.Fixed < 0)
+        {
+            new Span<byte>(w.Buffer + run.BufferOffset, run.Length).Clear();
+        }
         else if (res == 0)
         {
-            // Past the end of the file: the rest reads as zeros, as UML reads it.
-            new Span<byte>(w.Buffer + run.BufferOffset, run.Length).Clear();
+            w.Error = w.Error != 0 ? w.Error : -Errno.EIO; // /dev/zero at its end: never
         }
         else if (res < run.Length)
         {
@@ -336,7 +371,14 @@ internal sealed unsafe class CowUringBackend : UringBackend
     private void SubmitWrite(IBackendRing ring, int tag, ref Work w)
     {
         ref var sqe = ref ring.GetSqe(tag, Step(StepWrite), out var ud);
-        sqe.PrepareWrite(CowFile, w.Buffer + w.Next, (uint)(w.Length - w.Next), (ulong)(_dataOffset + w.Offset + w.Next), ud);
+        if (w.Fixed >= 0)
+        {
+            sqe.PrepareWriteFixed(CowFile, w.Buffer + w.Next, (uint)(w.Length - w.Next), (ulong)(_dataOffset + w.Offset + w.Next), (ushort)w.Fixed, ud);
+        }
+        else
+        {
+            sqe.PrepareWrite(CowFile, w.Buffer + w.Next, (uint)(w.Length - w.Next), (ulong)(_dataOffset + w.Offset + w.Next), ud);
+        }
         sqe.flags |= SqeFlags.FixedFile;
     }
 
@@ -597,6 +639,11 @@ internal sealed unsafe class CowUringBackend : UringBackend
         {
             NativeMemory.Free(_retry);
             _retry = null;
+        }
+        if (_zeroFd >= 0)
+        {
+            Libc.close(_zeroFd);
+            _zeroFd = -1;
         }
         base.Dispose(disposing);
     }
