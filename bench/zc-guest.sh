@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs in the guest (bench/zc.sh boots Linux 7.3): the loop target over a RAM block device (brd's
 # /dev/ram0, opened O_DIRECT) with zero copy on and off, against the kernel loop driver over the same
-# device with direct IO; and the null target with BATCH_IO on and off; REPS interleaved repetitions
-# of each workload. One line per run into
+# device with direct IO; the null target with BATCH_IO on and off; the tmpfs rows (a file on the
+# guest's tmpfs: the loop target as auto serves it, through its mapping, and on the ring with zero
+# copy, against kernel loop on the same file); and the cow target over a tmpfs backing file with zero
+# copy on and off; REPS interleaved repetitions of each workload. One line per run into
 # OUT/runs.txt: rep workload device iops MiB/s p50_us p99_us cpu_us_per_io.
 set -euo pipefail
 out=$1 reps=$2 rt=$3 cli=$4
@@ -22,6 +24,14 @@ add ublk-zcb "${loop[@]}" --zero-copy on --batch on
 add ublk-copy "${loop[@]}" --zero-copy off --batch off
 add null-batch -t null --size 1G --batch on
 add null-nobatch -t null --size 1G --batch off
+tmpfile=/tmp/zc-tmpfs.img
+dd if=/dev/urandom of=$tmpfile bs=1M count=256 status=none
+dev[kloop-tmpfs]=$(losetup -f --show $tmpfile)
+add ublk-tmpfs -t loop -f $tmpfile
+add ublk-tmpfs-zc -t loop -f $tmpfile --io ring --zero-copy on
+# cow: a fresh overlay over the tmpfs file, so reads come from the backing file through the target.
+add cow-zc -t cow -f /tmp/zc-a.cow --create --backing $tmpfile --io ring --zero-copy on
+add cow-copy -t cow -f /tmp/zc-b.cow --create --backing $tmpfile --io ring --zero-copy off
 for d in "${!dev[@]}"; do echo none >"/sys/block/${dev[$d]#/dev/}/queue/scheduler" 2>/dev/null || true; done
 # The device's data first: reads of a never-written brd page cost nothing, which would flatter reads.
 dd if=/dev/urandom of=/dev/ram0 bs=1M count=512 oflag=direct status=none
@@ -29,7 +39,7 @@ busy() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
 run() {  # rep name device rw bs qd
   local f=/tmp/zc-$1-$2-$3.json a b
   a=$(busy)
-  fio --name=zc --filename="${dev[$3]}" --rw="$4" --bs="$5" --iodepth="$6" --ioengine=io_uring --direct=1 --size=512M \
+  fio --name=zc --filename="${dev[$3]}" --rw="$4" --bs="$5" --iodepth="$6" --ioengine=io_uring --direct=1 --size=256M \
     --runtime="$rt" --ramp_time=1 --time_based --output-format=json --output="$f" >/dev/null
   b=$(busy)
   python3 - "$f" "$1" "$2" "$3" "$((b - a))" "$(getconf CLK_TCK)" "$rt" >>"$out/runs.txt" <<'PY'
@@ -49,7 +59,9 @@ PY
 }
 W=("sr128k-qd16 read 128k 16 ublk-zc ublk-zcb ublk-copy kloop" "sw128k-qd16 write 128k 16 ublk-zc ublk-zcb ublk-copy kloop"
    "rr4k-qd64 randread 4k 64 ublk-zc ublk-zcb ublk-copy kloop" "null4k-qd64 randread 4k 64 null-batch null-nobatch"
-   "null4k-qd1 randread 4k 1 null-batch null-nobatch")
+   "null4k-qd1 randread 4k 1 null-batch null-nobatch"
+   "tmpfs-sr128k read 128k 16 ublk-tmpfs ublk-tmpfs-zc kloop-tmpfs" "tmpfs-rr4k randread 4k 64 ublk-tmpfs ublk-tmpfs-zc kloop-tmpfs"
+   "cow-sr128k read 128k 16 cow-zc cow-copy" "cow-sw128k write 128k 16 cow-zc cow-copy")
 for d in "${!dev[@]}"; do fio --name=warm --filename="${dev[$d]}" --rw=randread --bs=4k --iodepth=64 --ioengine=io_uring --direct=1 --runtime=2 --time_based >/dev/null; done
 for rep in $(seq "$reps"); do
   for w in "${W[@]}"; do
@@ -60,4 +72,5 @@ for rep in $(seq "$reps"); do
   done
 done
 "$cli" del --all >&2
-losetup -d "${dev[kloop]}"
+losetup -d "${dev[kloop]}" "${dev[kloop-tmpfs]}"
+rm -f $tmpfile /tmp/zc-a.cow /tmp/zc-b.cow

@@ -2,7 +2,9 @@
 # The zero-copy benchmark (issue 13's 7.3 section): one boot of Linux 7.3 (tools/ublksharp-vm -k 7.3)
 # runs bench/zc-guest.sh, which measures the loop target over a RAM block device (brd, O_DIRECT) with
 # zero copy (AUTO_BUF_REG) on and off, and with BATCH_IO, against the kernel loop driver with direct
-# IO over the same device, and the null target with BATCH_IO on and off, in REPS interleaved repetitions. Prints medians (IOPS, MiB/s, p50/p99 completion latency,
+# IO over the same device, the null target with BATCH_IO on and off, the loop target on a tmpfs file
+# (as auto serves it, and zero copy on the ring) against kernel loop, and the cow target with zero
+# copy on and off, in REPS interleaved repetitions. Prints medians (IOPS, MiB/s, p50/p99 completion latency,
 # CPU per IO) and the ratios the issue's bars are about; --out DIR keeps runs.txt and summary.txt.
 # usage: bench/zc.sh [--reps N] [--runtime SECONDS] [--out DIR]
 set -euo pipefail
@@ -20,8 +22,8 @@ done
 cli=$root/artifacts/cli/ublksharp
 [ -x "$cli" ] || "$root/tools/publish-cli" "$root/artifacts/cli" >/dev/null
 raw=$(mktemp -d /tmp/zc.XXXXXX); trap 'rm -rf "$raw"' EXIT
-# 16 fio runs a repetition, each about runtime + 4 s under TCG, plus boot, set-up and filling the disk.
-"$root/tools/ublksharp-vm" -k 7.3 -t $((reps * 16 * (runtime + 20) + 600)) --rw "$raw" -- \
+# 26 fio runs a repetition, each about runtime + 4 s under TCG, plus boot, set-up and filling the disk.
+"$root/tools/ublksharp-vm" -k 7.3 -t $((reps * 26 * (runtime + 20) + 600)) --rw "$raw" -- \
   "bash $root/bench/zc-guest.sh $raw $reps $runtime $cli"
 python3 - "$raw/runs.txt" <<'PY' | tee "$raw/summary.txt"
 import collections, statistics as st, sys
@@ -30,10 +32,11 @@ for line in open(sys.argv[1]):
     rep, name, dev, *v = line.split()
     runs[(name, dev)].append([float(x) for x in v])
 med = {k: [st.median(c) for c in zip(*v)] for k, v in runs.items()}
-names = sorted({n for n, _ in med}, key=["sr128k-qd16", "sw128k-qd16", "rr4k-qd64", "null4k-qd64", "null4k-qd1"].index)
+names = sorted({n for n, _ in med}, key=["sr128k-qd16", "sw128k-qd16", "rr4k-qd64", "null4k-qd64", "null4k-qd1",
+                                        "tmpfs-sr128k", "tmpfs-rr4k", "cow-sr128k", "cow-sw128k"].index)
 print(f"medians of {len(next(iter(runs.values())))} runs; IOPS, MiB/s, p50/p99 clat (us), guest CPU us per IO")
 for n in names:
-    for d in ("ublk-zc", "ublk-zcb", "ublk-copy", "kloop", "null-batch", "null-nobatch"):
+    for d in ("ublk-zc", "ublk-zcb", "ublk-copy", "kloop", "null-batch", "null-nobatch", "ublk-tmpfs", "ublk-tmpfs-zc", "kloop-tmpfs", "cow-zc", "cow-copy"):
         if (n, d) in med:
             i, bw, p50, p99, cpu = med[(n, d)]
             print(f"  {n:12} {d:10} {i:8.0f} IOPS {bw:8.1f} MiB/s  p50 {p50:8.1f}  p99 {p99:8.1f}  cpu {cpu:7.2f}")
@@ -44,5 +47,10 @@ for n in names:
         print(f"  {n:12} zero copy + batch vs kernel loop {zb / k:.2f}x, vs zero copy alone {zb / z:.2f}x")
     if nb and nn:
         print(f"  {n:12} null with batch vs without {nb / nn:.2f}x")
+    t, tz, kt, cz, cc = (med.get((n, d), [0])[0] for d in ("ublk-tmpfs", "ublk-tmpfs-zc", "kloop-tmpfs", "cow-zc", "cow-copy"))
+    if t and tz and kt:
+        print(f"  {n:12} tmpfs: as auto serves it vs kernel loop {t / kt:.2f}x, zero copy on the ring vs kernel loop {tz / kt:.2f}x")
+    if cz and cc:
+        print(f"  {n:12} cow zero copy vs copy {cz / cc:.2f}x")
 PY
 [ -z "$out" ] || { mkdir -p "$out"; cp "$raw/runs.txt" "$raw/summary.txt" "$out/"; }
