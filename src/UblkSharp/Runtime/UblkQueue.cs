@@ -643,6 +643,11 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
         }
     }
 
+    /// <summary>What is left of a request, for its backend: under zero copy slot <paramref name="tag"/> with the offset into it, else the tag's buffer.</summary>
+    private static BackendRequest BackendRequestOf(ref TagState t, int tag) => t.ZeroCopy
+        ? new BackendRequest(t.Op, t.Flags, t.Offset + t.Done, t.Remaining, (byte*)t.Done, tag)
+        : new BackendRequest(t.Op, t.Flags, t.Offset + t.Done, t.Remaining, t.Buffer + t.Done);
+
     private void ArmNotification()
         => _ring!.GetSqe().PrepareRead(_completionFd, _notifyBuffer, sizeof(ulong), 0, KindNotify);
 
@@ -822,9 +827,7 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
                 int r;
                 try
                 {
-                    r = _backend!.Start(this, tag, t.ZeroCopy
-                        ? new BackendRequest(t.Op, t.Flags, t.Offset + t.Done, t.Remaining, (byte*)t.Done, tag)
-                        : new BackendRequest(t.Op, t.Flags, t.Offset + t.Done, t.Remaining, t.Buffer + t.Done));
+                    r = _backend!.Start(this, tag, BackendRequestOf(ref t, tag));
                 }
                 catch (Exception e) when (e is not OutOfMemoryException)
                 {
@@ -843,9 +846,7 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
             ref var sqe = ref _ring!.GetSqe();
             try
             {
-                _backend.Prepare(ref sqe, t.ZeroCopy
-                    ? new BackendRequest(t.Op, t.Flags, t.Offset + t.Done, t.Remaining, (byte*)t.Done, tag)
-                    : new BackendRequest(t.Op, t.Flags, t.Offset + t.Done, t.Remaining, t.Buffer + t.Done));
+                _backend.Prepare(ref sqe, BackendRequestOf(ref t, tag));
             }
             catch (Exception e) when (e is not OutOfMemoryException)
             {

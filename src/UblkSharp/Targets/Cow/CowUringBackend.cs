@@ -333,20 +333,24 @@ internal sealed unsafe class CowUringBackend : UringBackend
         {
             w.Error = w.Error != 0 ? w.Error : (Transient(res) ? -Errno.EIO : res);
         }
-        else if (res == 0 && w.Fixed >= 0 && !run.Zeros)
-        {
-            // Past the end of the file: zeros, as UML reads it; under zero copy from /dev/zero.
-            run.Zeros = true;
-            SubmitRun(ring, tag, ref w, slot, ref run);
-            return;
-        }
-        else if (res == 0 && w.Fixed < 0)
-        {
-            new Span<byte>(w.Buffer + run.BufferOffset, run.Length).Clear();
-        }
         else if (res == 0)
         {
-            w.Error = w.Error != 0 ? w.Error : -Errno.EIO; // /dev/zero at its end: never
+            // Past the end of the file: zeros, as UML reads it; under zero copy from /dev/zero,
+            // which has no end (a 0 from it is an error).
+            if (w.Fixed < 0)
+            {
+                new Span<byte>(w.Buffer + run.BufferOffset, run.Length).Clear();
+            }
+            else if (!run.Zeros)
+            {
+                run.Zeros = true;
+                SubmitRun(ring, tag, ref w, slot, ref run);
+                return;
+            }
+            else
+            {
+                w.Error = w.Error != 0 ? w.Error : -Errno.EIO;
+            }
         }
         else if (res < run.Length)
         {
