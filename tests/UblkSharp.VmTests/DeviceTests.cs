@@ -30,4 +30,23 @@ public class DeviceTests
         Assert.Equal(data, back);
         Assert.Equal(0, device.Errors);
     }
+
+    [Fact]
+    public void NullDeviceReadsZerosThroughABufferThatCarriedWrites()
+    {
+        VmEnvironment.RequireDriver();
+        // Depth 1: every request goes through tag 0's one buffer, so each read comes right after
+        // writes that left their bytes in it (the runtime keeps it zeroed for a null target's reads).
+        using var device = UblkDevice.Create(new NullTarget(64 << 20), new DeviceOptions { Queues = 1, Depth = 1 });
+        var data = new byte[256 << 10];
+        new Random(11).NextBytes(data);
+        foreach (var (write, read) in new[] { (4096, 4096), (256 << 10, 4096), (4096, 256 << 10), (256 << 10, 256 << 10), (8192, 128 << 10) })
+        {
+            DirectIo.Write(device.BlockPath, 1 << 20, data.AsSpan(0, write));
+            var back = DirectIo.Read(device.BlockPath, 1 << 20, read);
+            var first = Array.FindIndex(back, b => b != 0);
+            Assert.True(first < 0, $"after a {write}-byte write, a {read}-byte read has a non-zero byte at {first}");
+        }
+        Assert.Equal(0, device.Errors);
+    }
 }

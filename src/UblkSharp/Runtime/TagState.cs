@@ -26,6 +26,11 @@ internal unsafe struct TagState
     /// <summary>Submitted to a completion-fd backend and not reaped yet.</summary>
     public bool InBackend;
     public byte* Buffer;
+    /// <summary>
+    /// How many bytes at the start of <see cref="Buffer"/> may hold a WRITE's data; the rest is
+    /// zeros (the buffer is mapped anonymous). A target whose reads are all zeros clears only these.
+    /// </summary>
+    public long DirtyBytes;
     /// <summary>When the request arrived (<see cref="System.Diagnostics.Stopwatch.GetTimestamp"/>), for its latency.</summary>
     public long StartTicks;
 

@@ -83,6 +83,8 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
     private KernelTimespec* _delays;
     private UringBackend? _backend;
     private bool _steps;
+    // The target's reads are zeros (null): served from the tag's buffer, kept zeroed (ZeroRead).
+    private bool _readsZeros;
     private ResultFilter? _filter;
     private int _backendInFlight;
     // Backends that complete outside the ring (librbd): the fd read on the ring, its 8-byte buffer
@@ -328,6 +330,7 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
         _filter = _target.CreateResultFilter(_queueId);
         _completionFd = _backend?.CompletionFd ?? -1;
         _steps = _backend?.RunsSteps ?? false;
+        _readsZeros = _target.ReadsZeros && _backend is null && _filter is null && _direct is null;
         if (_completionFd >= 0)
         {
             _notifyBuffer = (ulong*)NativeMemory.AllocZeroed(sizeof(ulong));
@@ -530,6 +533,11 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
         t.Offset = (long)desc.start_sector << 9;
         var length = (long)desc.nr_sectors << 9;
         t.Progress = new RequestProgress(t.Op switch { IoOp.Read => StepKind.Read, IoOp.Write => StepKind.Write, _ => StepKind.Other }, length);
+        if (t.Op == IoOp.Write && length > t.DirtyBytes)
+        {
+            // Marked before anything can fail it: the driver (or USER_COPY below) puts its data here.
+            t.DirtyBytes = Math.Min(length, _maxIo);
+        }
         t.InRequest = 0;
         t.InBackend = false;
         t.ZeroCopy = false;
@@ -875,6 +883,7 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
         {
             return t.Op switch
             {
+                IoOp.Read when _readsZeros => ZeroRead(ref t),
                 IoOp.Read => _target.Read(new Span<byte>(t.Buffer + t.Done, (int)t.Remaining), t.Offset + t.Done),
                 IoOp.Write when (t.Flags & IoFlags.Fua) != 0 => _target.WriteFua(new ReadOnlySpan<byte>(t.Buffer + t.Done, (int)t.Remaining), t.Offset + t.Done),
                 IoOp.Write => _target.Write(new ReadOnlySpan<byte>(t.Buffer + t.Done, (int)t.Remaining), t.Offset + t.Done),
@@ -893,6 +902,17 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
             TargetThrew("serving", ref t, e);
             return -Errno.EIO;
         }
+    }
+
+    /// <summary>A read of a target that reads zeros: the buffer is cleared only where a WRITE left bytes.</summary>
+    private static int ZeroRead(ref TagState t)
+    {
+        if (t.DirtyBytes > 0)
+        {
+            new Span<byte>(t.Buffer, (int)t.DirtyBytes).Clear();
+            t.DirtyBytes = 0;
+        }
+        return (int)t.Remaining;
     }
 
     /// <summary>A step backend's completion; a throw there fails that one request (a target's bug, counted).</summary>

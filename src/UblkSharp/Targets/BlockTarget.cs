@@ -168,6 +168,13 @@ public abstract unsafe class BlockTarget : IDisposable
     public virtual bool SupportsZeroCopy => false;
 
     /// <summary>
+    /// Every read returns zeros and nothing else (the null target): the ublk runtime then serves
+    /// reads from the tag's buffer, which it keeps zeroed, instead of calling <see cref="Read"/>
+    /// to clear it each time. Internal: only a target that stores nothing can promise it.
+    /// </summary>
+    internal virtual bool ReadsZeros => false;
+
+    /// <summary>
     /// A filter over this target's step results for one ublk queue or NBD connection
     /// (<paramref name="streamId"/> tells them apart), or null (the default): how a wrapper target
     /// such as <see cref="FaultTarget"/> sees results that do not pass through its methods.

@@ -6,7 +6,9 @@ namespace UblkSharp.Targets;
 /// Reads clear the buffer rather than return it as it is (as ublksrv's null target does): an NBD
 /// request's buffer comes from a pool shared by every connection, so an untouched buffer could
 /// hand one client the bytes another wrote; and a ublk tag's buffer holds whatever that tag last
-/// carried. The cost is one memset per read (tens of ns for 4 KiB).
+/// carried. Through ublk that costs nothing per read: the runtime keeps each tag's buffer zeroed and
+/// clears it only after a WRITE left bytes there (<see cref="ReadsZeros"/>). The memset was a third
+/// of the queue thread's time at 4k qd64 under qemu TCG.
 /// </para>
 /// </summary>
 public sealed class NullTarget(long size) : BlockTarget
@@ -22,6 +24,8 @@ public sealed class NullTarget(long size) : BlockTarget
     public override string Kind => "null";
 
     public override bool SurvivesRestart => true;
+
+    internal override bool ReadsZeros => true;
 
     public override IReadOnlyDictionary<string, string> Recipe => new Dictionary<string, string> { ["size"] = Size.ToString(System.Globalization.CultureInfo.InvariantCulture) };
 
