@@ -36,6 +36,28 @@ public class QuiesceTests
     public void QuiesceAndRecoverTenTimesInOneProcess()
         => QuiesceAndRecover(queues: 2, depth: 16, holdMs: 0, rounds: 10, progress: 50);
 
+    /// <summary>
+    /// A batched device (7.0+) is not quiesced: QUIESCE_DEV would fail its requests with EIO until
+    /// the next daemon attaches. The refusal says why, and the device keeps serving.
+    /// </summary>
+    [Fact]
+    public void ABatchedDeviceRefusesQuiesceAndKeepsServing()
+    {
+        VmEnvironment.RequireDriver();
+        if (!ZeroCopyTests.BatchOffered)
+        {
+            Assert.Throws<NotSupportedException>(() => UblkDevice.Create(new NullTarget(Size), new DeviceOptions { Recovery = RecoveryMode.Reissue, Batch = BatchMode.On }));
+            return;
+        }
+        using var device = UblkDevice.Create(new NullTarget(Size), new DeviceOptions { Queues = 1, Depth = 16, Recovery = RecoveryMode.Reissue, Batch = BatchMode.On });
+        Assert.NotEqual(0ul, device.Info.flags & (ulong)UblkFeatures.BatchIo);
+        var e = Assert.Throws<NotSupportedException>(() => device.Quiesce(TimeSpan.FromSeconds(5)));
+        Assert.Contains("batched", e.Message, StringComparison.Ordinal);
+        Assert.Equal(DeviceState.Live, CliDevices.State(device.Id));
+        Assert.Equal(new byte[4096], DirectIo.Read(device.BlockPath, 0, 4096));
+        Assert.Equal(0, device.Errors);
+    }
+
     private static BlockTarget Target(int holdMs)
         => holdMs == 0 ? new NullTarget(Size) : new FaultTarget(new NullTarget(Size), new FaultSchedule { Delay = 1, DelayMs = holdMs });
 

@@ -27,16 +27,25 @@ public class RecoveryTests
     // The loop file on the ring, so zero copy where the kernel has it (7.3): the recovered daemon's
     // queues register their buffer tables again, and the requests reissued find them.
     [InlineData("--io ring --zero-copy auto")]
+    // The same with batched IO where the kernel has it (7.0+): the dead daemon's multishot fetches
+    // and the requests it held go back to the driver, and the new one's PREP_IO_CMDS finds them.
+    [InlineData("--io ring --zero-copy auto --batch on")]
     [Trait("kernel", "7.3")]
     public async Task ReissueLosesNothingWhenTheDaemonIsKilledMidVerify(string dataPath)
     {
         VmEnvironment.RequireDriver();
+        var batch = dataPath.EndsWith("--batch on", StringComparison.Ordinal);
+        if (batch && !ZeroCopyTests.BatchOffered)
+        {
+            dataPath = dataPath.Replace("--batch on", "", StringComparison.Ordinal);
+        }
         Lifecycle.CreateImage(Image, 128 << 20);
         try
         {
             var dev = CliDevices.Add($"-t loop -f {Image} -q 2 --recovery reissue {dataPath}");
             var id = CliDevices.IdOf(dev);
             var pid = Lifecycle.DaemonPid(id);
+            Assert.Equal(batch && ZeroCopyTests.BatchOffered, CliDevices.List()[id].GetProperty("batch").GetBoolean());
             var data = CliDevices.List()[id].GetProperty("data").GetString();
             using (var control = ControlDevice.Open())
             {

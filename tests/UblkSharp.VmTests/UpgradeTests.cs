@@ -32,16 +32,28 @@ public class UpgradeTests
     [Theory]
     [InlineData("loop")]
     [InlineData("cow")]
+    // Batched IO where the kernel has it (7.0+): handed over by the old daemon exiting, not by
+    // QUIESCE_DEV (which fails a batched device's requests), so with recovery reissue.
+    [InlineData("loop-batch")]
     public async Task UpgradesUnderFioVerifyFailNoIoAndKeepTheDevice(string kind)
     {
         VmEnvironment.RequireDriver();
+        var batch = kind == "loop-batch";
         Lifecycle.CreateImage(Image, 256 << 20);
         File.Delete(Overlay);
         try
         {
+            if (batch && !ZeroCopyTests.BatchOffered)
+            {
+                // 6.12: the case is the plain loop one; what is left to check is the refusal.
+                Lifecycle.AssertRefused($"add -t loop -f {Image} --recovery reissue --batch on", "BATCH_IO");
+                return;
+            }
             var target = kind == "cow" ? $"-t cow -f {Overlay}" : $"-t loop -f {Image}";
-            var dev = CliDevices.Add($"{target}{(kind == "cow" ? $" --create --backing {Image}" : "")} -q 2 -d 64 --recovery {RecoveryMode}");
+            var recovery = batch ? "reissue --batch on" : RecoveryMode;
+            var dev = CliDevices.Add($"{target}{(kind == "cow" ? $" --create --backing {Image}" : "")} -q 2 -d 64 --recovery {recovery}");
             var id = CliDevices.IdOf(dev);
+            Assert.Equal(batch, CliDevices.List()[id].GetProperty("batch").GetBoolean());
             var rdev = DeviceNumber(dev);
             using var prober = new IoProber(dev, ProbeSpan);
             Assert.True(Lifecycle.PollFor(() => prober.Completions > 20, TimeSpan.FromSeconds(60)), $"the prober made no progress: {string.Join("; ", prober.Errors)}");
@@ -96,7 +108,7 @@ public class UpgradeTests
                 id = CliDevices.IdOf(again);
                 Assert.Equal(served, VmEnvironment.ShOk($"sha256sum < {again}").Trim());
             }
-            VmEnvironment.Figure($"UPGRADE {kind} on {VmEnvironment.KernelRelease} (recovery {RecoveryMode}): {Upgrades} upgrades under fio verify: IO stall median {Lifecycle.Seconds(Lifecycle.Median(stalls))}, max {Lifecycle.Seconds(stalls[^1])}; " +
+            VmEnvironment.Figure($"UPGRADE {kind} on {VmEnvironment.KernelRelease} (recovery {recovery}): {Upgrades} upgrades under fio verify: IO stall median {Lifecycle.Seconds(Lifecycle.Median(stalls))}, max {Lifecycle.Seconds(stalls[^1])}; " +
                 $"the command took median {Lifecycle.Seconds(Lifecycle.Median(commands))}; {runs.Count} fio verify runs, the last: {runs[^1].Summary}");
             CliDevices.Del(id);
         }

@@ -25,7 +25,7 @@ internal static class AddCommand
         var startTimeout = new Option<int>("--start-timeout") { Description = "Seconds the device may take to start (the kernel reads its partition table through the target)", DefaultValueFactory = _ => 60 };
         var noPartitionScan = new Option<bool>("--no-partition-scan") { Description = "Do not read a partition table when the device starts (Linux 7.0+)" };
         var zeroCopy = new Option<string>("--zero-copy") { Description = "Zero copy (AUTO_BUF_REG, Linux 6.16+; the loop and cow targets served on the ring): auto (where it can be had; the default), on (or fail), off", DefaultValueFactory = _ => "auto" };
-        var batch = new Option<string>("--batch") { Description = "Batched IO commands (BATCH_IO, Linux 7.0+): auto (where offered; the default), on (or fail), off", DefaultValueFactory = _ => "auto" };
+        var batch = new Option<string>("--batch") { Description = "Batched IO commands (BATCH_IO, Linux 7.0+): auto (where offered, without --recovery; the default), on (or fail; with --recovery, upgrade needs reissue), off", DefaultValueFactory = _ => "auto" };
         var readyFile = new Option<string?>("--ready-file") { Hidden = true };
         var metrics = new MetricsOptions();
 

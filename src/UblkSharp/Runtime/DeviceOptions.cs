@@ -42,7 +42,8 @@ public sealed record DeviceOptions
     /// <summary>
     /// Batched IO commands (BATCH_IO, Linux 7.0+): a queue fetches many requests per completion and
     /// commits the results of a pass of its loop in one command. Auto uses it where the driver offers
-    /// it; On refuses to add the device otherwise.
+    /// it, except with <see cref="Recovery"/> (a batched device cannot be quiesced, so only one with
+    /// reissue can be handed over); On refuses to add the device where the driver lacks it.
     /// </summary>
     public BatchMode Batch { get; init; } = BatchMode.Auto;
 
@@ -115,7 +116,7 @@ public static class ZeroCopyModes
 /// <summary>Whether a device uses BATCH_IO (<see cref="DeviceOptions.Batch"/>).</summary>
 public enum BatchMode
 {
-    /// <summary>Where the driver offers it.</summary>
+    /// <summary>Where the driver offers it, for a device without recovery.</summary>
     Auto,
 
     /// <summary>Always; adding the device fails where the driver lacks it.</summary>

@@ -144,7 +144,11 @@ public sealed class UblkDevice : IDisposable
                 }
                 wanted |= UblkFeatures.BatchIo; // refused below, with the kernel it needs, where not offered
             }
-            else if (options.Batch == BatchMode.Auto && BatchRefusal(options) is null && (Offered(control) & UblkFeatures.BatchIo) != 0)
+            // Auto keeps a command per request for a recoverable device: a batched one cannot be
+            // quiesced for a hand-over (see HandOverRefusal), so it could be upgraded only with
+            // --recovery reissue, and only by its daemon exiting.
+            else if (options.Batch == BatchMode.Auto && options.Recovery == RecoveryMode.Off && BatchRefusal(options) is null
+                && (Offered(control) & UblkFeatures.BatchIo) != 0)
             {
                 dataPath |= UblkFeatures.BatchIo;
             }
@@ -361,6 +365,12 @@ public sealed class UblkDevice : IDisposable
                 ? $"this kernel's ublk driver ({Environment.OSVersion.Version}) does not offer QUIESCE (Linux 6.16+)"
                 : $"device {Id} was created without recovery (--recovery on|reissue|fail-io), so it cannot be quiesced");
         }
+        if (((UblkFeatures)Info.flags & UblkFeatures.BatchIo) != 0)
+        {
+            // ublk_batch_cancel_queue() sets force_abort, which ublk_prep_req() checks first.
+            throw new NotSupportedException($"device {Id} uses batched IO: Linux 7.3's QUIESCE_DEV would fail its requests with EIO until the next daemon attaches; " +
+                "a batched device with recovery reissue is handed over by its daemon exiting (HandOver)");
+        }
         var res = _control.QuiesceDevice(Id, wait);
         if (res == -Errno.EBUSY)
         {
@@ -397,6 +407,13 @@ public sealed class UblkDevice : IDisposable
         {
             return $"device {id} has recovery fail-io: its IO would fail while no daemon serves it";
         }
+        if ((f & UblkFeatures.BatchIo) != 0 && (f & UblkFeatures.UserRecoveryReissue) == 0)
+        {
+            // QUIESCE_DEV runs ublk_batch_cancel_queue(), which sets force_abort: ublk_prep_req()
+            // then fails every request with EIO until the next daemon attaches. A batched device is
+            // handed over by its daemon exiting instead, which requeues only under reissue.
+            return $"device {id} uses batched IO (add --batch on) with recovery on: Linux 7.3's QUIESCE_DEV would fail its requests, and without it only a device created with --recovery reissue keeps the requests of a hand-over";
+        }
         if ((f & UblkFeatures.Quiesce) == 0 && (f & UblkFeatures.UserRecoveryReissue) == 0)
         {
             return $"device {id} has recovery on, and this kernel has no QUIESCE_DEV (Linux 6.16+): the requests that arrive during the hand-over would fail; only a device created with --recovery reissue can be upgraded here";
@@ -407,8 +424,8 @@ public sealed class UblkDevice : IDisposable
     /// <summary>
     /// Lets another daemon take this device over with no failed IO: every request is either answered
     /// here or left held in the kernel for the next daemon's <see cref="Recover"/>. With QUIESCE_DEV
-    /// this is <see cref="Quiesce"/>, and the device is QUIESCED on return. Without it (6.12, recovery
-    /// reissue) the queues stop serving new requests and answer the ones in service; the process
+    /// (and IO not batched) this is <see cref="Quiesce"/>, and the device is QUIESCED on return.
+    /// Without it (6.12, or a batched device; recovery reissue) the queues stop serving new requests and answer the ones in service; the process
     /// must then exit (soon: new IO waits), which requeues the rest and quiesces the device. Throws if
     /// <see cref="HandOverRefusal"/> refuses, or if IO did not drain within <paramref name="wait"/>
     /// (with QUIESCE_DEV): <see cref="RecoveryRefusedException"/> when nothing changed and this process
@@ -421,7 +438,7 @@ public sealed class UblkDevice : IDisposable
         {
             throw new RecoveryRefusedException(refusal);
         }
-        if (((UblkFeatures)Info.flags & UblkFeatures.Quiesce) != 0)
+        if (((UblkFeatures)Info.flags & (UblkFeatures.Quiesce | UblkFeatures.BatchIo)) == UblkFeatures.Quiesce)
         {
             if (!Quiesce(wait))
             {
@@ -564,21 +581,10 @@ public sealed class UblkDevice : IDisposable
         return UblkFeatures.AutoBufReg | (offered & UblkFeatures.UserCopy);
     }
 
-    /// <summary>
-    /// Why a device with these options does not get BATCH_IO, or null. On 7.3, batched devices lost
-    /// reads across QUIESCE_DEV (a hand-over or upgrade) in our tests, and ADD_DEV refused a batched
-    /// depth-1 queue (EINVAL): until that is understood, recoverable devices (which are quiesced for
-    /// upgrades) and depth 1 keep a command per request.
-    /// </summary>
+    /// <summary>Why a device with these options cannot get BATCH_IO, or null.</summary>
     public static string? BatchRefusal(DeviceOptions options)
     {
         ArgumentNullException.ThrowIfNull(options);
-        if (options.Recovery != RecoveryMode.Off)
-        {
-            // ublk_batch_cancel_queue() sets force_abort, which ublk_prep_req() checks before
-            // canceling: requests fail instead of waiting in the requeue list for the next daemon.
-            return "batched IO is not used with --recovery: Linux 7.3's QUIESCE_DEV, which hand-overs and upgrades use, makes the driver fail a batched device's requests with EIO until the next daemon attaches";
-        }
         // The driver sizes each queue's event fifo by the depth, and a kfifo needs 2 slots.
         return options.Depth < 2 ? "a batched queue needs a depth of 2 or more (the driver refuses depth 1 at ADD_DEV with EINVAL)" : null;
     }
