@@ -3,6 +3,7 @@ using UblkSharp.Interop;
 using UblkSharp.Nbd;
 using UblkSharp.Nbd.Protocol;
 using UblkSharp.Targets;
+using UblkSharp.Ublk;
 
 namespace UblkSharp.VmTests;
 
@@ -74,6 +75,10 @@ public class NbdVmTests
         try
         {
             var dev = CliDevices.Add(psk ? $"-t nbd --uri nbds+unix://alice@/?socket={socket} --tls-psk {keys} -q 2" : $"-t nbd --uri nbd+unix:///?socket={socket} -q 2");
+            // Zero copy where the kernel has it, over TLS too: the payloads move between the request's
+            // pages and the socket (the relay's end of the socketpair under TLS).
+            var data = CliDevices.List()[CliDevices.IdOf(dev)].GetProperty("data").GetString();
+            Assert.True(!ControlFeatureTests.Offers(UblkFeatures.AutoBufReg) || data == "zero-copy", $"the nbd device's data path is {data}");
             var r = Fio.Verify(dev, "32M", TimeSpan.FromMinutes(6));
             Assert.True(r.ExitCode == 0 && r.Error == 0, r.ToString());
             Assert.True(r.WriteIos > 0 && r.ReadIos > 0, r.ToString());

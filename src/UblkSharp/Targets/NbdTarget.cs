@@ -214,6 +214,13 @@ public sealed class NbdTarget : BlockTarget
         return new NbdUringBackend(this, queueId, first);
     }
 
+    /// <summary>
+    /// The ring backend moves each payload between the socket and the request's pages
+    /// (READ_FIXED/WRITE_FIXED on the request's buffer-table slot): zero copy where the kernel has
+    /// it. Over TLS the socket is the local end of the connection's relay, which still copies.
+    /// </summary>
+    public override bool SupportsZeroCopy => true;
+
     /// <summary>A new connection to the same export (blocking: the ring backend calls it on a thread of its own).</summary>
     internal NbdClient Connect(TimeSpan timeout)
     {

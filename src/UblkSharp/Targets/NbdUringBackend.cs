@@ -126,7 +126,10 @@ internal sealed unsafe class NbdUringBackend : UringBackend
         public uint Length;
         /// <summary>For TRIM and WRITE_ZEROES, served in chunks: where the whole range ends.</summary>
         public long RangeEnd;
+        /// <summary>The data's address, or under zero copy its offset into buffer-table slot <see cref="Fixed"/>.</summary>
         public byte* Buffer;
+        /// <summary>Under zero copy, the request's slot in the ring's buffer table (the payload moves between its pages and the socket); else -1.</summary>
+        public int Fixed;
         /// <summary>A FUA write to a server without FUA: a FLUSH follows it.</summary>
         public bool ThenFlush;
         public int Result;
@@ -228,6 +231,7 @@ internal sealed unsafe class NbdUringBackend : UringBackend
         s.Offset = request.Offset;
         s.RangeEnd = request.Offset + request.Length;
         s.Buffer = request.Buffer;
+        s.Fixed = request.FixedBuffer;
         s.Result = s.Type is CmdRead or CmdWrite ? (int)s.Length : 0;
         s.Deadline = Environment.TickCount64 + _timeoutTicks;
         s.Active = true;
@@ -341,6 +345,16 @@ internal sealed unsafe class NbdUringBackend : UringBackend
     {
         var tag = _sendTag;
         ref var s = ref _slots[tag];
+        var c = _connection!;
+        if (s.Fixed >= 0 && _sendDone >= RequestSize)
+        {
+            // Zero copy: the payload goes from the request's pages to the socket, after the header.
+            var sent = _sendDone - RequestSize;
+            ref var w = ref ring.GetSqe(tag, Step(StepSend, c.Generation & 0xffffff), out var wud);
+            w.PrepareWriteFixed(c.Fd, s.Buffer + sent, s.Length - (uint)sent, 0, (ushort)s.Fixed, wud);
+            c.Outstanding++;
+            return;
+        }
         var block = (byte*)_native[tag];
         var msg = (MsgHdr*)(block + 32);
         var iov = (Iovec*)(block + 96);
@@ -357,12 +371,11 @@ internal sealed unsafe class NbdUringBackend : UringBackend
         {
             done -= RequestSize;
         }
-        if (s.Type == CmdWrite && done < s.Length)
+        if (s.Type == CmdWrite && s.Fixed < 0 && done < s.Length)
         {
             iov[n++] = new Iovec { iov_base = s.Buffer + done, iov_len = (nuint)(s.Length - done) };
         }
         msg->msg_iovlen = (nuint)n;
-        var c = _connection!;
         ref var sqe = ref ring.GetSqe(tag, Step(StepSend, c.Generation & 0xffffff), out var ud);
         sqe.PrepareSendMsg(c.Fd, msg, MsgFlags.NoSignal, ud);
         c.Outstanding++;
@@ -398,7 +411,16 @@ internal sealed unsafe class NbdUringBackend : UringBackend
         if (_inPayload)
         {
             ref var s = ref _slots[_recvTag];
-            sqe.PrepareRecv(c.Fd, s.Buffer + _recvDone, s.Length - (uint)_recvDone, MsgFlags.WaitAll, ud);
+            if (s.Fixed >= 0)
+            {
+                // Zero copy: the payload goes from the socket into the request's pages (a short
+                // read, as without MSG_WAITALL, is resumed like a short receive).
+                sqe.PrepareReadFixed(c.Fd, s.Buffer + _recvDone, s.Length - (uint)_recvDone, 0, (ushort)s.Fixed, ud);
+            }
+            else
+            {
+                sqe.PrepareRecv(c.Fd, s.Buffer + _recvDone, s.Length - (uint)_recvDone, MsgFlags.WaitAll, ud);
+            }
         }
         else
         {
