@@ -50,10 +50,13 @@ public class UpgradeTests
                 return;
             }
             var target = kind == "cow" ? $"-t cow -f {Overlay}" : $"-t loop -f {Image}";
-            var recovery = batch ? "reissue --batch on" : RecoveryMode;
+            // The batched one on the ring, so zero copy too: the new daemon's queues register their
+            // buffer tables again, and the requests requeued for it find them.
+            var recovery = batch ? "reissue --batch on --io ring" : RecoveryMode;
             var dev = CliDevices.Add($"{target}{(kind == "cow" ? $" --create --backing {Image}" : "")} -q 2 -d 64 --recovery {recovery}");
             var id = CliDevices.IdOf(dev);
             Assert.Equal(batch, CliDevices.List()[id].GetProperty("batch").GetBoolean());
+            Assert.True(!batch || CliDevices.List()[id].GetProperty("data").GetString() == "zero-copy", "the batched device is not zero copy");
             var rdev = DeviceNumber(dev);
             using var prober = new IoProber(dev, ProbeSpan);
             Assert.True(Lifecycle.PollFor(() => prober.Completions > 20, TimeSpan.FromSeconds(60)), $"the prober made no progress: {string.Join("; ", prober.Errors)}");

@@ -23,10 +23,15 @@ public class ZeroAllocationTests
     [InlineData("nbd")]
     public void SteadyStateServesWithoutAllocating(string kind) => Measure(kind);
 
-    /// <summary>The loop target on the ring with zero copy (AUTO_BUF_REG) where the kernel has it (7.3), the copy path where not (6.12).</summary>
-    [Fact]
+    /// <summary>
+    /// The loop target on the ring and the nbd target with zero copy (AUTO_BUF_REG) and batched IO
+    /// where the kernel has them (7.3), the copy path where not (6.12).
+    /// </summary>
+    [Theory]
+    [InlineData("loop-zc")]
+    [InlineData("nbd-zc")]
     [Trait("kernel", "7.3")]
-    public void ZeroCopySteadyStateServesWithoutAllocating() => Measure("loop-zc");
+    public void ZeroCopySteadyStateServesWithoutAllocating(string kind) => Measure(kind);
 
     private static void Measure(string kind)
     {
@@ -40,13 +45,13 @@ public class ZeroAllocationTests
             Exception? fatal = null;
             // nbd: the ring backend in front of our own server over a unix socket, in this process
             // (only the queue threads' allocations are counted).
-            using var remote = kind == "nbd" ? new MemoryTarget(64 << 20) : null;
+            using var remote = kind.StartsWith("nbd", StringComparison.Ordinal) ? new MemoryTarget(64 << 20) : null;
             var socket = $"/tmp/ublksharp-za-{Guid.NewGuid():N}"[..30] + ".sock";
             using var server = remote is null ? null : NbdServer.Start(NbdAddress.Unix(socket), new NbdExport("disk", remote));
             using BlockTarget target = kind switch
             {
                 "mem" => new MemoryTarget(64 << 20),
-                "nbd" => new NbdTarget(NbdUri.Unix(socket, "disk")),
+                "nbd" or "nbd-zc" => new NbdTarget(NbdUri.Unix(socket, "disk")),
                 "loop-zc" => new LoopTarget(Image, io: LoopIo.Ring),
                 _ => new LoopTarget(Image),
             };
@@ -66,12 +71,12 @@ public class ZeroAllocationTests
             // Each queue got past its warm-up, so each measured its steady state.
             Assert.All(queues, q => Assert.True(q.Completed > UblkQueue.WarmUpRequests + 1000, $"too few requests to measure: {perQueue}"));
             Assert.True(device.SteadyStateAllocatedBytes == 0, $"queue threads allocated in steady state: {perQueue}");
-            if (kind == "loop-zc")
+            if (kind.EndsWith("-zc", StringComparison.Ordinal))
             {
                 using var control = Ublk.ControlDevice.Open();
                 var offered = (control.GetFeatures() & Ublk.UblkFeatures.AutoBufReg) != 0;
                 var zeroCopy = queues.Sum(q => q.ZeroCopyRequests);
-                VmEnvironment.Log($"loop-zc: {zeroCopy} requests zero copy (AUTO_BUF_REG offered: {offered})");
+                VmEnvironment.Log($"{kind}: {zeroCopy} requests zero copy (AUTO_BUF_REG offered: {offered})");
                 Assert.True(offered ? zeroCopy >= r.TotalIos : zeroCopy == 0, $"{zeroCopy} requests zero copy of {r.TotalIos}, AUTO_BUF_REG offered: {offered}");
             }
         }
