@@ -24,7 +24,7 @@ internal static class AddCommand
         var autoclear = new Option<bool>("--autoclear") { Description = "Delete the device once it has been mounted and its last mount is gone" };
         var startTimeout = new Option<int>("--start-timeout") { Description = "Seconds the device may take to start (the kernel reads its partition table through the target)", DefaultValueFactory = _ => 60 };
         var noPartitionScan = new Option<bool>("--no-partition-scan") { Description = "Do not read a partition table when the device starts (Linux 7.0+)" };
-        var zeroCopy = new Option<string>("--zero-copy") { Description = "Zero copy (AUTO_BUF_REG, Linux 6.16+; the loop and cow targets served on the ring): auto (where it can be had; the default), on (or fail), off", DefaultValueFactory = _ => "auto" };
+        var zeroCopy = new Option<string>("--zero-copy") { Description = "Zero copy (AUTO_BUF_REG, Linux 6.16+, or SUPPORT_ZERO_COPY, 6.15+; the loop and cow targets served on the ring, nbd): auto (where it can be had; the default), on (or fail), off, explicit (SUPPORT_ZERO_COPY's per-request registration, or fail)", DefaultValueFactory = _ => "auto" };
         var batch = new Option<string>("--batch") { Description = "Batched IO commands (BATCH_IO, Linux 7.0+): auto (where offered, without --recovery; the default), on (or fail; with --recovery, upgrade needs reissue), off", DefaultValueFactory = _ => "auto" };
         var readyFile = new Option<string?>("--ready-file") { Hidden = true };
         var metrics = new MetricsOptions();
@@ -105,7 +105,7 @@ internal static class AddCommand
             {
                 Preflight.RequireDriver();
                 RequireOffered(options);
-                if (options.ZeroCopy == ZeroCopyMode.On)
+                if (options.ZeroCopy is ZeroCopyMode.On or ZeroCopyMode.Explicit)
                 {
                     using var control = Ublk.ControlDevice.Open();
                     UblkDevice.ZeroCopyFlags(control, t, options.ZeroCopy, !Processes.IsRoot);

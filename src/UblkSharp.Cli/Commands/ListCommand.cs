@@ -141,7 +141,7 @@ internal static class ListCommand
 
     /// <summary>How request data reaches the daemon: zero-copy (AUTO_BUF_REG), user-copy (USER_COPY), or copy (the driver copies into the daemon's buffers).</summary>
     internal static string DataPath(UblkFeatures flags)
-        => (flags & UblkFeatures.AutoBufReg) != 0 ? "zero-copy" : (flags & UblkFeatures.UserCopy) != 0 ? "user-copy" : "copy";
+        => (flags & (UblkFeatures.AutoBufReg | UblkFeatures.SupportZeroCopy)) != 0 ? "zero-copy" : (flags & UblkFeatures.UserCopy) != 0 ? "user-copy" : "copy";
 
     private sealed record Row(uint Id, string State, int Pid, int Queues, int Depth, long Size, string Target, string Flags, string Data, bool Batch, string Path,
         Dictionary<string, string>? Recipe, string? Orphan, string? Version);

@@ -99,6 +99,14 @@ public enum ZeroCopyMode
 
     /// <summary>Never: request data is copied into the daemon's buffers.</summary>
     Off,
+
+    /// <summary>
+    /// Zero copy by registering each request's pages explicitly (SUPPORT_ZERO_COPY, Linux 6.15+:
+    /// REGISTER_IO_BUF before its backend IO, UNREGISTER_IO_BUF before its commit), even where
+    /// AUTO_BUF_REG is offered; adding the device fails where it cannot be had. Auto and On take
+    /// this path only on a kernel without AUTO_BUF_REG.
+    /// </summary>
+    Explicit,
 }
 
 /// <summary>The CLI's spellings of <see cref="ZeroCopyMode"/>.</summary>
@@ -109,7 +117,8 @@ public static class ZeroCopyModes
         "auto" => ZeroCopyMode.Auto,
         "on" => ZeroCopyMode.On,
         "off" => ZeroCopyMode.Off,
-        _ => throw new ArgumentException($"--zero-copy {text}: use auto, on or off"),
+        "explicit" => ZeroCopyMode.Explicit,
+        _ => throw new ArgumentException($"--zero-copy {text}: use auto, on, off or explicit"),
     };
 }
 

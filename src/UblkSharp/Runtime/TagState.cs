@@ -23,6 +23,10 @@ internal unsafe struct TagState
     public bool Busy;
     /// <summary>A READ or WRITE whose pages the driver installed in the ring's buffer table (zero copy): the tag's buffer is not its data.</summary>
     public bool ZeroCopy;
+    /// <summary>Explicit zero copy: the request's pages are at slot `tag` until UNREGISTER_IO_BUF.</summary>
+    public bool Registered;
+    /// <summary>Explicit zero copy: the result the commit gives once the pages are unregistered.</summary>
+    public int Result;
     /// <summary>Submitted to a completion-fd backend and not reaped yet.</summary>
     public bool InBackend;
     public byte* Buffer;

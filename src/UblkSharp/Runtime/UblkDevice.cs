@@ -132,9 +132,9 @@ public sealed class UblkDevice : IDisposable
             var wanted = options.Flags | options.Recovery.Flags() | (options.NoPartitionScan ? UblkFeatures.NoAutoPartScan : 0)
                 | (unprivileged ? UblkFeatures.UnprivilegedDev : 0);
             var dataPath = ZeroCopyFlags(control, target, options.ZeroCopy, unprivileged);
-            if (options.ZeroCopy == ZeroCopyMode.On)
+            if (options.ZeroCopy is ZeroCopyMode.On or ZeroCopyMode.Explicit)
             {
-                wanted |= UblkFeatures.AutoBufReg; // so that a driver dropping it is caught below
+                wanted |= dataPath & (UblkFeatures.AutoBufReg | UblkFeatures.SupportZeroCopy); // so that a driver dropping it is caught below
             }
             if (options.Batch == BatchMode.On)
             {
@@ -570,15 +570,22 @@ public sealed class UblkDevice : IDisposable
         {
             refusal = "the kernel gives devices that users add (UNPRIVILEGED_DEV) no zero copy: a daemon that did not fill a read's pages would leak kernel memory";
         }
-        else if ((offered & UblkFeatures.AutoBufReg) == 0)
+        else if (mode == ZeroCopyMode.Explicit ? (offered & UblkFeatures.SupportZeroCopy) == 0 : (offered & (UblkFeatures.AutoBufReg | UblkFeatures.SupportZeroCopy)) == 0)
         {
-            refusal = $"this kernel's ublk driver ({Environment.OSVersion.Version}) does not offer AUTO_BUF_REG (Linux 6.16+)";
+            refusal = mode == ZeroCopyMode.Explicit
+                ? $"this kernel's ublk driver ({Environment.OSVersion.Version}) does not offer SUPPORT_ZERO_COPY (Linux 6.15+)"
+                : $"this kernel's ublk driver ({Environment.OSVersion.Version}) offers neither AUTO_BUF_REG (Linux 6.16+) nor SUPPORT_ZERO_COPY (6.15+)";
         }
         if (refusal is not null)
         {
-            return mode == ZeroCopyMode.On ? throw new NotSupportedException($"--zero-copy on: {refusal}") : UblkFeatures.None;
+            return mode is ZeroCopyMode.On or ZeroCopyMode.Explicit
+                ? throw new NotSupportedException($"--zero-copy {(mode == ZeroCopyMode.On ? "on" : "explicit")}: {refusal}")
+                : UblkFeatures.None;
         }
-        return UblkFeatures.AutoBufReg | (offered & UblkFeatures.UserCopy);
+        // AUTO_BUF_REG where offered (no command per request); SUPPORT_ZERO_COPY's explicit
+        // registration where not (6.15), or when asked for.
+        var registration = mode != ZeroCopyMode.Explicit && (offered & UblkFeatures.AutoBufReg) != 0 ? UblkFeatures.AutoBufReg : UblkFeatures.SupportZeroCopy;
+        return registration | (offered & UblkFeatures.UserCopy);
     }
 
     /// <summary>Why a device with these options cannot get BATCH_IO, or null.</summary>
@@ -631,9 +638,10 @@ public sealed class UblkDevice : IDisposable
             }
             // A recovered device keeps the flags it was created with: USER_COPY is the kernel's say, not the target's.
             var userCopy = (Info.flags & (ulong)UblkFeatures.UserCopy) != 0;
-            var zeroCopy = (Info.flags & (ulong)UblkFeatures.AutoBufReg) != 0;
+            var zeroCopy = (Info.flags & (ulong)(UblkFeatures.AutoBufReg | UblkFeatures.SupportZeroCopy)) != 0;
+            var explicitZeroCopy = zeroCopy && (Info.flags & (ulong)UblkFeatures.AutoBufReg) == 0;
             var batch = (Info.flags & (ulong)UblkFeatures.BatchIo) != 0;
-            _queues[q] = new UblkQueue(q, Info.queue_depth, (int)Info.max_io_buf_bytes, _charFd, _target, userCopy, zeroCopy, batch, cpus, onFatal, _options.LoggerFactory.CreateLogger<UblkQueue>());
+            _queues[q] = new UblkQueue(q, Info.queue_depth, (int)Info.max_io_buf_bytes, _charFd, _target, userCopy, zeroCopy, explicitZeroCopy, batch, cpus, onFatal, _options.LoggerFactory.CreateLogger<UblkQueue>());
             _queues[q].Start(TimeSpan.FromSeconds(30));
         }
         if (recovering)

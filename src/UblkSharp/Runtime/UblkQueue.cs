@@ -16,7 +16,7 @@ namespace UblkSharp.Runtime;
 /// </summary>
 internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
 {
-    // user_data: tag in bits 0-15, kind in bits 16-18.
+    // user_data: tag in bits 0-15, kind in bits 16-19.
     private const ulong KindCommand = 0;
     private const ulong KindBackend = 1ul << 16;
     private const ulong KindDelay = 2ul << 16;
@@ -26,7 +26,10 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
     private const ulong KindStep = 5ul << 16;
     private const ulong KindReapAgain = 6ul << 16;
     private const ulong KindStop = 7ul << 16;
-    private const ulong KindMask = 7ul << 16;
+    // SUPPORT_ZERO_COPY's REGISTER_IO_BUF and UNREGISTER_IO_BUF of a request's pages.
+    private const ulong KindRegister = 8ul << 16;
+    private const ulong KindUnregister = 9ul << 16;
+    private const ulong KindMask = 15ul << 16;
     private const int ReapBatch = 32;
 
     private readonly int _queueId;
@@ -39,6 +42,11 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
     // buffer table before handing it over, and takes them out at its commit; the backend's READ/WRITE
     // use that slot. A request it could not install comes flagged NEED_REG_BUF and is copied (USER_COPY).
     private readonly bool _zeroCopy;
+    // SUPPORT_ZERO_COPY (6.15+) instead: the queue registers each request's pages at slot `tag`
+    // itself (REGISTER_IO_BUF) before its backend IO and takes them out (UNREGISTER_IO_BUF) before
+    // its commit. A request whose registration fails is copied (USER_COPY).
+    private readonly bool _explicitZeroCopy;
+    private long _unregisterFailures;
     // BATCH_IO: fetches and commits go in batches (see BatchIo) instead of a command per request.
     private readonly bool _batch;
     private BatchIo? _batchIo;
@@ -95,10 +103,11 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
     private int[] _reapResults = [];
     private bool _reapAgainPending;
 
-    public UblkQueue(int queueId, int depth, int maxIo, int charFd, BlockTarget target, bool userCopy, bool zeroCopy, bool batch, int[]? cpus, Action<Exception> onFatal, ILogger logger)
+    public UblkQueue(int queueId, int depth, int maxIo, int charFd, BlockTarget target, bool userCopy, bool zeroCopy, bool explicitZeroCopy, bool batch, int[]? cpus, Action<Exception> onFatal, ILogger logger)
     {
         _userCopy = userCopy;
         _zeroCopy = zeroCopy;
+        _explicitZeroCopy = zeroCopy && explicitZeroCopy;
         _batch = batch;
         _direct = userCopy && !zeroCopy ? target as IUserCopyTarget : null;
         _queueId = queueId;
@@ -348,7 +357,7 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
         }
         if (_batch)
         {
-            _batchIo = new BatchIo(_ring, _queueId, _depth, KindCommand, withAddress: !_userCopy && !_zeroCopy, autoBufReg: _zeroCopy);
+            _batchIo = new BatchIo(_ring, _queueId, _depth, KindCommand, withAddress: !_userCopy && !_zeroCopy, autoBufReg: _zeroCopy && !_explicitZeroCopy);
             var buffers = new byte*[_depth];
             for (var tag = 0; tag < _depth; tag++)
             {
@@ -470,6 +479,14 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
                 _reapAgainPending = false;
                 ReapAll();
                 break;
+            case KindRegister:
+                _backendInFlight--;
+                OnRegistered(tag, res);
+                break;
+            case KindUnregister:
+                _backendInFlight--;
+                OnUnregistered(tag, res);
+                break;
             case KindStop:
                 if (_stopRequested)
                 {
@@ -541,7 +558,7 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
         t.InRequest = 0;
         t.InBackend = false;
         t.ZeroCopy = false;
-        if (_zeroCopy && t.Op is IoOp.Read or IoOp.Write)
+        if (_zeroCopy && !_explicitZeroCopy && t.Op is IoOp.Read or IoOp.Write)
         {
             if ((t.Flags & IoFlags.NeedRegBuf) == 0)
             {
@@ -567,6 +584,65 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
             Commit(tag, -Errno.EINVAL);
             return;
         }
+        if (_explicitZeroCopy && t.Op is IoOp.Read or IoOp.Write)
+        {
+            // Served once its pages are at slot `tag` (OnRegistered).
+            t.Registered = false;
+            QueueBufferCommand(UblkCommands.RegisterIoBuf, tag, KindRegister);
+            return;
+        }
+        ServeRequest(tag);
+    }
+
+    /// <summary>REGISTER_IO_BUF or UNREGISTER_IO_BUF of the tag's request at its slot in this ring's buffer table.</summary>
+    private void QueueBufferCommand(uint op, int tag, ulong kind)
+    {
+        var cmd = new IoCmd { q_id = (ushort)_queueId, tag = (ushort)tag, addr = (ulong)tag };
+        ref var sqe = ref _ring!.PrepareUringCmd(0, op, cmd, kind | (uint)tag);
+        sqe.flags |= SqeFlags.FixedFile;
+        _backendInFlight++;
+    }
+
+    /// <summary>The request's pages are registered (zero copy), or could not be (copied instead).</summary>
+    private void OnRegistered(int tag, int res)
+    {
+        ref var t = ref _tags[tag];
+        if (res == 0)
+        {
+            t.ZeroCopy = true;
+            t.Registered = true;
+            ZeroCopyRequests++;
+        }
+        else
+        {
+            ZeroCopyFallbacks++;
+        }
+        ServeRequest(tag);
+    }
+
+    /// <summary>A request's pages are out of the buffer table: it can be committed now.</summary>
+    private void OnUnregistered(int tag, int res)
+    {
+        ref var t = ref _tags[tag];
+        t.Registered = false;
+        var result = t.Result;
+        if (res < 0)
+        {
+            // Never expected (the slot is ours alone): said, and the request fails rather than
+            // claim data that may not have moved.
+            if (++_unregisterFailures <= 10)
+            {
+                RuntimeLog.IoFailed(_logger, _queueId, t.Op, t.Length, t.Offset, $"UNREGISTER_IO_BUF: {Errno.Describe(res)}");
+            }
+            result = -Errno.EIO;
+        }
+        Commit(tag, result);
+    }
+
+    /// <summary>Serves a request that arrived (and, under explicit zero copy, has its pages registered or not).</summary>
+    private void ServeRequest(int tag)
+    {
+        ref var t = ref _tags[tag];
         if (t.Op is IoOp.Read or IoOp.Write && !t.ZeroCopy)
         {
             if (_userCopy && !TakeRequestData(ref t, tag))
@@ -996,6 +1072,13 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
     private void Commit(int tag, int result)
     {
         ref var t = ref _tags[tag];
+        if (t.Registered && t.Busy)
+        {
+            // Explicit zero copy: the pages leave the buffer table before the request completes.
+            t.Result = result;
+            QueueBufferCommand(UblkCommands.UnregisterIoBuf, tag, KindUnregister);
+            return;
+        }
         if (!t.Busy)
         {
             // A second commit for one request: the driver would take it for the tag's next request.
@@ -1053,7 +1136,7 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
         // Under USER_COPY and AUTO_BUF_REG the driver copies nothing, and the command's addr must be 0.
         var cmd = new IoCmd { q_id = (ushort)_queueId, tag = (ushort)tag, result = result, addr = _userCopy || _zeroCopy ? 0 : (ulong)_tags[tag].Buffer };
         ref var sqe = ref _ring!.PrepareUringCmd(0, op, cmd, KindCommand | (ulong)tag);
-        if (_zeroCopy)
+        if (_zeroCopy && !_explicitZeroCopy)
         {
             // The SQE's own addr (not the command's) says where the driver installs the next
             // request's pages: slot `tag`, with fallback to the copy path if it cannot.

@@ -32,6 +32,11 @@ public static class UblkCommands
     public static readonly uint CommitAndFetchReq = Io(0x21);
     public static readonly uint NeedGetData = Io(0x22);
 
+    // SUPPORT_ZERO_COPY (Linux 6.15+): the command's addr is the slot of the issuing ring's buffer
+    // table that gets (or gives back) the request's pages.
+    public static readonly uint RegisterIoBuf = Io(0x23);
+    public static readonly uint UnregisterIoBuf = Io(0x24);
+
     // BATCH_IO (Linux 7.0+): struct ublk_batch_io is 16 bytes, as struct ublksrv_io_cmd.
     public static readonly uint PrepIoCmds = Io(0x25);
     public static readonly uint CommitIoCmds = Io(0x26);
