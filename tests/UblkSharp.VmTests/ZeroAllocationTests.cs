@@ -30,6 +30,8 @@ public class ZeroAllocationTests
     [Theory]
     [InlineData("loop-zc")]
     [InlineData("nbd-zc")]
+    // SUPPORT_ZERO_COPY's explicit registration: two more commands per request, still nothing allocated.
+    [InlineData("loop-explicit")]
     [Trait("kernel", "7.3")]
     public void ZeroCopySteadyStateServesWithoutAllocating(string kind) => Measure(kind);
 
@@ -52,10 +54,18 @@ public class ZeroAllocationTests
             {
                 "mem" => new MemoryTarget(64 << 20),
                 "nbd" or "nbd-zc" => new NbdTarget(NbdUri.Unix(socket, "disk")),
-                "loop-zc" => new LoopTarget(Image, io: LoopIo.Ring),
+                "loop-zc" or "loop-explicit" => new LoopTarget(Image, io: LoopIo.Ring),
                 _ => new LoopTarget(Image),
             };
-            using var device = UblkDevice.Create(target, new DeviceOptions { Queues = 2, Depth = 64 }, e => fatal = e);
+            var explicitZeroCopy = kind == "loop-explicit";
+            var options = new DeviceOptions { Queues = 2, Depth = 64, ZeroCopy = explicitZeroCopy ? ZeroCopyMode.Explicit : ZeroCopyMode.Auto };
+            if (explicitZeroCopy && !ControlFeatureTests.Offers(Ublk.UblkFeatures.SupportZeroCopy))
+            {
+                // 6.12: refused, with the kernel it needs.
+                Assert.Contains("SUPPORT_ZERO_COPY", Assert.Throws<NotSupportedException>(() => UblkDevice.Create(target, options)).Message, StringComparison.Ordinal);
+                return;
+            }
+            using var device = UblkDevice.Create(target, options, e => fatal = e);
             // 2 jobs × 12,288 IOs of 4 KiB, one job per CPU and so per queue.
             var r = Fio.Run(device.BlockPath, TimeSpan.FromMinutes(4), "--rw=randrw", "--bs=4k", "--size=32M", "--offset_increment=32M", "--io_size=48M");
             VmEnvironment.Log($"{kind}: {r.Summary}");
@@ -71,10 +81,10 @@ public class ZeroAllocationTests
             // Each queue got past its warm-up, so each measured its steady state.
             Assert.All(queues, q => Assert.True(q.Completed > UblkQueue.WarmUpRequests + 1000, $"too few requests to measure: {perQueue}"));
             Assert.True(device.SteadyStateAllocatedBytes == 0, $"queue threads allocated in steady state: {perQueue}");
-            if (kind.EndsWith("-zc", StringComparison.Ordinal))
+            if (kind.EndsWith("-zc", StringComparison.Ordinal) || explicitZeroCopy)
             {
                 using var control = Ublk.ControlDevice.Open();
-                var offered = (control.GetFeatures() & Ublk.UblkFeatures.AutoBufReg) != 0;
+                var offered = (control.GetFeatures() & (explicitZeroCopy ? Ublk.UblkFeatures.SupportZeroCopy : Ublk.UblkFeatures.AutoBufReg)) != 0;
                 var zeroCopy = queues.Sum(q => q.ZeroCopyRequests);
                 VmEnvironment.Log($"{kind}: {zeroCopy} requests zero copy (AUTO_BUF_REG offered: {offered})");
                 Assert.True(offered ? zeroCopy >= r.TotalIos : zeroCopy == 0, $"{zeroCopy} requests zero copy of {r.TotalIos}, AUTO_BUF_REG offered: {offered}");
