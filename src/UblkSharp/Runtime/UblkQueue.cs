@@ -587,7 +587,6 @@ internal sealed unsafe class UblkQueue : IDisposable, IBackendRing
         if (_explicitZeroCopy && t.Op is IoOp.Read or IoOp.Write)
         {
             // Served once its pages are at slot `tag` (OnRegistered).
-            t.Registered = false;
             QueueBufferCommand(UblkCommands.RegisterIoBuf, tag, KindRegister);
             return;
         }
