@@ -5,9 +5,12 @@
 # guest's tmpfs: the loop target as auto serves it, through its mapping, and on the ring with zero
 # copy, against kernel loop on the same file); and the cow target over a tmpfs backing file with zero
 # copy on and off; REPS interleaved repetitions of each workload. One line per run into
-# OUT/runs.txt: rep workload device iops MiB/s p50_us p99_us cpu_us_per_io.
+# OUT/runs.txt: rep workload device iops MiB/s p50_us p99_us cpu_us_per_io. ROWS (comma-separated
+# workload names, or all) picks workloads; PROFILE=1 then writes OUT/profile-ROW-DEVICE.txt for the
+# devices of the bar rows: a perf profile of the whole guest while the device serves the workload.
 set -euo pipefail
-out=$1 reps=$2 rt=$3 cli=$4
+out=$1 reps=$2 rt=$3 cli=$4 rows=${5:-all} profile=${6:-0}
+picked() { [ "$rows" = all ] || [[ ,$rows, == *,$1,* ]]; }
 log() { echo "zc-guest: $*" >&2; }
 [ -b /dev/ram0 ] || { log "no /dev/ram0 (brd)"; exit 1; }
 declare -A dev
@@ -66,11 +69,44 @@ for d in "${!dev[@]}"; do fio --name=warm --filename="${dev[$d]}" --rw=randread 
 for rep in $(seq "$reps"); do
   for w in "${W[@]}"; do
     read -r name rw bs qd devs <<<"$w"
+    picked "$name" || continue
     read -ra devs <<<"$devs"
     k=$((rep % ${#devs[@]}))
     for d in "${devs[@]:k}" "${devs[@]:0:k}"; do run "$rep" "$name" "$d" "$rw" "$bs" "$qd"; done
   done
 done
+# Where the time goes in the rows with a bar: cpu-clock samples of the whole guest (both CPUs, idle
+# included as swapper) while one device serves the workload, by thread and by symbol.
+P=("sr128k-qd16 read 128k 16 ublk-zc kloop" "rr4k-qd64 randread 4k 64 ublk-zc ublk-zcb kloop"
+   "null4k-qd64 randread 4k 64 null-batch null-nobatch")
+if [ "$profile" = 1 ]; then
+  set +o pipefail  # head ends perf report's output early (SIGPIPE), which is not a failure here
+  for p in "${P[@]}"; do
+    read -r name rw bs qd devs <<<"$p"
+    picked "$name" || continue
+    for d in $devs; do
+      fio --name=prof --filename="${dev[$d]}" --rw="$rw" --bs="$bs" --iodepth="$qd" --ioengine=io_uring --direct=1 \
+        --size=256M --runtime=$((rt + 4)) --time_based --output-format=json --output=/tmp/prof.json >/dev/null &
+      fp=$!
+      sleep 2
+      perf record -q -F 999 -a -o /tmp/perf.data -- sleep "$rt" 2>/dev/null
+      wait $fp
+      {
+        python3 - /tmp/prof.json "$name" "$d" <<'PY2'
+import json, sys
+j = json.load(open(sys.argv[1]))["jobs"][0]
+io = j["read"] if j["read"]["total_ios"] else j["write"]
+print(f"{sys.argv[2]} on {sys.argv[3]}: {io['iops']:.0f} IOPS, {io['bw_bytes'] / 2**20:.0f} MiB/s under perf")
+PY2
+        echo "samples by thread (both CPUs; swapper is idle):"
+        perf report -i /tmp/perf.data --no-children --sort comm --stdio -g none 2>/dev/null | grep -v '^#' | grep . | head -8
+        echo "top symbols by thread ([k] kernel, [.] user):"
+        perf report -i /tmp/perf.data --no-children --sort comm,sym --stdio -g none 2>/dev/null | grep -v '^#' | grep . | head -25
+      } >"$out/profile-$name-$d.txt"
+      log "profiled $name on $d"
+    done
+  done
+fi
 "$cli" del --all >&2
 losetup -d "${dev[kloop]}" "${dev[kloop-tmpfs]}"
 rm -f $tmpfile /tmp/zc-a.cow /tmp/zc-b.cow
