@@ -45,9 +45,11 @@ public sealed class GuestCephCluster : IDisposable
 
 /// <summary>
 /// The rbd target as /dev/ublkbN on the real driver: ext4 on an RBD image with a clean e2fsck,
-/// clear `add` errors that leave no device behind, a resize reported on 6.12, and the OSD killed
-/// under IO: EIO within the timeout, no hang, and IO again once the OSD is back.
+/// clear `add` errors that leave no device behind, a resize reported on 6.12, the OSD killed
+/// under IO: EIO within the timeout, no hang, and IO again once the OSD is back; and fio verify
+/// through 4 queues on one image (4 CPUs, so that each queue gets IO).
 /// </summary>
+[Trait("cpus", "4")]
 public class RbdVmTests(GuestCephCluster cluster) : IClassFixture<GuestCephCluster>
 {
     private const string Mnt = "/tmp/ublksharp-rbd-mnt";
@@ -102,6 +104,29 @@ public class RbdVmTests(GuestCephCluster cluster) : IClassFixture<GuestCephClust
         {
             CliDevices.CleanUp(Mnt);
         }
+    }
+
+    [Fact]
+    public void Fio_verify_passes_through_four_queues_on_one_image()
+    {
+        VmEnvironment.RequireDriver();
+        const int jobs = 4;
+        Assert.True(Environment.ProcessorCount >= jobs, $"the guest has {Environment.ProcessorCount} CPUs: this test needs {jobs} (tools/ublksharp-vm -c {jobs})");
+        cluster.Rbd("create --size 128M rbd/queues");
+        var options = new Dictionary<string, string> { ["pool"] = "rbd", ["image"] = "queues", ["conf"] = cluster.Conf };
+        using var target = UblkSharp.Targets.TargetFactory.Create("rbd", options);
+        Exception? fatal = null;
+        using var device = UblkSharp.Runtime.UblkDevice.Create(target, new UblkSharp.Runtime.DeviceOptions { Queues = jobs, Depth = 64, MaxIoBytes = 1 << 20 }, e => fatal = e);
+        // fio pins a job on each CPU, and the block layer maps each CPU to its own queue.
+        var r = Fio.Run(device.BlockPath, TimeSpan.FromMinutes(6), "--rw=randwrite", "--bsrange=512-1m", "--verify=crc32c",
+            "--do_verify=1", "--verify_state_save=0", $"--numjobs={jobs}", "--size=16M", "--offset_increment=16M");
+        Fio.AssertVerified(r);
+        Assert.Null(fatal);
+        Assert.Equal(0, device.Errors);
+        Assert.Equal(0, device.ExactlyOnceViolations);
+        var perQueue = string.Join(", ", device.Queues.Select(q => q.Completed));
+        VmEnvironment.Figure($"rbd through {jobs} queues in the guest: requests per queue {perQueue}; {r.Summary}");
+        Assert.All(device.Queues, q => Assert.True(q.Completed > 0, $"queue {q.QueueId} served nothing: {perQueue}"));
     }
 
     [Fact]

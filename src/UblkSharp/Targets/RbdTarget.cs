@@ -35,9 +35,10 @@ public sealed record RbdTargetOptions
 }
 
 /// <summary>
-/// A Ceph RBD image through librbd (like rbd-nbd and qemu's rbd driver). A ublk queue submits
-/// librbd's asynchronous IO from its own thread and learns of completions through librbd's
-/// eventfd notification, read by an io_uring READ on the queue's ring; the NBD export uses the
+/// A Ceph RBD image through librbd (like rbd-nbd and qemu's rbd driver). Each ublk queue submits
+/// librbd's asynchronous IO from its own thread on the one image handle and learns of its own
+/// completions through its own eventfd (<see cref="RbdCompletionMailbox"/>), read by an io_uring
+/// READ on the queue's ring; the NBD export uses the
 /// synchronous calls from its worker threads. A writable image is opened with its exclusive lock
 /// taken and held (not handed over on request), so a second writer is refused rather than
 /// interleaved. Size comes from the image; a resize is noticed (a header watch) and reported.
@@ -56,8 +57,7 @@ public sealed unsafe class RbdTarget : BlockTarget
     private GCHandle _self;
     private long _imageSize;
     private long _size;
-    private int _backends;
-    private int _eventFd = -1;
+    private readonly List<RbdCompletionMailbox> _mailboxes = [];
     private bool _disposed;
 
     public RbdTarget(RbdTargetOptions options)
@@ -338,44 +338,20 @@ public sealed unsafe class RbdTarget : BlockTarget
     internal static int MapError(int r) => r >= 0 || r is -Errno.EINVAL or -Errno.EROFS or -Errno.ENOSPC or -Errno.EOPNOTSUPP ? r : -Errno.EIO;
 
     /// <summary>
-    /// librbd notifies one eventfd per image, so one queue carries the image's IO (librbd spreads
-    /// it over its own threads anyway).
+    /// Any number of queues: each gets its own completion mailbox and eventfd on the one image
+    /// handle, which holds the exclusive lock for all of them (librbd's handle is thread-safe).
     /// </summary>
     public override UringBackend? CreateUringBackend(int queueId)
     {
-        if (Interlocked.Increment(ref _backends) > 1)
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        var mailbox = new RbdCompletionMailbox(RbdUringBackend.MaxTags);
+        lock (_mailboxes)
         {
-            Interlocked.Decrement(ref _backends);
-            throw new NotSupportedException("the rbd target serves its image from one queue (librbd notifies one eventfd per image): use -q 1");
+            // Kept until the image is closed: librbd may call back for as long as it has IO in flight.
+            _mailboxes.Add(mailbox);
         }
-        try
-        {
-            if (_eventFd < 0)
-            {
-                // Kept until the image is closed: librbd writes it for as long as the image is open.
-                var fd = Libc.eventfd(0, Libc.EFD_CLOEXEC);
-                if (fd < 0)
-                {
-                    throw new ErrnoException(Marshal.GetLastPInvokeError(), "eventfd");
-                }
-                var r = RbdAio.rbd_set_image_notification(_image, fd, Rbd.EventTypeEventfd);
-                if (r < 0)
-                {
-                    _ = Libc.close(fd);
-                    throw new ErrnoException(-r, $"rbd_set_image_notification on {Name}");
-                }
-                _eventFd = fd;
-            }
-            return new RbdUringBackend(this, _image, _eventFd);
-        }
-        catch
-        {
-            Interlocked.Decrement(ref _backends);
-            throw;
-        }
+        return new RbdUringBackend(this, _image, mailbox);
     }
-
-    internal void BackendClosed() => Interlocked.Decrement(ref _backends);
 
     private static void Check(int r, string what)
     {
@@ -411,10 +387,13 @@ public sealed unsafe class RbdTarget : BlockTarget
             _ = Rbd.rbd_close(_image); // releases the exclusive lock
             _image = 0;
         }
-        if (_eventFd >= 0)
+        lock (_mailboxes)
         {
-            _ = Libc.close(_eventFd);
-            _eventFd = -1;
+            foreach (var m in _mailboxes)
+            {
+                m.Dispose();
+            }
+            _mailboxes.Clear();
         }
         if (_self.IsAllocated)
         {

@@ -5,32 +5,31 @@ using UblkSharp.Interop.Ceph;
 namespace UblkSharp.Targets;
 
 /// <summary>
-/// One queue's librbd path: requests go out as librbd AIO from the queue thread, with the tag as
-/// the completion's argument and no callback; librbd queues finished completions on the image and
-/// writes the eventfd, whose READ on the queue's ring wakes the queue, which polls them out here.
+/// One queue's librbd path: requests go out as librbd AIO from the queue thread; each completion
+/// reports to this queue's <see cref="RbdCompletionMailbox"/>, whose eventfd's READ on the queue's
+/// ring wakes the queue, which takes them out here. Every queue of an image has its own mailbox,
+/// so the queues share the image handle (and its exclusive lock) but nothing on the hot path.
 /// Per-tag state lives in arrays made once; a FUA write is a write, then a flush, on the same tag.
 /// </summary>
 internal sealed unsafe class RbdUringBackend : UringBackend
 {
-    private const int MaxTags = 4096; // UBLK_MAX_QUEUE_DEPTH
-    private const int PollBatch = 64;
+    internal const int MaxTags = 4096; // UBLK_MAX_QUEUE_DEPTH
 
     private readonly RbdTarget _target;
     private readonly nint _image;
-    private readonly int _eventFd;
+    private readonly RbdCompletionMailbox _mailbox;
     private readonly Ublk.IoOp[] _ops = new Ublk.IoOp[MaxTags];
     private readonly int[] _lengths = new int[MaxTags];
     private readonly bool[] _flushAfter = new bool[MaxTags];
-    private bool _disposed;
 
-    public RbdUringBackend(RbdTarget target, nint image, int eventFd)
+    public RbdUringBackend(RbdTarget target, nint image, RbdCompletionMailbox mailbox)
     {
         _target = target;
         _image = image;
-        _eventFd = eventFd;
+        _mailbox = mailbox;
     }
 
-    public override int CompletionFd => _eventFd;
+    public override int CompletionFd => _mailbox.EventFd;
 
     public override void Prepare(ref Interop.IoUring.Sqe sqe, in BackendRequest request)
         => throw new NotSupportedException("the rbd backend completes through its eventfd, not one SQE per request");
@@ -44,7 +43,7 @@ internal sealed unsafe class RbdUringBackend : UringBackend
         {
             return -Errno.EROFS;
         }
-        var r = RbdAio.rbd_aio_create_completion(tag, 0, out var c);
+        var r = _mailbox.CreateCompletion(tag, out var c);
         if (r < 0)
         {
             return RbdTarget.MapError(r);
@@ -69,44 +68,32 @@ internal sealed unsafe class RbdUringBackend : UringBackend
 
     public override int Reap(Span<int> tags, Span<int> results)
     {
-        var want = Math.Min(tags.Length, PollBatch);
-        var completions = stackalloc nint[PollBatch];
         var n = 0;
-        while (n < want)
+        while (n < tags.Length && _mailbox.TryTake(out var tag, out var c))
         {
-            var got = RbdAio.rbd_poll_io_events(_image, completions, want - n);
-            if (got <= 0)
+            var r = (int)Math.Clamp((long)RbdAio.rbd_aio_get_return_value(c), int.MinValue, int.MaxValue);
+            RbdAio.rbd_aio_release(c);
+            if (r >= 0 && _flushAfter[tag])
             {
-                break;
-            }
-            for (var i = 0; i < got; i++)
-            {
-                var c = completions[i];
-                var tag = (int)RbdAio.rbd_aio_get_arg(c);
-                var r = (int)Math.Clamp((long)RbdAio.rbd_aio_get_return_value(c), int.MinValue, int.MaxValue);
-                RbdAio.rbd_aio_release(c);
-                if (r >= 0 && _flushAfter[tag])
+                // FUA: the data is written; it completes once a flush has made it durable.
+                _flushAfter[tag] = false;
+                var f = SubmitFlush(tag);
+                if (f == 0)
                 {
-                    // FUA: the data is written; it completes once a flush has made it durable.
-                    _flushAfter[tag] = false;
-                    var f = SubmitFlush(tag);
-                    if (f == 0)
-                    {
-                        continue;
-                    }
-                    r = f;
+                    continue;
                 }
-                tags[n] = tag;
-                results[n] = Result(tag, r);
-                n++;
+                r = f;
             }
+            tags[n] = tag;
+            results[n] = Result(tag, r);
+            n++;
         }
         return n;
     }
 
     private int SubmitFlush(int tag)
     {
-        var r = RbdAio.rbd_aio_create_completion(tag, 0, out var c);
+        var r = _mailbox.CreateCompletion(tag, out var c);
         if (r < 0)
         {
             return RbdTarget.MapError(r);
@@ -129,14 +116,4 @@ internal sealed unsafe class RbdUringBackend : UringBackend
         Ublk.IoOp.Write => _lengths[tag],
         _ => 0,
     };
-
-    protected override void Dispose(bool disposing)
-    {
-        if (!_disposed)
-        {
-            _disposed = true;
-            _target.BackendClosed();
-        }
-        base.Dispose(disposing);
-    }
 }

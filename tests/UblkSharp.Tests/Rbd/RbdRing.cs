@@ -18,9 +18,11 @@ internal sealed unsafe class RbdRing : IDisposable
     private readonly int[] _tags = new int[32];
     private readonly int[] _results = new int[32];
 
-    public RbdRing(RbdTarget target)
+    private readonly bool[] _pending = new bool[4096];
+
+    public RbdRing(RbdTarget target, int queueId = 0)
     {
-        Backend = target.CreateUringBackend(0)!;
+        Backend = target.CreateUringBackend(queueId)!;
         Assert.True(Backend.CompletionFd >= 0, "the rbd backend completes through an fd");
         _ring = Ring.Create(new RingOptions { Entries = 8, SingleIssuer = true, DeferTaskrun = true });
         Arm();
@@ -41,11 +43,13 @@ internal sealed unsafe class RbdRing : IDisposable
     public void Submit(int tag, in BackendRequest request)
     {
         Done[tag] = false;
+        _pending[tag] = true;
         var r = Backend.Submit(tag, request);
         if (r < 0)
         {
             Results[tag] = r;
             Done[tag] = true;
+            _pending[tag] = false;
             return;
         }
         InFlight++;
@@ -69,10 +73,12 @@ internal sealed unsafe class RbdRing : IDisposable
                 n = Backend.Reap(_tags, _results);
                 for (var i = 0; i < n; i++)
                 {
-                    if (Done[_tags[i]])
+                    if (!_pending[_tags[i]])
                     {
-                        Assert.Fail($"tag {_tags[i]} completed twice");
+                        // Twice, or a tag this ring never submitted (another queue's).
+                        Assert.Fail($"tag {_tags[i]} completed here but was not in flight here");
                     }
+                    _pending[_tags[i]] = false;
                     Results[_tags[i]] = _results[i];
                     Done[_tags[i]] = true;
                     InFlight--;

@@ -4,17 +4,13 @@ namespace UblkSharp.Interop.Ceph;
 
 /// <summary>
 /// librbd's C API (<c>rbd/librbd.h</c>; the librbd.so.1 ABI is stable across Ceph releases).
-/// Images, synchronous and asynchronous IO, eventfd completion notification, the exclusive lock
-/// and header watches. Errors are negative errnos.
+/// Images, synchronous IO, the exclusive lock and header watches (asynchronous IO: RbdAio). Errors are negative errnos.
 /// </summary>
 internal static unsafe partial class Rbd
 {
     private const string Lib = "librbd.so.1";
 
     public const ulong FeatureExclusiveLock = 1ul << 2;
-
-    /// <summary>rbd_image_notification type: librbd writes to an eventfd when an AIO completes.</summary>
-    public const int EventTypeEventfd = 2;
 
     public const int LockModeExclusive = 0;
 

@@ -3,29 +3,19 @@ using System.Runtime.InteropServices;
 namespace UblkSharp.Interop.Ceph;
 
 /// <summary>
-/// librbd's asynchronous IO. A completion is created per operation with no callback: with an
-/// eventfd registered by <see cref="rbd_set_image_notification"/>, librbd queues finished
-/// completions on the image and writes the eventfd, and <see cref="rbd_poll_io_events"/> hands
-/// them over on whichever thread asks (the queue's), with the argument given at creation.
+/// librbd's asynchronous IO. A completion is created per operation with a callback and an
+/// argument, and librbd calls the callback on one of its threads when the operation is done
+/// (the rbd target's queues use it to post to their own eventfd: RbdCompletionMailbox).
 /// </summary>
 internal static unsafe partial class RbdAio
 {
     private const string Lib = "librbd.so.1";
-
-    [LibraryImport(Lib, EntryPoint = "rbd_set_image_notification")]
-    public static partial int rbd_set_image_notification(nint image, int fd, int type);
-
-    [LibraryImport(Lib, EntryPoint = "rbd_poll_io_events")]
-    public static partial int rbd_poll_io_events(nint image, nint* completions, int count);
 
     [LibraryImport(Lib, EntryPoint = "rbd_aio_create_completion")]
     public static partial int rbd_aio_create_completion(nint arg, nint callback, out nint completion);
 
     [LibraryImport(Lib, EntryPoint = "rbd_aio_get_return_value")]
     public static partial nint rbd_aio_get_return_value(nint completion);
-
-    [LibraryImport(Lib, EntryPoint = "rbd_aio_get_arg")]
-    public static partial nint rbd_aio_get_arg(nint completion);
 
     [LibraryImport(Lib, EntryPoint = "rbd_aio_release")]
     public static partial void rbd_aio_release(nint completion);
