@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # A throwaway single-node Ceph cluster on loopback for the rbd target's tests and benchmark: one
-# monitor and one BlueStore OSD on a sparse file, no auth, no manager (RBD IO does not need one),
-# and an "rbd" pool. Built by hand from the Debian packages (vstart.sh is not packaged; see
+# monitor and one BlueStore OSD on a sparse file, cephx on (as every real cluster; --auth none turns
+# it off), no manager (RBD IO does not need one), and an "rbd" pool. DIR/keyring holds the keys of
+# the daemons and client.admin (the conf points at it, so the tools and librbd log in as
+# client.admin); client.ublk is a user limited to RBD on the pool ('profile rbd'), with its key
+# only in DIR/client.ublk.keyring and, bare, in DIR/client.ublk.key (for --keyring and --keyfile). Built by hand from the Debian packages (vstart.sh is not packaged; see
 # /work/shared/notes/ceph-single-node.md). Works on the host and inside the VM guest.
 #
-# usage: cluster.sh start DIR [--block-size SIZE]   prints "cluster up in N.N s" and DIR/ceph.conf
+# usage: cluster.sh start DIR [--block-size SIZE] [--auth cephx|none]   prints "cluster up in N.N s" and DIR/ceph.conf
 #        cluster.sh stop DIR                        stops every daemon and removes DIR
 #        cluster.sh kill-osd DIR                    SIGKILLs the OSD (fault tests)
 #        cluster.sh start-osd DIR                   starts the OSD again and waits until it is up
@@ -14,9 +17,13 @@ set -euo pipefail
 die() { echo "cluster.sh: $*" >&2; exit 1; }
 [ $# -ge 2 ] || die "usage: cluster.sh start|stop|kill-osd|start-osd DIR"
 cmd=$1 dir=$2; shift 2
-block_size=2G
+block_size=2G auth=cephx
 while [ $# -gt 0 ]; do
-  case $1 in --block-size) block_size=$2; shift 2;; *) die "unknown option $1";; esac
+  case $1 in
+    --block-size) block_size=$2; shift 2;;
+    --auth) auth=$2; [[ $auth == cephx || $auth == none ]] || die "--auth cephx or none"; shift 2;;
+    *) die "unknown option $1";;
+  esac
 done
 timeout=${CEPH_TIMEOUT:-120}
 conf=$dir/ceph.conf
@@ -62,9 +69,10 @@ fsid = $fsid
 mon_host = v2:127.0.0.1:$port
 public_addr = 127.0.0.1
 cluster_addr = 127.0.0.1
-auth_cluster_required = none
-auth_service_required = none
-auth_client_required = none
+auth_cluster_required = $auth
+auth_service_required = $auth
+auth_client_required = $auth
+keyring = $dir/keyring
 ms_mon_client_mode = crc
 osd_pool_default_size = 1
 osd_pool_default_min_size = 1
@@ -96,8 +104,20 @@ osd_op_num_threads_per_shard = 2
 # A fixed CRUSH host: the guest's hostname is "(none)", which is no valid CRUSH name.
 crush_location = root=default host=ublksharp-ceph
 EOF
+  # The monitor imports every key at mkfs (no `ceph auth` round trips, each of which costs seconds
+  # of the ceph tool's start-up in the guest). The conf's keyring has no client.ublk, so a test as
+  # that user works only with the key it was given.
+  kr=$dir/keyring ukr=$dir/client.ublk.keyring
+  ceph-authtool "$kr" --create-keyring --gen-key -n mon. --cap mon 'allow *' >/dev/null
+  ceph-authtool "$kr" --gen-key -n client.admin --cap mon 'allow *' --cap osd 'allow *' --cap mgr 'allow *' >/dev/null
+  ceph-authtool "$kr" --gen-key -n osd.0 --cap mon 'allow profile osd' --cap osd 'allow *' >/dev/null
+  ceph-authtool "$ukr" --create-keyring --gen-key -n client.ublk --cap mon 'profile rbd' --cap osd 'profile rbd pool=rbd' >/dev/null
+  ceph-authtool "$ukr" -n client.ublk -p >"$dir/client.ublk.key"
+  cp "$kr" "$dir/mkfs.keyring"
+  ceph-authtool "$dir/mkfs.keyring" --import-keyring "$ukr" >/dev/null
+  chmod 600 "$kr" "$ukr" "$dir/client.ublk.key" "$dir/mkfs.keyring"
   monmaptool --create --clobber --fsid "$fsid" --addv a "[v2:127.0.0.1:$port]" "$dir/monmap" >/dev/null
-  ceph-mon -c "$conf" --mkfs -i a --monmap "$dir/monmap" 2>>"$dir/log/mon.a.stderr" || die "ceph-mon --mkfs failed"
+  ceph-mon -c "$conf" --mkfs -i a --monmap "$dir/monmap" --keyring "$dir/mkfs.keyring" 2>>"$dir/log/mon.a.stderr" || die "ceph-mon --mkfs failed"
   ceph-mon -c "$conf" -i a 2>>"$dir/log/mon.a.stderr" || die "ceph-mon did not start (log: $dir/log/mon.a.log)"
   t_mon=$(since "$t0")
   uuid=$(cat /proc/sys/kernel/random/uuid)

@@ -64,13 +64,19 @@ internal sealed class TargetOptions
 
     public Option<string?> ClientId { get; } = new("--id") { Description = "rbd: the Ceph client id (default admin)" };
 
+    public Option<string?> Keyring { get; } = new("--keyring") { Description = "rbd: the cephx keyring holding the key of client.ID (default: the conf's keyring setting)" };
+
+    public Option<string?> KeyFile { get; } = new("--keyfile") { Description = "rbd: a file holding just client.ID's cephx key (instead of --keyring)" };
+
     public Option<string?> Snap { get; } = new("--snap") { Description = "rbd: serve this snapshot of the image (read-only)" };
+
+    public Option<string?> SnapId { get; } = new("--snap-id") { Description = "rbd: serve the snapshot with this id (read-only; `rbd snap ls` shows ids)" };
 
     public Option<string?> Timeout { get; } = new("--timeout") { Description = "rbd, nbd: seconds connecting or one IO may wait for the cluster or server before failing with EIO (default 30)" };
 
     public IEnumerable<Option> All =>
         [Type, File, Size, DirectIo, ReadOnly, Base, Seed, ShortIo, Again, Eio, Delay, DelayMs, Backing, Create, IgnoreBackingMismatch, Io, Allocate, Writeback, Uri,
-            Pool, Image, Conf, ClientId, Snap, Timeout];
+            Pool, Image, Conf, ClientId, Keyring, KeyFile, Snap, SnapId, Timeout];
 
     public void AddTo(Command command)
     {
@@ -128,7 +134,10 @@ internal sealed class TargetOptions
         // Absolute: the daemon (and a later recovery) may run from another directory.
         Put("conf", r.GetValue(Conf) is { Length: > 0 } conf ? Path.GetFullPath(conf) : null);
         Put("id", r.GetValue(ClientId));
+        Put("keyring", r.GetValue(Keyring) is { Length: > 0 } keyring ? Path.GetFullPath(keyring) : null);
+        Put("keyfile", r.GetValue(KeyFile) is { Length: > 0 } keyfile ? Path.GetFullPath(keyfile) : null);
         Put("snap", r.GetValue(Snap));
+        Put("snap-id", r.GetValue(SnapId));
         Put("timeout", r.GetValue(Timeout));
         return recipe;
     }

@@ -19,8 +19,17 @@ public sealed record RbdTargetOptions
     /// <summary>The client id ("admin" is client.admin).</summary>
     public string ClientId { get; init; } = "admin";
 
+    /// <summary>A cephx keyring with the client's key; null for the conf's own keyring setting.</summary>
+    public string? Keyring { get; init; }
+
+    /// <summary>A file holding only the client's cephx key (librados' keyfile), instead of a keyring.</summary>
+    public string? KeyFile { get; init; }
+
     /// <summary>A snapshot to serve (read-only); null for the image head.</summary>
     public string? Snapshot { get; init; }
+
+    /// <summary>A snapshot to serve (read-only) by its id, as `rbd snap ls` shows it (rbd-nbd's --snap-id); null for none.</summary>
+    public ulong? SnapshotId { get; init; }
 
     public bool ReadOnly { get; init; }
 
@@ -65,7 +74,11 @@ public sealed unsafe class RbdTarget : BlockTarget
         ArgumentNullException.ThrowIfNull(options);
         _options = options;
         _logger = (options.LoggerFactory ?? NullLoggerFactory.Instance).CreateLogger<RbdTarget>();
-        _readOnly = options.ReadOnly || options.Snapshot is not null;
+        if (options.Snapshot is not null && options.SnapshotId is not null)
+        {
+            throw new ArgumentException("--snap and --snap-id exclude each other: give one");
+        }
+        _readOnly = options.ReadOnly || options.Snapshot is not null || options.SnapshotId is not null;
         try
         {
             Open();
@@ -80,7 +93,7 @@ public sealed unsafe class RbdTarget : BlockTarget
     public RbdTargetOptions Options => _options;
 
     /// <summary>"pool/image" or "pool/image@snap", for messages.</summary>
-    public string Name => $"{_options.Pool}/{_options.Image}{(_options.Snapshot is null ? "" : "@" + _options.Snapshot)}";
+    public string Name => $"{_options.Pool}/{_options.Image}{(_options.Snapshot is not null ? "@" + _options.Snapshot : _options.SnapshotId is { } id ? $"@{{id {id}}}" : "")}";
 
     /// <summary>The image's size when it was opened, or as last followed (<see cref="Resize"/>): a device cannot follow a resize on 6.12.</summary>
     public override long Size => Volatile.Read(ref _size);
@@ -117,9 +130,21 @@ public sealed unsafe class RbdTarget : BlockTarget
             {
                 r["conf"] = _options.ConfigFile;
             }
+            if (_options.Keyring is not null)
+            {
+                r["keyring"] = _options.Keyring;
+            }
+            if (_options.KeyFile is not null)
+            {
+                r["keyfile"] = _options.KeyFile;
+            }
             if (_options.Snapshot is not null)
             {
                 r["snap"] = _options.Snapshot;
+            }
+            if (_options.SnapshotId is { } snapId)
+            {
+                r["snap-id"] = snapId.ToString(System.Globalization.CultureInfo.InvariantCulture);
             }
             if (_options.ReadOnly)
             {
@@ -163,11 +188,25 @@ public sealed unsafe class RbdTarget : BlockTarget
         {
             Check(Rados.rados_conf_set(_cluster, option, seconds), $"setting {option}");
         }
+        // The key given replaces the conf's: "keyring" and "keyfile" are librados' own settings.
+        var key = o.KeyFile ?? o.Keyring;
+        if (key is not null)
+        {
+            Check(Rados.rados_conf_set(_cluster, o.KeyFile is not null ? "keyfile" : "keyring", key), $"setting the key file {key}");
+        }
         r = Rados.rados_connect(_cluster);
         if (r < 0)
         {
-            throw new IOException($"cannot connect to the Ceph cluster{(o.ConfigFile is null ? "" : " of " + o.ConfigFile)} as client.{o.ClientId}: "
-                + (r == -Errno.ETIMEDOUT ? $"no monitor answered within {seconds} s" : Errno.Describe(r)));
+            var keySource = key ?? "the conf's keyring";
+            throw new IOException($"cannot connect to the Ceph cluster{(o.ConfigFile is null ? "" : " of " + o.ConfigFile)} as client.{o.ClientId}: " + r switch
+            {
+                -Errno.ETIMEDOUT => $"no monitor answered within {seconds} s",
+                // cephx: the monitor refused the key (or knows no such client).
+                -Errno.EACCES or -Errno.EPERM => $"cephx authentication failed: the cluster refused the key of client.{o.ClientId} in {keySource} (check --id and --keyring or --keyfile)",
+                // librados could not find or decode a key.
+                -Errno.EINVAL or -Errno.ENOENT when key is not null => $"no usable cephx key for client.{o.ClientId} in {key} ({Errno.Describe(r)})",
+                _ => Errno.Describe(r),
+            });
         }
         r = Rados.rados_ioctx_create(_cluster, o.Pool, out _ioctx);
         if (r < 0)
@@ -183,6 +222,16 @@ public sealed unsafe class RbdTarget : BlockTarget
             throw new IOException(r == -Errno.ENOENT
                 ? (o.Snapshot is null ? $"pool '{o.Pool}' has no image '{o.Image}'" : $"no image '{o.Pool}/{o.Image}' with a snapshot '{o.Snapshot}'")
                 : $"cannot open the image {Name}: {Errno.Describe(r)}");
+        }
+        if (o.SnapshotId is { } snapId)
+        {
+            r = Rbd.rbd_snap_set_by_id(_image, snapId);
+            if (r < 0)
+            {
+                throw new IOException(r == -Errno.ENOENT
+                    ? $"the image {o.Pool}/{o.Image} has no snapshot with id {snapId} (`rbd snap ls {o.Pool}/{o.Image}` lists them)"
+                    : $"cannot open snapshot id {snapId} of {o.Pool}/{o.Image}: {Errno.Describe(r)}");
+            }
         }
         Check(Rbd.rbd_get_size(_image, out var size), $"reading the size of {Name}");
         _imageSize = (long)size;

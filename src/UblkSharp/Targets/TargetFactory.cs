@@ -76,8 +76,8 @@ public static class TargetFactory
     }
 
     /// <summary>
-    /// An RBD image: "pool", "image", optional "conf", "id", "snap", "read-only" and "timeout"
-    /// (seconds). A cluster, pool or image that cannot be reached or found is an IOException naming it.
+    /// An RBD image: "pool", "image", optional "conf", "id", "keyring" or "keyfile" (cephx), "snap"
+    /// or "snap-id", "read-only" and "timeout" (seconds). A cluster, pool or image that cannot be reached or found is an IOException naming it.
     /// </summary>
     private static RbdTarget CreateRbd(IReadOnlyDictionary<string, string> o, ILoggerFactory loggerFactory)
     {
@@ -90,13 +90,39 @@ public static class TargetFactory
         {
             throw new ArgumentException($"{conf}: no such Ceph configuration file");
         }
+        var keyring = o.TryGetValue("keyring", out var k) && !string.IsNullOrEmpty(k) ? k : null;
+        var keyFile = o.TryGetValue("keyfile", out var kf) && !string.IsNullOrEmpty(kf) ? kf : null;
+        if (keyring is not null && keyFile is not null)
+        {
+            throw new ArgumentException("--keyring and --keyfile exclude each other: give one");
+        }
+        foreach (var (option, file) in new[] { ("--keyring", keyring), ("--keyfile", keyFile) })
+        {
+            if (file is not null && !File.Exists(file))
+            {
+                throw new ArgumentException($"{option} {file}: no such file");
+            }
+        }
         var timeout = Number(o, "timeout", 30);
         if (timeout < 1)
         {
             throw new ArgumentException("bad --timeout '0': give at least 1 second");
         }
+        ulong? snapId = null;
+        if (o.TryGetValue("snap-id", out var sid) && !string.IsNullOrEmpty(sid))
+        {
+            snapId = ulong.TryParse(sid, NumberStyles.None, CultureInfo.InvariantCulture, out var parsed)
+                ? parsed : throw new ArgumentException($"bad --snap-id '{sid}': give the snapshot's number, as `rbd snap ls` shows it");
+            if (o.TryGetValue("snap", out var snapName) && !string.IsNullOrEmpty(snapName))
+            {
+                throw new ArgumentException("--snap and --snap-id exclude each other: give one");
+            }
+        }
         return new RbdTarget(new RbdTargetOptions
         {
+            SnapshotId = snapId,
+            Keyring = keyring is null ? null : Path.GetFullPath(keyring),
+            KeyFile = keyFile is null ? null : Path.GetFullPath(keyFile),
             Pool = pool,
             Image = image,
             ConfigFile = conf is null ? null : Path.GetFullPath(conf),

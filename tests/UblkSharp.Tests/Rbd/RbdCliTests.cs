@@ -60,6 +60,17 @@ public class RbdCliTests(CephCluster cluster)
     }
 
     [Fact]
+    public void A_key_the_cluster_refuses_is_one_clear_line_naming_the_client()
+    {
+        // A well-formed cephx key that is not client.ublk's (the cluster runs with cephx on).
+        var wrong = Path.Combine(cluster.Directory, "wrong.key");
+        File.WriteAllText(wrong, "AQCHVhdryPJ3ExAApVIAKWA4JNI0jGXqRytYOA==\n");
+        var stderr = AssertFails($"--pool rbd --image x --id ublk --keyfile {wrong} --timeout 10", "cephx authentication failed");
+        Assert.Contains("client.ublk", stderr, StringComparison.Ordinal);
+        Assert.Contains(wrong, stderr, StringComparison.Ordinal);
+    }
+
+    [Fact]
     public void An_unreachable_cluster_fails_within_the_timeout()
     {
         // The monitor address of a port nobody listens on (the test cluster's own, with the port changed).

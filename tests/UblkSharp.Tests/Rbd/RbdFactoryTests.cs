@@ -11,6 +11,10 @@ public class RbdFactoryTests
     [InlineData("pool=rbd image=x conf=/nonexistent/ceph.conf", "/nonexistent/ceph.conf: no such Ceph configuration file")]
     [InlineData("pool=rbd image=x timeout=0", "bad --timeout '0': give at least 1 second")]
     [InlineData("pool=rbd image=x timeout=soon", "bad --timeout 'soon': give a whole number")]
+    [InlineData("pool=rbd image=x keyring=/etc/hostname keyfile=/etc/hostname", "--keyring and --keyfile exclude each other: give one")]
+    [InlineData("pool=rbd image=x keyfile=/nonexistent/key", "--keyfile /nonexistent/key: no such file")]
+    [InlineData("pool=rbd image=x snap-id=first", "bad --snap-id 'first': give the snapshot's number, as `rbd snap ls` shows it")]
+    [InlineData("pool=rbd image=x snap=a snap-id=4", "--snap and --snap-id exclude each other: give one")]
     public void Bad_options_say_what_is_wrong(string options, string message)
     {
         var o = options.Split(' ').Select(kv => kv.Split('=')).ToDictionary(kv => kv[0], kv => kv[1]);

@@ -30,6 +30,35 @@ public class RbdTargetTests(CephCluster cluster)
         Assert.Equal(64L * MiB, again.Size);
     }
 
+    [Theory]
+    [InlineData("keyring", "client.ublk.keyring")]
+    [InlineData("keyfile", "client.ublk.key")]
+    public void A_cephx_user_limited_to_rbd_serves_the_image_with_its_own_key(string option, string file)
+    {
+        // The test cluster runs with cephx on; client.ublk has 'profile rbd' on the pool only.
+        var name = cluster.CreateImage(16 * MiB);
+        var key = Path.Combine(cluster.Directory, file);
+        var o = new Dictionary<string, string> { ["pool"] = "rbd", ["image"] = name, ["conf"] = cluster.Conf, ["id"] = "ublk", [option] = key };
+        using (var t = TargetFactory.Create("rbd", o))
+        {
+            Assert.Equal(key, t.Recipe[option]);
+            Assert.Equal("ublk", t.Recipe["id"]);
+            Assert.Equal(MiB, t.Write(LoopTargetTests.Pattern(MiB, 9), 3 * MiB));
+            Assert.Equal(0, t.Flush());
+        }
+        // Read back by another login (client.admin, the conf's keyring), so the write reached the cluster.
+        using var admin = cluster.Open(name, readOnly: true);
+        var back = new byte[MiB];
+        Assert.Equal(MiB, admin.Read(back, 3 * MiB));
+        Assert.True(back.AsSpan().SequenceEqual(LoopTargetTests.Pattern(MiB, 9)));
+        // The same user with a key the cluster does not know is refused, naming the client.
+        var wrong = Path.Combine(cluster.Directory, $"wrong-{option}.key");
+        File.WriteAllText(wrong, option == "keyfile" ? "AQCHVhdryPJ3ExAApVIAKWA4JNI0jGXqRytYOA==\n" : "[client.ublk]\n\tkey = AQCHVhdryPJ3ExAApVIAKWA4JNI0jGXqRytYOA==\n");
+        var e = Assert.Throws<IOException>(() => TargetFactory.Create("rbd", new Dictionary<string, string>(o) { [option] = wrong, ["timeout"] = "10" }));
+        Assert.Contains("cephx authentication failed", e.Message, StringComparison.Ordinal);
+        Assert.Contains("client.ublk", e.Message, StringComparison.Ordinal);
+    }
+
     [Fact]
     public void Write_patterns_read_back_across_object_boundaries()
     {
@@ -128,6 +157,20 @@ public class RbdTargetTests(CephCluster cluster)
         Assert.Equal(-Errno.EROFS, ro.Write(before, 0));
         Assert.Equal(MiB, ro.Read(back, 0));
         Assert.True(back.AsSpan().SequenceEqual(LoopTargetTests.Pattern(MiB, 12)), "the head reads the later write");
+
+        // The same snapshot by its id (rbd-nbd's --snap-id), which the recipe keeps.
+        using var list = System.Text.Json.JsonDocument.Parse(cluster.RbdCli("snap", "ls", "--format", "json", $"rbd/{name}"));
+        var id = list.RootElement.EnumerateArray().Single(e => e.GetProperty("name").GetString() == "s1").GetProperty("id").GetUInt64();
+        var byId = new Dictionary<string, string> { ["pool"] = "rbd", ["image"] = name, ["conf"] = cluster.Conf, ["snap-id"] = $"{id}" };
+        using (var s = TargetFactory.Create("rbd", byId))
+        {
+            Assert.True(s.IsReadOnly);
+            Assert.Equal($"{id}", s.Recipe["snap-id"]);
+            Assert.Equal(MiB, s.Read(back, 0));
+            Assert.True(back.AsSpan().SequenceEqual(before), "the snapshot by id reads what was written before it");
+        }
+        var e = Assert.Throws<IOException>(() => TargetFactory.Create("rbd", new Dictionary<string, string>(byId) { ["snap-id"] = $"{id + 1000}" }));
+        Assert.Contains($"has no snapshot with id {id + 1000}", e.Message, StringComparison.Ordinal);
     }
 
     [Fact]

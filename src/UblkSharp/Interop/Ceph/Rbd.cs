@@ -23,6 +23,9 @@ internal static unsafe partial class Rbd
     [LibraryImport(Lib, EntryPoint = "rbd_open_read_only", StringMarshalling = StringMarshalling.Utf8)]
     public static partial int rbd_open_read_only(nint ioctx, string name, out nint image, string? snapName);
 
+    [LibraryImport(Lib, EntryPoint = "rbd_snap_set_by_id")]
+    public static partial int rbd_snap_set_by_id(nint image, ulong snapId);
+
     [LibraryImport(Lib, EntryPoint = "rbd_close")]
     public static partial int rbd_close(nint image);
 
