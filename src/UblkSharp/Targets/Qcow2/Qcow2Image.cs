@@ -182,8 +182,8 @@ internal sealed class Qcow2Image : Qcow2Layer
                 flags = AllocationFlags.None;
                 return run;
             case Qcow2RunKind.Zero:
-                // Allocated here (qemu-img map says present), and reads as zeros.
-                flags = AllocationFlags.Zero;
+                // No data stored (qemu-img map: "data": false), so a hole that reads as zeros, as
+                // qemu-nbd reports it; that the image holds the zero flag (present) has no NBD bit.
                 return run;
             default:
                 return Backing is null ? run : Backing.Status(offset, run, out flags);
