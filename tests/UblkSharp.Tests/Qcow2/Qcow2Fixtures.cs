@@ -68,6 +68,14 @@ internal static class Qemu
 
     public static string RunOk(string file, IEnumerable<string> args)
     {
+        var (code, stdout, output) = Run(file, args);
+        Assert.True(code == 0, $"{file} {string.Join(' ', args)} exited {code}: {output}");
+        return stdout;
+    }
+
+    /// <summary>Runs a program with a 60 s bound: its exit code, stdout, and stdout with stderr.</summary>
+    public static (int Code, string Stdout, string Output) Run(string file, IEnumerable<string> args)
+    {
         if (!File.Exists(file))
         {
             Assert.Fail($"{file} is missing: install Debian's qemu-utils (./test.sh does)");
@@ -85,9 +93,7 @@ internal static class Qemu
             p.Kill(entireProcessTree: true);
             Assert.Fail($"{file} {string.Join(' ', psi.ArgumentList)} did not finish within 60 s");
         }
-        var output = stdout.Result + stderr.Result;
-        Assert.True(p.ExitCode == 0, $"{file} {string.Join(' ', psi.ArgumentList)} exited {p.ExitCode}: {output}");
-        return stdout.Result;
+        return (p.ExitCode, stdout.Result, stdout.Result + stderr.Result);
     }
 }
 
