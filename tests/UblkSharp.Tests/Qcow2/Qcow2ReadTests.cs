@@ -84,18 +84,21 @@ public class Qcow2ReadTests
     [InlineData("zstd", 4096)]
     [InlineData("zstd", 65536)]
     [InlineData("zstd", 2 << 20)]
-    public void ReadsCompressedClusters(string type, int cluster)
+    [InlineData("zlib", 65536, ",extended_l2=on")]
+    [InlineData("zstd", 32768, ",extended_l2=on")]
+    public void ReadsCompressedClusters(string type, int cluster, string extra = "")
     {
         using var dir = new ScratchDir();
         var size = Math.Max(4L << 20, cluster * 4L);
         var source = dir.File("source.raw");
         WriteMixedContent(source, size, seed: cluster);
         var image = dir.File("c.qcow2");
-        Qemu.RunImg("convert", "-c", "-O", "qcow2", "-o", $"cluster_size={S(cluster)},compression_type={type}", source, image);
+        Qemu.RunImg("convert", "-c", "-O", "qcow2", "-o", $"cluster_size={S(cluster)},compression_type={type}{extra}", source, image);
         // An uncompressed write and a zero write over compressed clusters.
         Qemu.RunIo(image, "qcow2", $"write -P 0x66 {S(cluster)} {S(cluster)}", $"write -z {S(cluster * 3)} {S(cluster)}");
         using var t = new Qcow2Target(image);
         Assert.Equal(type == "zstd" ? 1 : 0, t.Header.CompressionType);
+        Assert.Equal(extra.Contains("extended_l2", StringComparison.Ordinal), t.Header.ExtendedL2);
         Assert.True(t.CountClusters().Compressed > 0, "qemu-img stored no cluster compressed");
         Qcow2Reads.MatchesQemu(t, Qemu.ReadRaw(image));
     }
