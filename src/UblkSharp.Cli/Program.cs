@@ -37,6 +37,7 @@ public static class Program
             FeaturesCommand.Create(),
             ServeCommand.Create(),
             CowCommand.Create(),
+            Qcow2Command.Create(),
             RunCommand.Create(),
             StatsCommand.Create(),
             SetupUnprivilegedCommand.Create(),

@@ -8,7 +8,8 @@ namespace UblkSharp.Cli.Commands;
 
 /// <summary>
 /// `ublksharp mount IMAGE DIR`, like `mount -o loop`: a loop device with autoclear, then mount.
-/// A plain `umount DIR` later deletes the device.
+/// A plain `umount DIR` later deletes the device. A qcow2 image (by its magic) is served by the
+/// qcow2 target, which is read-only in this version, so it is mounted read-only.
 /// </summary>
 internal static class MountCommand
 {
@@ -33,8 +34,10 @@ internal static class MountCommand
                 throw new ArgumentException($"{target}: no such directory");
             }
             Preflight.RequireRootAndDriver();
-            var add = new List<string> { "add", "-t", "loop", "-f", Path.GetFullPath(file), "--autoclear" };
-            if (r.GetValue(readOnly))
+            var qcow2 = IsQcow2(file);
+            var ro = r.GetValue(readOnly) || qcow2;
+            var add = new List<string> { "add", "-t", qcow2 ? "qcow2" : "loop", "-f", Path.GetFullPath(file), "--autoclear" };
+            if (ro)
             {
                 add.Add("--read-only");
             }
@@ -46,7 +49,7 @@ internal static class MountCommand
                 psi.ArgumentList.Add(t);
             }
             var o = r.GetValue(options);
-            if (r.GetValue(readOnly))
+            if (ro)
             {
                 o = o is null ? "ro" : o + ",ro";
             }
@@ -72,5 +75,12 @@ internal static class MountCommand
             return 0;
         });
         return command;
+    }
+
+    private static bool IsQcow2(string file)
+    {
+        Span<byte> start = stackalloc byte[4];
+        using var handle = File.OpenHandle(file, FileMode.Open, FileAccess.Read);
+        return RandomAccess.Read(handle, start, 0) == 4 && Targets.Qcow2.Qcow2Header.HasMagic(start);
     }
 }

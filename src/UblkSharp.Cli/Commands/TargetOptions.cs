@@ -12,13 +12,13 @@ internal sealed class TargetOptions
 {
     public Option<string> Type { get; } = new("--type", "-t") { Description = $"Target type: {string.Join(", ", TargetFactory.Kinds)}", Required = true };
 
-    public Option<string?> File { get; } = new("--file", "-f") { Description = "loop: the backing file or block device; cow: the COW file" };
+    public Option<string?> File { get; } = new("--file", "-f") { Description = "loop: the backing file or block device; cow: the COW file; qcow2: the image" };
 
     public Option<string?> Size { get; } = new("--size", "-s") { Description = "null, mem: the device size, e.g. 1G" };
 
     public Option<bool> DirectIo { get; } = new("--direct-io") { Description = "loop: open the backing file with O_DIRECT" };
 
-    public Option<bool> ReadOnly { get; } = new("--read-only") { Description = "loop, cow, rbd: a read-only device (serve: a read-only export)" };
+    public Option<bool> ReadOnly { get; } = new("--read-only") { Description = "loop, cow, rbd, qcow2 (required): a read-only device (serve: a read-only export)" };
 
     public Option<string?> Base { get; } = new("--base") { Description = "fault: the target type to wrap (null, mem, loop)" };
 
@@ -34,7 +34,7 @@ internal sealed class TargetOptions
 
     public Option<string?> DelayMs { get; } = new("--delay-ms") { Description = "fault: the delay in milliseconds (default 5)" };
 
-    public Option<string?> Backing { get; } = new("--backing") { Description = "cow: the backing image for --create (or instead of the one the COW header names)" };
+    public Option<string?> Backing { get; } = new("--backing") { Description = "cow: the backing image for --create (or instead of the one the COW header names); qcow2: instead of the backing file the image names" };
 
     public Option<bool> Create { get; } = new("--create") { Description = "cow: make a new COW file -f OVERLAY over --backing BASE" };
 
@@ -72,11 +72,15 @@ internal sealed class TargetOptions
 
     public Option<string?> SnapId { get; } = new("--snap-id") { Description = "rbd: serve the snapshot with this id (read-only; `rbd snap ls` shows ids)" };
 
+    public Option<string?> Snapshot { get; } = new("--snapshot") { Description = "qcow2: serve this internal snapshot (its id or name)" };
+
+    public Option<string?> CacheSize { get; } = new("--cache-size") { Description = "qcow2: bytes of L2 tables each image of the chain keeps in memory (default 1M; at least one table)" };
+
     public Option<string?> Timeout { get; } = new("--timeout") { Description = "rbd, nbd: seconds connecting or one IO may wait for the cluster or server before failing with EIO (default 30)" };
 
     public IEnumerable<Option> All =>
         [Type, File, Size, DirectIo, ReadOnly, Base, Seed, ShortIo, Again, Eio, Delay, DelayMs, Backing, Create, IgnoreBackingMismatch, Io, Allocate, Writeback, Uri,
-            Pool, Image, Conf, ClientId, Keyring, KeyFile, Snap, SnapId, Timeout];
+            Pool, Image, Conf, ClientId, Keyring, KeyFile, Snap, SnapId, Snapshot, CacheSize, Timeout];
 
     public void AddTo(Command command)
     {
@@ -138,6 +142,8 @@ internal sealed class TargetOptions
         Put("keyfile", r.GetValue(KeyFile) is { Length: > 0 } keyfile ? Path.GetFullPath(keyfile) : null);
         Put("snap", r.GetValue(Snap));
         Put("snap-id", r.GetValue(SnapId));
+        Put("snapshot", r.GetValue(Snapshot));
+        Put("cache-size", r.GetValue(CacheSize));
         Put("timeout", r.GetValue(Timeout));
         return recipe;
     }

@@ -13,7 +13,7 @@ namespace UblkSharp.Targets;
 /// </summary>
 public static class TargetFactory
 {
-    public static IReadOnlyList<string> Kinds { get; } = ["null", "mem", "loop", "fault", "cow", "nbd", "rbd"];
+    public static IReadOnlyList<string> Kinds { get; } = ["null", "mem", "loop", "fault", "cow", "qcow2", "nbd", "rbd"];
 
     /// <summary>
     /// The target <paramref name="kind"/> with <paramref name="options"/>; the targets that log (nbd,
@@ -30,6 +30,7 @@ public static class TargetFactory
             "loop" => CreateLoop(options),
             "fault" => CreateFault(options),
             "cow" => CreateCow(options),
+            "qcow2" => CreateQcow2(options),
             "nbd" => CreateNbd(options, loggerFactory),
             "rbd" => CreateRbd(options, loggerFactory),
             _ => throw new ArgumentException($"unknown target type '{kind}': use one of {string.Join(", ", Kinds)}"),
@@ -201,6 +202,42 @@ public static class TargetFactory
         catch (IOException e)
         {
             // Format errors, a changed backing file, a file in use: all about what was typed or named.
+            throw new ArgumentException(e.Message, e);
+        }
+    }
+
+    /// <summary>
+    /// A qcow2 image, read-only in this version: "file" (the image), "read-only" (required),
+    /// "backing" (instead of the backing file the header names), "snapshot" (an internal
+    /// snapshot's id or name), "cache-size" (bytes of L2 tables per image).
+    /// </summary>
+    private static Qcow2.Qcow2Target CreateQcow2(IReadOnlyDictionary<string, string> o)
+    {
+        if (!o.TryGetValue("file", out var file) || string.IsNullOrEmpty(file))
+        {
+            throw new ArgumentException("the qcow2 target needs its image: -f IMAGE --read-only");
+        }
+        if (!Flag(o, "read-only"))
+        {
+            throw new ArgumentException("the qcow2 target is read-only in this version: add --read-only");
+        }
+        var cacheSize = Qcow2.Qcow2OpenOptions.DefaultCacheSize;
+        if (o.TryGetValue("cache-size", out var c) && (!ByteSize.TryParse(c, out cacheSize) || cacheSize < 0))
+        {
+            throw new ArgumentException($"bad --cache-size '{c}': give the bytes of L2 tables to keep per image, e.g. 1M (at least one table is kept)");
+        }
+        try
+        {
+            return new Qcow2.Qcow2Target(file, new Qcow2.Qcow2OpenOptions
+            {
+                BackingFile = o.TryGetValue("backing", out var b) && !string.IsNullOrEmpty(b) ? b : null,
+                Snapshot = o.TryGetValue("snapshot", out var snap) && !string.IsNullOrEmpty(snap) ? snap : null,
+                CacheSize = cacheSize,
+            });
+        }
+        catch (IOException e)
+        {
+            // Format errors, missing files, refused features: all about what was typed or named.
             throw new ArgumentException(e.Message, e);
         }
     }

@@ -1,0 +1,267 @@
+using System.Globalization;
+using Microsoft.Win32.SafeHandles;
+using UblkSharp.Interop;
+
+namespace UblkSharp.Targets.Qcow2;
+
+/// <summary>
+/// A qcow2 image (qemu's format, versions 2 and 3) served read-only: its active L1 table or an
+/// internal snapshot's, over a backing chain of qcow2 and raw images of any depth. Reads of data,
+/// zero, unallocated, compressed (zlib or zstd) clusters and extended L2 subclusters; a table
+/// entry that cannot be right fails its request with EIO, never the daemon. Writes, refcounts
+/// and encryption are not supported.
+/// </summary>
+public sealed class Qcow2Target : BlockTarget
+{
+    private readonly Qcow2Image _top;
+    private readonly Dictionary<string, string> _recipe;
+
+    /// <summary>Opens an image and its backing chain.</summary>
+    /// <exception cref="Qcow2FormatException">An image this reader refuses, with the reason.</exception>
+    /// <exception cref="IOException">A file that cannot be opened or read.</exception>
+    public Qcow2Target(string path, Qcow2OpenOptions? options = null)
+    {
+        ArgumentNullException.ThrowIfNull(path);
+        options ??= new Qcow2OpenOptions();
+        if (options.CacheSize < 0)
+        {
+            throw new ArgumentOutOfRangeException(nameof(options), "the L2 cache size cannot be negative");
+        }
+        var full = System.IO.Path.GetFullPath(path);
+        _top = (Qcow2Image)OpenLayer(full, "qcow2", options, top: true, seen: [], depth: 0);
+        Size = _top.Size;
+        _recipe = new Dictionary<string, string> { ["file"] = full, ["read-only"] = "on" };
+        if (options.BackingFile is not null)
+        {
+            _recipe["backing"] = _top.Backing?.Path ?? System.IO.Path.GetFullPath(options.BackingFile);
+        }
+        if (options.Snapshot is not null)
+        {
+            _recipe["snapshot"] = options.Snapshot;
+        }
+        if (options.CacheSize != Qcow2OpenOptions.DefaultCacheSize)
+        {
+            _recipe["cache-size"] = options.CacheSize.ToString(CultureInfo.InvariantCulture);
+        }
+    }
+
+    public override long Size { get; }
+
+    public override string Kind => "qcow2";
+
+    public override IReadOnlyDictionary<string, string> Recipe => _recipe;
+
+    public override bool IsReadOnly => true;
+
+    // Nothing lives in the daemon's memory but caches: a rebuilt target reads the same image.
+    public override bool SurvivesRestart => true;
+
+    public string Path => _top.Path;
+
+    public Qcow2Header Header => _top.Header;
+
+    public IReadOnlyList<Qcow2Snapshot> Snapshots => _top.Snapshots;
+
+    /// <summary>The snapshot served, or null for the active image.</summary>
+    public Qcow2Snapshot? Snapshot => _top.Snapshot;
+
+    /// <summary>Every image of the chain from this one down: path, format ("qcow2", "raw") and size.</summary>
+    public IReadOnlyList<(string Path, string Format, long Size)> Chain
+    {
+        get
+        {
+            var list = new List<(string, string, long)>();
+            for (Qcow2Layer? l = _top; l is not null; l = l.Backing)
+            {
+                list.Add((l.Path, l.Format, l.Size));
+            }
+            return list;
+        }
+    }
+
+    /// <summary>The clusters of the served table by kind; see <see cref="Qcow2Image.CountClusters"/>.</summary>
+    public (long Data, long Zero, long Compressed, long Unallocated, long Corrupt) CountClusters() => _top.CountClusters();
+
+    /// <summary>The L2 cache's hits and misses so far (the top image's), and its slots.</summary>
+    public (long Hits, long Misses, int Slots) CacheStats => (_top.Cache.Hits, _top.Cache.Misses, _top.Cache.Slots);
+
+    public override int Read(Span<byte> buffer, long offset)
+    {
+        if (offset < 0 || offset > Size - buffer.Length)
+        {
+            return -Errno.EINVAL;
+        }
+        try
+        {
+            var r = _top.Read(buffer, offset);
+            return r < 0 ? r : buffer.Length;
+        }
+        catch (Exception e) when (e is IOException or InvalidDataException)
+        {
+            // A file that went away or a stream the decompressor rejects: this request fails, not the device.
+            return -Errno.EIO;
+        }
+    }
+
+    public override long GetAllocation(long offset, long length, out AllocationFlags flags)
+    {
+        flags = AllocationFlags.None;
+        if (offset < 0 || length <= 0 || offset >= Size)
+        {
+            return -Errno.EINVAL;
+        }
+        try
+        {
+            return _top.Status(offset, Math.Min(length, Size - offset), out flags);
+        }
+        catch (Exception e) when (e is IOException or InvalidDataException)
+        {
+            return -Errno.EIO;
+        }
+    }
+
+    protected override void Dispose(bool disposing)
+    {
+        if (disposing)
+        {
+            _top.Dispose();
+        }
+        base.Dispose(disposing);
+    }
+
+    /// <summary>
+    /// Opens <paramref name="path"/> as <paramref name="format"/> (null: probe by magic) and the
+    /// chain below it. Relative backing names are relative to the directory of the image that
+    /// names them, as qemu resolves them.
+    /// </summary>
+    private static Qcow2Layer OpenLayer(string path, string? format, Qcow2OpenOptions options, bool top, HashSet<string> seen, int depth)
+    {
+        if (depth >= Qcow2OpenOptions.MaxChainDepth)
+        {
+            throw new Qcow2FormatException($"{path}: the backing chain is deeper than {Qcow2OpenOptions.MaxChainDepth} images");
+        }
+        if (!seen.Add(path))
+        {
+            throw new Qcow2FormatException($"{path}: the backing chain loops (this image is its own backing file)");
+        }
+        if (Directory.Exists(path))
+        {
+            throw new IOException($"{path} is a directory, not an image");
+        }
+        if (!System.IO.File.Exists(path))
+        {
+            throw new FileNotFoundException($"{path}: no such {(top ? "image" : "backing file")}", path);
+        }
+        var file = System.IO.File.OpenHandle(path, FileMode.Open, FileAccess.Read, FileShare.ReadWrite);
+        Qcow2Layer? layer = null;
+        try
+        {
+            var length = RandomAccess.GetLength(file);
+            var start = ReadStart(file, length);
+            if (format is null)
+            {
+                format = Qcow2Header.HasMagic(start) ? "qcow2" : "raw";
+            }
+            if (format == "raw")
+            {
+                return new RawLayer(path, file, length);
+            }
+            if (format != "qcow2")
+            {
+                throw new Qcow2FormatException($"{path}: backing format '{format}' is not supported (qcow2 and raw are)");
+            }
+            var header = Qcow2Header.Parse(start, length, path);
+            var snapshots = top && header.SnapshotCount > 0 ? Qcow2Snapshot.ReadTable(file, header, length, path) : [];
+            Qcow2Snapshot? snapshot = null;
+            if (top && options.Snapshot is { } wanted)
+            {
+                snapshot = Qcow2Snapshot.Find(snapshots, wanted)
+                    ?? throw new Qcow2FormatException(snapshots.Count == 0
+                        ? $"{path} has no snapshot '{wanted}' (it has no snapshots)"
+                        : $"{path} has no snapshot '{wanted}' (it has: {string.Join(", ", snapshots.Select(s => $"{s.Id} '{s.Name}'"))})");
+            }
+            var image = new Qcow2Image(path, file, length, header, snapshots, snapshot, options.CacheSize);
+            layer = image;
+            string? backingPath = null;
+            string? backingFormat = null;
+            if (top && options.BackingFile is not null)
+            {
+                backingPath = System.IO.Path.GetFullPath(options.BackingFile);
+            }
+            else if (header.BackingFile is { } named)
+            {
+                backingPath = Resolve(path, named);
+                backingFormat = header.BackingFormat;
+            }
+            if (backingPath is not null)
+            {
+                image.Backing = OpenLayer(backingPath, backingFormat, options, top: false, seen, depth + 1);
+            }
+            return image;
+        }
+        catch
+        {
+            if (layer is not null)
+            {
+                layer.Dispose();
+            }
+            else
+            {
+                file.Dispose();
+            }
+            throw;
+        }
+    }
+
+    private static string Resolve(string image, string backing)
+    {
+        // qemu treats "proto:..." before any '/' as a protocol (nbd:, json:, http:...): not a file here.
+        var colon = backing.IndexOf(':', StringComparison.Ordinal);
+        var slash = backing.IndexOf('/', StringComparison.Ordinal);
+        if (colon > 0 && (slash < 0 || colon < slash))
+        {
+            throw new Qcow2FormatException($"{image}: its backing file '{backing}' is not a plain file name (protocols such as nbd: or json: are not supported); give one with --backing");
+        }
+        return System.IO.Path.IsPathRooted(backing)
+            ? backing
+            : System.IO.Path.GetFullPath(System.IO.Path.Combine(System.IO.Path.GetDirectoryName(image)!, backing));
+    }
+
+    /// <summary>The start of a file: its first cluster when it is qcow2 (the header and its extensions), else 4 KiB.</summary>
+    private static byte[] ReadStart(SafeFileHandle file, long length)
+    {
+        var probe = new byte[(int)Math.Min(length, 4096)];
+        ReadAll(file, probe);
+        var want = probe.Length;
+        if (Qcow2Header.HasMagic(probe) && probe.Length >= 24)
+        {
+            var bits = System.Buffers.Binary.BinaryPrimitives.ReadUInt32BigEndian(probe.AsSpan(20));
+            if (bits is >= Qcow2Header.MinClusterBits and <= Qcow2Header.MaxClusterBits)
+            {
+                want = (int)Math.Min(length, 1L << (int)bits);
+            }
+        }
+        if (want <= probe.Length)
+        {
+            return probe;
+        }
+        var start = new byte[want];
+        ReadAll(file, start);
+        return start;
+    }
+
+    private static void ReadAll(SafeFileHandle file, byte[] buffer)
+    {
+        var done = 0;
+        while (done < buffer.Length)
+        {
+            var n = RandomAccess.Read(file, buffer.AsSpan(done), done);
+            if (n <= 0)
+            {
+                Array.Clear(buffer, done, buffer.Length - done);
+                return;
+            }
+            done += n;
+        }
+    }
+}
