@@ -37,5 +37,20 @@ public sealed class Qcow2VmTests : CowVmTest
         {
             CliDevices.CleanUp(mnt);
         }
+
+        // `ublksharp mount` knows the image by its magic and mounts it read-only; umount deletes the device.
+        var (code, output) = VmEnvironment.RunCli($"mount {F("top.qcow2")} {mnt}");
+        try
+        {
+            Assert.True(code == 0, $"mount exited {code}:\n{output}");
+            Sh($"cmp {mnt}/a/big.bin {F("tree/a/big.bin")}");
+            Assert.Contains(" ro,", File.ReadAllLines("/proc/mounts").Single(l => l.Contains(mnt, StringComparison.Ordinal)), StringComparison.Ordinal);
+            Sh($"umount {mnt}");
+            Assert.True(VmEnvironment.WaitFor(() => VmEnvironment.DeviceIds().Length == 0, TimeSpan.FromSeconds(30)), "the device outlived the umount");
+        }
+        finally
+        {
+            CliDevices.CleanUp(mnt);
+        }
     }
 }
