@@ -34,11 +34,13 @@ internal static class DaemonHost
             using var device = recoverId is uint rid ? UblkDevice.Recover(rid, target, options, takeover: takeover, handedOver: handedOver) : UblkDevice.Create(target, options);
             takeover?.Dispose(); // the takeover is over once the device is live again
             // The files' identities are taken with the target open: a recovery checks that its paths still name them.
-            var record = DeviceRecord.Of(device, kind, recipe, target.Size) with
+            // recover's takeover option is for this start only: a later recovery decides its own.
+            var recorded = recipe.ContainsKey(TargetFactory.TakeoverKey) ? recipe.Where(kv => kv.Key != TargetFactory.TakeoverKey).ToDictionary() : recipe;
+            var record = DeviceRecord.Of(device, kind, recorded, target.Size) with
             {
                 Autoclear = autoclear,
                 SupervisorPid = Supervisor.ParentSupervisorPid,
-                Files = FileIdentity.OfRecipe(recipe),
+                Files = FileIdentity.OfRecipe(recorded),
                 Metrics = metrics,
             };
             record.Save();

@@ -130,6 +130,41 @@ public class RbdVmTests(GuestCephCluster cluster) : IClassFixture<GuestCephClust
     }
 
     [Fact]
+    public async Task Reissue_recovery_after_kill_9_loses_nothing_and_blocklists_the_dead_client()
+    {
+        VmEnvironment.RequireDriver();
+        cluster.Rbd("create --size 128M rbd/recover");
+        try
+        {
+            // librbd's default cache acknowledges writes the cluster may not have: no crash recovery.
+            Lifecycle.AssertRefused($"add -t rbd --pool rbd --image recover --conf {cluster.Conf} --recovery reissue --supervise", "--rbd-cache writethrough");
+            var since = DateTime.Now;
+            var dev = CliDevices.Add($"-t rbd --pool rbd --image recover --conf {cluster.Conf} --rbd-cache writethrough -q 2 --recovery reissue");
+            var id = CliDevices.IdOf(dev);
+            var pid = Lifecycle.DaemonPid(id);
+            var fio = Task.Run(() => Fio.Run(dev, TimeSpan.FromMinutes(6), "--rw=randwrite", "--bsrange=4k-128k", "--verify=crc32c", "--do_verify=1",
+                "--verify_state_save=0", "--size=24M", "--offset_increment=24M", "--randseed=21"), TestContext.Current.CancellationToken);
+            var writes = Lifecycle.WaitForWrites(dev, 100, fio, TimeSpan.FromMinutes(3));
+            Lifecycle.Kill9(pid);
+            // The dead daemon's client still holds the image's lock: the new daemon breaks it.
+            var recover = Lifecycle.Recover(id);
+            var newPid = Lifecycle.WaitForNewDaemon(id, pid, TimeSpan.FromSeconds(30));
+            var r = await fio;
+            VmEnvironment.Figure($"rbd recovery in the guest: killed daemon {pid} after {writes} writes; recover took {Lifecycle.Seconds(recover)}; new daemon {newPid}; fio: {r.Summary}");
+            Fio.AssertVerified(r);
+            Assert.Contains("took over the exclusive lock", CliDevices.DaemonLogs(since), StringComparison.Ordinal);
+            var (code, blocklist) = VmEnvironment.Run("ceph", $"-c {cluster.Conf} osd blocklist ls", TimeSpan.FromMinutes(2));
+            Assert.True(code == 0 && blocklist.Contains("listed ", StringComparison.Ordinal) && !blocklist.Contains("listed 0 ", StringComparison.Ordinal),
+                $"the dead daemon's client is not blocklisted:\n{blocklist}");
+            CliDevices.Del(id);
+        }
+        finally
+        {
+            CliDevices.CleanUp();
+        }
+    }
+
+    [Fact]
     public void Add_errors_are_clear_and_leave_no_device()
     {
         VmEnvironment.RequireDriver();

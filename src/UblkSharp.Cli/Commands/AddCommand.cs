@@ -71,7 +71,7 @@ internal static class AddCommand
                 // Bad input first, then the driver, and only then a new file on disk.
                 if (supervised && !r.GetValue(target.ReadOnly))
                 {
-                    throw SupervisionRefused(kind); // a writable overlay, as its target would say
+                    throw SupervisionRefused("a writable cow target loses its latest state in a crash (the bitmap bits since the last write-back)", kind); // as its target would say
                 }
                 if (recipe.TryGetValue("file", out var overlay) && recipe.TryGetValue("backing", out var backingFile))
                 {
@@ -87,7 +87,7 @@ internal static class AddCommand
                 using var t = TargetFactory.Create(kind, recipe);
                 if (!t.SurvivesRestart)
                 {
-                    throw SupervisionRefused(kind);
+                    throw SupervisionRefused(t.RecoveryRefusal, t.Kind);
                 }
             }
             if (r.GetValue(foreground))
@@ -118,9 +118,9 @@ internal static class AddCommand
         return command;
     }
 
-    // A cow overlay can be handed over (upgrade), but a crash loses its latest bitmap bits.
-    private static ArgumentException SupervisionRefused(string kind) =>
-        new($"--supervise recovers the device after its daemon crashes, and a writable {kind} target loses its latest state in a crash (recovery on a {kind} device is for 'ublksharp upgrade' only)");
+    // A cow overlay or an rbd image with librbd's default cache can be handed over (upgrade), but a crash loses its latest state.
+    private static ArgumentException SupervisionRefused(string why, string kind) =>
+        new($"--supervise recovers the device after its daemon crashes, and {why} (recovery on a {kind} device is for 'ublksharp upgrade' only)");
 
     // What the kernel must offer for these options, said before a daemon starts.
     private static void RequireOffered(DeviceOptions options)

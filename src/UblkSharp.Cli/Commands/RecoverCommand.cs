@@ -3,7 +3,6 @@ using System.Globalization;
 using UblkSharp.Cli.Logging;
 using UblkSharp.Runtime;
 using UblkSharp.Targets;
-using UblkSharp.Targets.Cow;
 using UblkSharp.Ublk;
 
 namespace UblkSharp.Cli.Commands;
@@ -73,10 +72,10 @@ internal static class RecoverCommand
                 {
                     TargetFactory.Create(record.Target, record.Recipe).Dispose();
                 }
-                catch (Exception e) when (e is FileLockedException || e.InnerException is FileLockedException)
+                catch (Exception e) when (e is TargetLockedException || e.InnerException is TargetLockedException)
                 {
-                    // The serving daemon holds the target's files locked (a cow overlay): they are
-                    // opened after the takeover, when it has let go of them.
+                    // The serving daemon holds the target's files or image locked (a cow overlay, an
+                    // rbd image): they are opened after the takeover, when it has let go of them.
                     CliLog.Warning($"standby for device {id}: {e.Message}; opening it at the takeover");
                 }
                 if (r.GetValue(warmFile) is string warm)
@@ -100,7 +99,10 @@ internal static class RecoverCommand
             }
             using (takeover)
             {
-                return DaemonHost.Serve(record.Target, record.Recipe, options, record.Autoclear, id, r.GetValue(readyFile), takeover, record.Released, record.Metrics);
+                // A target that holds a lock of its backing (rbd) takes it over from the previous
+                // daemon: waits for one that handed over, breaks a dead one's. Never recorded.
+                var recipe = new Dictionary<string, string>(record.Recipe) { [TargetFactory.TakeoverKey] = record.Released ? "wait" : "break" };
+                return DaemonHost.Serve(record.Target, recipe, options, record.Autoclear, id, r.GetValue(readyFile), takeover, record.Released, record.Metrics);
             }
         });
         return command;

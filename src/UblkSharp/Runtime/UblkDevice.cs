@@ -116,7 +116,7 @@ public sealed class UblkDevice : IDisposable
         ValidateTarget(target);
         if (options.Recovery != RecoveryMode.Off && !target.SurvivesHandOver)
         {
-            throw new ArgumentException($"the {target.Kind} target keeps its data in the daemon's memory, so a recovered device would come back empty: it cannot use --recovery");
+            throw new ArgumentException($"--recovery is refused: {target.RecoveryRefusal}");
         }
         // A user (not root) can only add devices the kernel marks as theirs; root's request for it is
         // ignored by the kernel, so it is never asked.

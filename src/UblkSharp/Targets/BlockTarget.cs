@@ -73,6 +73,9 @@ public abstract unsafe class BlockTarget : IDisposable
     /// </summary>
     public virtual bool SurvivesRestart => false;
 
+    /// <summary>Why a device of this target may not use user recovery (when it may not), for the person who asked for it.</summary>
+    public virtual string RecoveryRefusal => $"the {Kind} target keeps its data in the daemon's memory, so a recovered device would come back empty";
+
     /// <summary>
     /// Whether a new daemon that rebuilds this target from its recipe sees the same data once this
     /// one was disposed (it wrote out what it held in memory), so the device may use user recovery

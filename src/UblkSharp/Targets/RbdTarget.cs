@@ -6,6 +6,35 @@ using UblkSharp.Interop.Ceph;
 
 namespace UblkSharp.Targets;
 
+/// <summary>librbd's cache mode for an <see cref="RbdTarget"/> (<see cref="RbdTargetOptions.Cache"/>).</summary>
+public enum RbdCache
+{
+    /// <summary>As the Ceph configuration says (librbd's default: write-around once the first flush came).</summary>
+    Default,
+
+    /// <summary>rbd_cache_policy = writethrough: reads cached, writes acknowledged once the cluster has them.</summary>
+    Writethrough,
+
+    /// <summary>rbd_cache = false.</summary>
+    None,
+}
+
+/// <summary>How a new daemon takes the image's exclusive lock over from the device's previous one.</summary>
+public enum RbdLockTakeover
+{
+    /// <summary>A first open: a lock held by anyone is a second writer, refused.</summary>
+    None,
+
+    /// <summary>After a hand-over (upgrade): the old daemon is letting go, so its lock is waited for (up to the timeout).</summary>
+    Wait,
+
+    /// <summary>
+    /// After a crash: the lock is still the dead daemon's client's, so it is broken, with that client
+    /// blocklisted first (it can never write again, even half-dead), as rbd-nbd and ceph-csi do.
+    /// </summary>
+    Break,
+}
+
 /// <summary>Which RBD image an <see cref="RbdTarget"/> serves, and how it reaches the cluster.</summary>
 public sealed record RbdTargetOptions
 {
@@ -18,6 +47,17 @@ public sealed record RbdTargetOptions
 
     /// <summary>The client id ("admin" is client.admin).</summary>
     public string ClientId { get; init; } = "admin";
+
+    /// <summary>
+    /// librbd's cache: <see cref="RbdCache.Default"/> leaves it as the conf says (librbd acknowledges
+    /// writes before the cluster has them once the first flush came); <see cref="RbdCache.Writethrough"/>
+    /// and <see cref="RbdCache.None"/> acknowledge a write only when the cluster has it, so a daemon
+    /// crash loses nothing the kernel was told was written (what user recovery needs).
+    /// </summary>
+    public RbdCache Cache { get; init; } = RbdCache.Default;
+
+    /// <summary>Set by `recover` (never kept in a recipe): how the exclusive lock of the device's previous daemon is taken over.</summary>
+    public RbdLockTakeover LockTakeover { get; init; }
 
     /// <summary>A cephx keyring with the client's key; null for the conf's own keyring setting.</summary>
     public string? Keyring { get; init; }
@@ -130,6 +170,10 @@ public sealed unsafe class RbdTarget : BlockTarget
             {
                 r["conf"] = _options.ConfigFile;
             }
+            if (_options.Cache != RbdCache.Default)
+            {
+                r["cache"] = _options.Cache == RbdCache.None ? "none" : "writethrough";
+            }
             if (_options.Keyring is not null)
             {
                 r["keyring"] = _options.Keyring;
@@ -159,6 +203,18 @@ public sealed unsafe class RbdTarget : BlockTarget
 
     public override bool HasVolatileCache => !_readOnly;
 
+    /// <summary>
+    /// Read-only, or every acknowledged write is in the cluster (cache writethrough or none): a new
+    /// daemon that opens the image again sees everything the kernel was told was written.
+    /// </summary>
+    public override bool SurvivesRestart => _readOnly || _options.Cache != RbdCache.Default;
+
+    // A hand-over flushes first, so an upgrade is safe with any cache.
+    public override bool SurvivesHandOver => true;
+
+    public override string RecoveryRefusal =>
+        "librbd's cache as the Ceph configuration sets it acknowledges writes the cluster does not have yet, so a recovered device could lose writes its file system counts as done: add --rbd-cache writethrough (or none)";
+
     public override bool CanDiscard => !_readOnly;
 
     private void Open()
@@ -187,6 +243,20 @@ public sealed unsafe class RbdTarget : BlockTarget
         foreach (var option in new[] { "client_mount_timeout", "rados_mon_op_timeout", "rados_osd_op_timeout" })
         {
             Check(Rados.rados_conf_set(_cluster, option, seconds), $"setting {option}");
+        }
+        foreach (var (option, value) in _options.Cache switch
+        {
+            RbdCache.Writethrough => new[] { ("rbd_cache", "true"), ("rbd_cache_policy", "writethrough") },
+            RbdCache.None => [("rbd_cache", "false")],
+            _ => [],
+        })
+        {
+            Check(Rados.rados_conf_set(_cluster, option, value), $"setting {option}");
+        }
+        if (o.LockTakeover == RbdLockTakeover.Break)
+        {
+            // Whatever the conf says: the lock's dead owner must never write again.
+            Check(Rados.rados_conf_set(_cluster, "rbd_blocklist_on_break_lock", "true"), "setting rbd_blocklist_on_break_lock");
         }
         // The key given replaces the conf's: "keyring" and "keyfile" are librados' own settings.
         var key = o.KeyFile ?? o.Keyring;
@@ -257,11 +327,55 @@ public sealed unsafe class RbdTarget : BlockTarget
         {
             return; // nothing to take: the image was made without exclusive-lock
         }
+        // Broken before asking for it: librbd's own acquire would first ask the dead owner to let go
+        // and wait for its watch to time out (30 s).
+        if (_options.LockTakeover == RbdLockTakeover.Break)
+        {
+            BreakLock();
+        }
         var r = Rbd.rbd_lock_acquire(_image, Rbd.LockModeExclusive);
+        var deadline = Environment.TickCount64 + (long)_options.Timeout.TotalMilliseconds;
+        while (r < 0 && _options.LockTakeover == RbdLockTakeover.Wait && Environment.TickCount64 < deadline)
+        {
+            Thread.Sleep(100);
+            r = Rbd.rbd_lock_acquire(_image, Rbd.LockModeExclusive);
+        }
         if (r < 0)
         {
-            throw new IOException($"the image {Name} is in use: another client holds its exclusive lock, and a second writer is refused "
+            throw new TargetLockedException($"the image {Name} is in use: another client holds its exclusive lock, and a second writer is refused "
                 + $"({Errno.Describe(r)}). Stop the other writer, or serve it with --read-only or --snap");
+        }
+    }
+
+    // A recovery's takeover: the lock's owner is the dead daemon's client (the device's record says
+    // this image was ours). librbd blocklists each owner before breaking its lock (set above).
+    private void BreakLock()
+    {
+        const int max = 8;
+        var owners = stackalloc nint[max];
+        nuint count = max;
+        var r = Rbd.rbd_lock_get_owners(_image, out var mode, owners, ref count);
+        if (r == -Errno.ENOENT || (r >= 0 && count == 0))
+        {
+            return; // nobody holds it any more
+        }
+        Check(r, $"reading who holds the lock of {Name}");
+        try
+        {
+            for (nuint i = 0; i < count; i++)
+            {
+                var owner = Marshal.PtrToStringUTF8(owners[i]) ?? "?";
+                r = Rbd.rbd_lock_break(_image, mode, owners[i]);
+                if (r < 0 && r != -Errno.ENOENT)
+                {
+                    throw new IOException($"cannot take over the lock of {Name} from {owner} (the dead daemon's client): {Errno.Describe(r)}");
+                }
+                TargetLog.RbdLockBroken(_logger, Name, owner);
+            }
+        }
+        finally
+        {
+            Rbd.rbd_lock_get_owners_cleanup(owners, count);
         }
     }
 

@@ -13,6 +13,12 @@ namespace UblkSharp.Targets;
 /// </summary>
 public static class TargetFactory
 {
+    /// <summary>
+    /// The option `recover` adds to a recipe (and never records): "break" after a crash, "wait"
+    /// after a hand-over. A target that holds a lock of its backing (rbd) takes it over accordingly.
+    /// </summary>
+    public const string TakeoverKey = "takeover";
+
     public static IReadOnlyList<string> Kinds { get; } = ["null", "mem", "loop", "fault", "cow", "qcow2", "nbd", "rbd"];
 
     /// <summary>
@@ -78,7 +84,8 @@ public static class TargetFactory
 
     /// <summary>
     /// An RBD image: "pool", "image", optional "conf", "id", "keyring" or "keyfile" (cephx), "snap"
-    /// or "snap-id", "read-only" and "timeout" (seconds). A cluster, pool or image that cannot be reached or found is an IOException naming it.
+    /// or "snap-id", "read-only", "cache" (default, writethrough, none), "timeout" (seconds), and
+    /// <see cref="TakeoverKey"/> (recover's). A cluster, pool or image that cannot be reached or found is an IOException naming it.
     /// </summary>
     private static RbdTarget CreateRbd(IReadOnlyDictionary<string, string> o, ILoggerFactory loggerFactory)
     {
@@ -119,8 +126,23 @@ public static class TargetFactory
                 throw new ArgumentException("--snap and --snap-id exclude each other: give one");
             }
         }
+        var cache = o.TryGetValue("cache", out var cv) && !string.IsNullOrEmpty(cv) ? cv switch
+        {
+            "default" => RbdCache.Default,
+            "writethrough" => RbdCache.Writethrough,
+            "none" => RbdCache.None,
+            _ => throw new ArgumentException($"bad --rbd-cache '{cv}': use default, writethrough or none"),
+        } : RbdCache.Default;
         return new RbdTarget(new RbdTargetOptions
         {
+            Cache = cache,
+            // Only `recover` sets it (never a recipe): the previous daemon's lock is taken over.
+            LockTakeover = o.TryGetValue(TakeoverKey, out var tk) ? tk switch
+            {
+                "break" => RbdLockTakeover.Break,
+                "wait" => RbdLockTakeover.Wait,
+                _ => RbdLockTakeover.None,
+            } : RbdLockTakeover.None,
             SnapshotId = snapId,
             Keyring = keyring is null ? null : Path.GetFullPath(keyring),
             KeyFile = keyFile is null ? null : Path.GetFullPath(keyFile),

@@ -19,4 +19,7 @@ internal static partial class TargetLog
 
     [LoggerMessage(EventId = 312, Level = LogLevel.Error, Message = "rbd: header watch")]
     public static partial void RbdWatchFailed(ILogger logger, Exception exception);
+
+    [LoggerMessage(EventId = 313, Level = LogLevel.Warning, Message = "rbd: took over the exclusive lock of {Image} from {Owner} (the dead daemon's client), blocklisted first so it can never write again")]
+    public static partial void RbdLockBroken(ILogger logger, string image, string owner);
 }

@@ -15,6 +15,7 @@ public class RbdFactoryTests
     [InlineData("pool=rbd image=x keyfile=/nonexistent/key", "--keyfile /nonexistent/key: no such file")]
     [InlineData("pool=rbd image=x snap-id=first", "bad --snap-id 'first': give the snapshot's number, as `rbd snap ls` shows it")]
     [InlineData("pool=rbd image=x snap=a snap-id=4", "--snap and --snap-id exclude each other: give one")]
+    [InlineData("pool=rbd image=x cache=writeback", "bad --rbd-cache 'writeback': use default, writethrough or none")]
     public void Bad_options_say_what_is_wrong(string options, string message)
     {
         var o = options.Split(' ').Select(kv => kv.Split('=')).ToDictionary(kv => kv[0], kv => kv[1]);

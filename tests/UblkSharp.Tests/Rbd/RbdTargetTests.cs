@@ -60,6 +60,59 @@ public class RbdTargetTests(CephCluster cluster)
     }
 
     [Fact]
+    public async Task A_recovery_breaks_the_dead_clients_lock_and_blocklists_it_and_a_hand_over_waits_for_it()
+    {
+        var name = cluster.CreateImage(16 * MiB);
+        Dictionary<string, string> Options(string? takeover) => new()
+        {
+            ["pool"] = "rbd",
+            ["image"] = name,
+            ["conf"] = cluster.Conf,
+            ["timeout"] = "10",
+            ["cache"] = "writethrough",
+            [TargetFactory.TakeoverKey] = takeover ?? "",
+        };
+        var old = TargetFactory.Create("rbd", Options(null));
+        try
+        {
+            Assert.True(old.SurvivesRestart, "with --rbd-cache writethrough every acknowledged write is in the cluster");
+            Assert.Equal("writethrough", old.Recipe["cache"]);
+            Assert.False(old.Recipe.ContainsKey(TargetFactory.TakeoverKey));
+            Assert.Equal(4096, old.Write(LoopTargetTests.Pattern(4096, 1), 0));
+            // A first open while it holds the lock: a second writer, refused.
+            Assert.Throws<TargetLockedException>(() => TargetFactory.Create("rbd", Options(null)));
+            // A recovery's open (the old client stands for a dead daemon's, which never answers):
+            // the lock is broken and the old client blocklisted, so its writes fail from now on.
+            using (var recovered = TargetFactory.Create("rbd", Options("break")))
+            {
+                Assert.Equal(4096, recovered.Write(LoopTargetTests.Pattern(4096, 2), 4096));
+                Assert.True(old.Write(LoopTargetTests.Pattern(4096, 3), 0) < 0, "the blocklisted client still wrote");
+                var back = new byte[4096];
+                Assert.Equal(4096, recovered.Read(back, 0));
+                Assert.True(back.AsSpan().SequenceEqual(LoopTargetTests.Pattern(4096, 1)), "the old client's write after the break reached the image");
+            }
+        }
+        finally
+        {
+            old.Dispose();
+        }
+        // A hand-over: the new daemon waits for the old one to let go (here 1 s), then holds the lock.
+        var first = TargetFactory.Create("rbd", Options(null));
+        var releasing = false;
+        var release = Task.Run(async () => { await Task.Delay(1000); Volatile.Write(ref releasing, true); first.Dispose(); }, TestContext.Current.CancellationToken);
+        using (var next = TargetFactory.Create("rbd", Options("wait")))
+        {
+            Assert.True(Volatile.Read(ref releasing), "the wait ended before the old client let go");
+            Assert.Equal(4096, next.Write(LoopTargetTests.Pattern(4096, 4), 0));
+        }
+        await release;
+        // librbd's default cache: a crash could lose acknowledged writes, so no recovery, saying why.
+        using var plain = cluster.Open(name);
+        Assert.False(plain.SurvivesRestart);
+        Assert.Contains("--rbd-cache writethrough", plain.RecoveryRefusal, StringComparison.Ordinal);
+    }
+
+    [Fact]
     public void Write_patterns_read_back_across_object_boundaries()
     {
         var name = cluster.CreateImage(64 * MiB);

@@ -38,6 +38,17 @@ internal static unsafe partial class Rbd
     [LibraryImport(Lib, EntryPoint = "rbd_lock_acquire")]
     public static partial int rbd_lock_acquire(nint image, int lockMode);
 
+    /// <summary>The clients holding the image's lock, as "client.ID COOKIE"-style owner strings; -ERANGE if <paramref name="maxOwners"/> is too small (it is set to the count).</summary>
+    [LibraryImport(Lib, EntryPoint = "rbd_lock_get_owners")]
+    public static partial int rbd_lock_get_owners(nint image, out int lockMode, nint* owners, ref nuint maxOwners);
+
+    [LibraryImport(Lib, EntryPoint = "rbd_lock_get_owners_cleanup")]
+    public static partial void rbd_lock_get_owners_cleanup(nint* owners, nuint count);
+
+    /// <summary>Breaks <paramref name="owner"/>'s lock; with rbd_blocklist_on_break_lock the owner is blocklisted first.</summary>
+    [LibraryImport(Lib, EntryPoint = "rbd_lock_break")]
+    public static partial int rbd_lock_break(nint image, int lockMode, nint owner);
+
     [LibraryImport(Lib, EntryPoint = "rbd_update_watch")]
     public static partial int rbd_update_watch(nint image, out ulong handle, delegate* unmanaged<nint, void> callback, nint arg);
 

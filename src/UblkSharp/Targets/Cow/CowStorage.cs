@@ -273,4 +273,4 @@ internal sealed unsafe class FileCowStorage : CowStorage
 }
 
 /// <summary>A file another process holds locked (a running UML, or another daemon serving it).</summary>
-public sealed class FileLockedException(string message) : IOException(message);
+public sealed class FileLockedException(string message) : TargetLockedException(message);

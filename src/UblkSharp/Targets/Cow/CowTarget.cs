@@ -170,6 +170,8 @@ public sealed unsafe class CowTarget : BlockTarget
 
     public override bool SurvivesHandOver => true;
 
+    public override string RecoveryRefusal => "a writable cow target loses its latest state in a crash (the bitmap bits since the last write-back)";
+
     public override bool HasVolatileCache => !_readOnly;
 
     public override bool CanDiscard => !_readOnly;
