@@ -165,6 +165,50 @@ public class RbdVmTests(GuestCephCluster cluster) : IClassFixture<GuestCephClust
     }
 
     [Fact]
+    public async Task Upgrades_under_fio_verify_hand_the_image_and_its_lock_over()
+    {
+        VmEnvironment.RequireDriver();
+        cluster.Rbd("create --size 64M rbd/upgrade");
+        try
+        {
+            // librbd's default cache: a hand-over flushes, so an upgrade needs no write-through.
+            var dev = CliDevices.Add($"-t rbd --pool rbd --image upgrade --conf {cluster.Conf} --recovery reissue");
+            var id = CliDevices.IdOf(dev);
+            var upgrading = true;
+            var fio = Task.Run(() =>
+            {
+                var runs = new List<FioResult>();
+                do
+                {
+                    runs.Add(Fio.Run(dev, TimeSpan.FromMinutes(5), "--rw=randwrite", "--bsrange=4k-128k", "--verify=crc32c", "--do_verify=1",
+                        "--verify_state_save=0", "--size=8M", "--offset_increment=8M", "--rate_iops=50", $"--randseed={runs.Count + 1}"));
+                }
+                while (Volatile.Read(ref upgrading) && runs[^1].ExitCode == 0);
+                return runs;
+            }, TestContext.Current.CancellationToken);
+            var seconds = new List<string>();
+            for (var u = 0; u < 3; u++)
+            {
+                var pid = CliDevices.DaemonPid(id);
+                var sw = Stopwatch.StartNew();
+                var (code, output) = VmEnvironment.RunCli($"upgrade -n {id}", TimeSpan.FromMinutes(4));
+                Assert.True(code == 0, $"upgrade {u} exited {code}:\n{output}\n{CliDevices.DaemonLogs()}");
+                seconds.Add(Lifecycle.Seconds(sw.Elapsed));
+                Assert.NotEqual(pid, CliDevices.DaemonPid(id));
+            }
+            Volatile.Write(ref upgrading, false);
+            var runs = await fio;
+            VmEnvironment.Figure($"rbd upgrades in the guest: 3 under fio verify, each {string.Join(", ", seconds)}; {runs.Count} verify runs: {runs[^1].Summary}");
+            Assert.All(runs, Fio.AssertVerified);
+            CliDevices.Del(id);
+        }
+        finally
+        {
+            CliDevices.CleanUp();
+        }
+    }
+
+    [Fact]
     public void Add_errors_are_clear_and_leave_no_device()
     {
         VmEnvironment.RequireDriver();
