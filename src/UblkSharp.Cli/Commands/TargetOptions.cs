@@ -70,6 +70,10 @@ internal sealed class TargetOptions
 
     public Option<string?> RbdCache { get; } = new("--rbd-cache") { Description = "rbd: librbd's cache: default (as the Ceph conf says), writethrough or none (both acknowledge a write only once the cluster has it, which --recovery needs)" };
 
+    public Option<string?> EncryptionFormat { get; } = new("--encryption-format") { Description = "rbd: open the image's librbd encryption, luks1 or luks2 (made with `rbd encryption format`)" };
+
+    public Option<string?> PassphraseFile { get; } = new("--passphrase-file") { Description = "rbd: the file holding the encryption passphrase (its bytes, exactly)" };
+
     public Option<string?> Snap { get; } = new("--snap") { Description = "rbd: serve this snapshot of the image (read-only)" };
 
     public Option<string?> SnapId { get; } = new("--snap-id") { Description = "rbd: serve the snapshot with this id (read-only; `rbd snap ls` shows ids)" };
@@ -82,7 +86,7 @@ internal sealed class TargetOptions
 
     public IEnumerable<Option> All =>
         [Type, File, Size, DirectIo, ReadOnly, Base, Seed, ShortIo, Again, Eio, Delay, DelayMs, Backing, Create, IgnoreBackingMismatch, Io, Allocate, Writeback, Uri,
-            Pool, Image, Conf, ClientId, Keyring, KeyFile, RbdCache, Snap, SnapId, Snapshot, CacheSize, Timeout];
+            Pool, Image, Conf, ClientId, Keyring, KeyFile, RbdCache, EncryptionFormat, PassphraseFile, Snap, SnapId, Snapshot, CacheSize, Timeout];
 
     public void AddTo(Command command)
     {
@@ -143,6 +147,8 @@ internal sealed class TargetOptions
         Put("keyring", r.GetValue(Keyring) is { Length: > 0 } keyring ? Path.GetFullPath(keyring) : null);
         Put("keyfile", r.GetValue(KeyFile) is { Length: > 0 } keyfile ? Path.GetFullPath(keyfile) : null);
         Put("cache", r.GetValue(RbdCache));
+        Put("encryption-format", r.GetValue(EncryptionFormat));
+        Put("passphrase-file", r.GetValue(PassphraseFile) is { Length: > 0 } passphrase ? Path.GetFullPath(passphrase) : null);
         Put("snap", r.GetValue(Snap));
         Put("snap-id", r.GetValue(SnapId));
         Put("snapshot", r.GetValue(Snapshot));

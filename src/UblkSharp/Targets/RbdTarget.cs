@@ -59,6 +59,12 @@ public sealed record RbdTargetOptions
     /// <summary>Set by `recover` (never kept in a recipe): how the exclusive lock of the device's previous daemon is taken over.</summary>
     public RbdLockTakeover LockTakeover { get; init; }
 
+    /// <summary>librbd's LUKS encryption of the image (made with `rbd encryption format`): "luks1", "luks2" or null for none.</summary>
+    public string? EncryptionFormat { get; init; }
+
+    /// <summary>The file whose bytes, exactly, are the LUKS passphrase (as `rbd encryption format` and rbd-nbd read it).</summary>
+    public string? PassphraseFile { get; init; }
+
     /// <summary>A cephx keyring with the client's key; null for the conf's own keyring setting.</summary>
     public string? Keyring { get; init; }
 
@@ -169,6 +175,11 @@ public sealed unsafe class RbdTarget : BlockTarget
             if (_options.ConfigFile is not null)
             {
                 r["conf"] = _options.ConfigFile;
+            }
+            if (_options.EncryptionFormat is not null)
+            {
+                r["encryption-format"] = _options.EncryptionFormat;
+                r["passphrase-file"] = _options.PassphraseFile!;
             }
             if (_options.Cache != RbdCache.Default)
             {
@@ -303,6 +314,10 @@ public sealed unsafe class RbdTarget : BlockTarget
                     : $"cannot open snapshot id {snapId} of {o.Pool}/{o.Image}: {Errno.Describe(r)}");
             }
         }
+        if (o.EncryptionFormat is not null)
+        {
+            LoadEncryption(o.EncryptionFormat, o.PassphraseFile!);
+        }
         Check(Rbd.rbd_get_size(_image, out var size), $"reading the size of {Name}");
         _imageSize = (long)size;
         _size = (long)size & ~511L;
@@ -344,6 +359,38 @@ public sealed unsafe class RbdTarget : BlockTarget
         {
             throw new TargetLockedException($"the image {Name} is in use: another client holds its exclusive lock, and a second writer is refused "
                 + $"({Errno.Describe(r)}). Stop the other writer, or serve it with --read-only or --snap");
+        }
+    }
+
+    private void LoadEncryption(string format, string passphraseFile)
+    {
+        byte[] passphrase;
+        try
+        {
+            passphrase = File.ReadAllBytes(passphraseFile);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            throw new IOException($"cannot read the passphrase file {passphraseFile}: {e.Message}", e);
+        }
+        try
+        {
+            fixed (byte* p = passphrase)
+            {
+                var opts = new Rbd.LuksOptions { Passphrase = p, PassphraseSize = (nuint)passphrase.Length };
+                var r = Rbd.rbd_encryption_load(_image, format == "luks1" ? Rbd.EncryptionFormatLuks1 : Rbd.EncryptionFormatLuks2, &opts, (nuint)sizeof(Rbd.LuksOptions));
+                if (r < 0)
+                {
+                    throw new IOException(r == -Errno.EOPNOTSUPP
+                        ? $"this librbd cannot open encrypted images (built without libcryptsetup)"
+                        : $"cannot open the {format.ToUpperInvariant()} encryption of {Name} with the passphrase in {passphraseFile}: a wrong passphrase, or the image is not {format.ToUpperInvariant()}-formatted (`rbd encryption format`) ({Errno.Describe(r)})");
+                }
+            }
+        }
+        finally
+        {
+            // Not kept past the load: librbd holds the key it derived.
+            Array.Clear(passphrase);
         }
     }
 

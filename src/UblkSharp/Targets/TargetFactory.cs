@@ -84,7 +84,8 @@ public static class TargetFactory
 
     /// <summary>
     /// An RBD image: "pool", "image", optional "conf", "id", "keyring" or "keyfile" (cephx), "snap"
-    /// or "snap-id", "read-only", "cache" (default, writethrough, none), "timeout" (seconds), and
+    /// or "snap-id", "read-only", "cache" (default, writethrough, none), "encryption-format" (luks1,
+    /// luks2) with "passphrase-file", "timeout" (seconds), and
     /// <see cref="TakeoverKey"/> (recover's). A cluster, pool or image that cannot be reached or found is an IOException naming it.
     /// </summary>
     private static RbdTarget CreateRbd(IReadOnlyDictionary<string, string> o, ILoggerFactory loggerFactory)
@@ -133,8 +134,24 @@ public static class TargetFactory
             "none" => RbdCache.None,
             _ => throw new ArgumentException($"bad --rbd-cache '{cv}': use default, writethrough or none"),
         } : RbdCache.Default;
+        var encryption = o.TryGetValue("encryption-format", out var ef) && !string.IsNullOrEmpty(ef) ? ef : null;
+        var passphrase = o.TryGetValue("passphrase-file", out var pf) && !string.IsNullOrEmpty(pf) ? pf : null;
+        if (encryption is not null && encryption is not ("luks1" or "luks2"))
+        {
+            throw new ArgumentException($"bad --encryption-format '{encryption}': use luks1 or luks2");
+        }
+        if ((encryption is null) != (passphrase is null))
+        {
+            throw new ArgumentException("--encryption-format and --passphrase-file go together: give both");
+        }
+        if (passphrase is not null && !File.Exists(passphrase))
+        {
+            throw new ArgumentException($"--passphrase-file {passphrase}: no such file");
+        }
         return new RbdTarget(new RbdTargetOptions
         {
+            EncryptionFormat = encryption,
+            PassphraseFile = passphrase is null ? null : Path.GetFullPath(passphrase),
             Cache = cache,
             // Only `recover` sets it (never a recipe): the previous daemon's lock is taken over.
             LockTakeover = o.TryGetValue(TakeoverKey, out var tk) ? tk switch

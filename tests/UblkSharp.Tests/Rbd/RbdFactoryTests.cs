@@ -16,6 +16,9 @@ public class RbdFactoryTests
     [InlineData("pool=rbd image=x snap-id=first", "bad --snap-id 'first': give the snapshot's number, as `rbd snap ls` shows it")]
     [InlineData("pool=rbd image=x snap=a snap-id=4", "--snap and --snap-id exclude each other: give one")]
     [InlineData("pool=rbd image=x cache=writeback", "bad --rbd-cache 'writeback': use default, writethrough or none")]
+    [InlineData("pool=rbd image=x encryption-format=luks2", "--encryption-format and --passphrase-file go together: give both")]
+    [InlineData("pool=rbd image=x encryption-format=aes passphrase-file=/etc/hostname", "bad --encryption-format 'aes': use luks1 or luks2")]
+    [InlineData("pool=rbd image=x encryption-format=luks1 passphrase-file=/nonexistent/pass", "--passphrase-file /nonexistent/pass: no such file")]
     public void Bad_options_say_what_is_wrong(string options, string message)
     {
         var o = options.Split(' ').Select(kv => kv.Split('=')).ToDictionary(kv => kv[0], kv => kv[1]);

@@ -112,6 +112,56 @@ public class RbdTargetTests(CephCluster cluster)
         Assert.Contains("--rbd-cache writethrough", plain.RecoveryRefusal, StringComparison.Ordinal);
     }
 
+    [Theory]
+    [InlineData("luks1", "luks")]
+    [InlineData("luks2", "luks2")]
+    public void A_luks_encrypted_image_reads_and_writes_as_qemus_librbd_encryption_does(string format, string qemuFormat)
+    {
+        var name = cluster.CreateImage(32 * MiB);
+        var pass = Path.Combine(cluster.Directory, $"pass-{name}");
+        File.WriteAllText(pass, "correct horse battery staple");
+        cluster.RbdCli("encryption", "format", $"rbd/{name}", format, pass);
+        var o = new Dictionary<string, string> { ["pool"] = "rbd", ["image"] = name, ["conf"] = cluster.Conf, ["encryption-format"] = format, ["passphrase-file"] = pass };
+        var plain = new byte[64 * 1024];
+        Array.Fill(plain, (byte)0x77);
+        long payloadSize;
+        using (var t = TargetFactory.Create("rbd", o))
+        {
+            payloadSize = t.Size;
+            Assert.True(payloadSize is > 0 and < 32 * MiB, $"the payload is {payloadSize} bytes: the LUKS header should take some of the 32 MiB");
+            Assert.Equal(format, t.Recipe["encryption-format"]);
+            Assert.Equal(plain.Length, t.Write(plain, MiB));
+            Assert.Equal(0, t.Flush());
+        }
+        // What reached the cluster is ciphertext: nowhere in the raw image are the plaintext bytes.
+        var raw = File.ReadAllBytes(Export(name));
+        Assert.Equal(-1, raw.AsSpan().IndexOf(plain.AsSpan(0, 4096)));
+        // qemu's rbd driver, with librbd's encryption, reads what we wrote and writes what we read.
+        var spec = $"driver=rbd,pool=rbd,image={name},conf={cluster.Conf},encrypt.format={qemuFormat},encrypt.key-secret=sec0";
+        var secret = $"secret,id=sec0,file={pass}";
+        var qemu = UblkSharp.Tests.Nbd.Tools.Ok("qemu-io", "--object", secret, "--image-opts", spec, "-c", $"read -P 0x77 {MiB} 64k", "-c", $"write -P 0x5a {2 * MiB} 64k");
+        Assert.DoesNotContain("fail", qemu, StringComparison.OrdinalIgnoreCase);
+        using (var t = TargetFactory.Create("rbd", o))
+        {
+            var back = new byte[64 * 1024];
+            Assert.Equal(back.Length, t.Read(back, 2 * MiB));
+            Assert.All(back, b => Assert.Equal(0x5a, b));
+            Assert.Equal(payloadSize, t.Size);
+        }
+        // A wrong passphrase is refused at open, saying what to check.
+        File.WriteAllText(pass + ".wrong", "incorrect horse");
+        var e = Assert.Throws<IOException>(() => TargetFactory.Create("rbd", new Dictionary<string, string>(o) { ["passphrase-file"] = pass + ".wrong" }));
+        Assert.Contains("a wrong passphrase", e.Message, StringComparison.Ordinal);
+    }
+
+    private string Export(string name)
+    {
+        var file = Path.Combine(cluster.Directory, $"{name}.raw");
+        File.Delete(file);
+        cluster.RbdCli("export", $"rbd/{name}", file);
+        return file;
+    }
+
     [Fact]
     public void Write_patterns_read_back_across_object_boundaries()
     {

@@ -26,6 +26,23 @@ internal static unsafe partial class Rbd
     [LibraryImport(Lib, EntryPoint = "rbd_snap_set_by_id")]
     public static partial int rbd_snap_set_by_id(nint image, ulong snapId);
 
+    public const int EncryptionFormatLuks1 = 0;
+
+    public const int EncryptionFormatLuks2 = 1;
+
+    /// <summary>rbd_encryption_luks1_format_options_t and ..._luks2_... (the same layout); load ignores the algorithm.</summary>
+    [StructLayout(LayoutKind.Sequential)]
+    public struct LuksOptions
+    {
+        public int Algorithm;
+        public byte* Passphrase;
+        public nuint PassphraseSize;
+    }
+
+    /// <summary>Opens the image's LUKS1/LUKS2 encryption: IO from then on is decrypted, and the size is the payload's.</summary>
+    [LibraryImport(Lib, EntryPoint = "rbd_encryption_load")]
+    public static partial int rbd_encryption_load(nint image, int format, LuksOptions* options, nuint optionsSize);
+
     [LibraryImport(Lib, EntryPoint = "rbd_close")]
     public static partial int rbd_close(nint image);
 
