@@ -18,7 +18,7 @@ internal sealed class TargetOptions
 
     public Option<bool> DirectIo { get; } = new("--direct-io") { Description = "loop: open the backing file with O_DIRECT" };
 
-    public Option<bool> ReadOnly { get; } = new("--read-only") { Description = "loop, cow, rbd, qcow2 (required): a read-only device (serve: a read-only export)" };
+    public Option<bool> ReadOnly { get; } = new("--read-only") { Description = "loop, cow, rbd, qcow2: a read-only device (serve: a read-only export)" };
 
     public Option<string?> Base { get; } = new("--base") { Description = "fault: the target type to wrap (null, mem, loop)" };
 

@@ -207,19 +207,16 @@ public static class TargetFactory
     }
 
     /// <summary>
-    /// A qcow2 image, read-only in this version: "file" (the image), "read-only" (required),
-    /// "backing" (instead of the backing file the header names), "snapshot" (an internal
-    /// snapshot's id or name), "cache-size" (bytes of L2 tables per image).
+    /// A qcow2 image: "file" (the image), "read-only" (else the top image is written; refused for
+    /// images with internal snapshots, extended L2 entries, the dirty or corrupt bit), "backing"
+    /// (instead of the backing file the header names), "snapshot" (an internal snapshot's id or
+    /// name; read-only only), "cache-size" (bytes of L2 tables per image).
     /// </summary>
     private static Qcow2.Qcow2Target CreateQcow2(IReadOnlyDictionary<string, string> o)
     {
         if (!o.TryGetValue("file", out var file) || string.IsNullOrEmpty(file))
         {
-            throw new ArgumentException("the qcow2 target needs its image: -f IMAGE --read-only");
-        }
-        if (!Flag(o, "read-only"))
-        {
-            throw new ArgumentException("the qcow2 target is read-only in this version: add --read-only");
+            throw new ArgumentException("the qcow2 target needs its image: -f IMAGE");
         }
         var cacheSize = Qcow2.Qcow2OpenOptions.DefaultCacheSize;
         if (o.TryGetValue("cache-size", out var c) && (!ByteSize.TryParse(c, out cacheSize) || cacheSize < 0))
@@ -233,6 +230,7 @@ public static class TargetFactory
                 BackingFile = o.TryGetValue("backing", out var b) && !string.IsNullOrEmpty(b) ? b : null,
                 Snapshot = o.TryGetValue("snapshot", out var snap) && !string.IsNullOrEmpty(snap) ? snap : null,
                 CacheSize = cacheSize,
+                Writable = !Flag(o, "read-only"),
             });
         }
         catch (IOException e)

@@ -5,11 +5,13 @@ using UblkSharp.Interop;
 namespace UblkSharp.Targets.Qcow2;
 
 /// <summary>
-/// A qcow2 image (qemu's format, versions 2 and 3) served read-only: its active L1 table or an
-/// internal snapshot's, over a backing chain of qcow2 and raw images of any depth. Reads of data,
-/// zero, unallocated, compressed (zlib or zstd) clusters and extended L2 subclusters; a table
-/// entry that cannot be right fails its request with EIO, never the daemon. Writes, refcounts
-/// and encryption are not supported.
+/// A qcow2 image (qemu's format, versions 2 and 3): its active L1 table or an internal snapshot's,
+/// over a backing chain of qcow2 and raw images of any depth. Reads of data, zero, unallocated,
+/// compressed (zlib or zstd) clusters and extended L2 subclusters; a table entry that cannot be
+/// right fails its request with EIO, never the daemon. With <see cref="Qcow2OpenOptions.Writable"/>
+/// the top image takes writes, write-zeroes and discards, crash-safe in qemu's order (see
+/// <see cref="Qcow2Image"/>'s write half); images with internal snapshots or extended L2 entries
+/// are refused for writing. Encryption is not supported.
 /// </summary>
 public sealed class Qcow2Target : BlockTarget
 {
@@ -30,7 +32,24 @@ public sealed class Qcow2Target : BlockTarget
         var full = System.IO.Path.GetFullPath(path);
         _top = (Qcow2Image)OpenLayer(full, "qcow2", options, top: true, seen: [], depth: 0);
         Size = _top.Size;
-        _recipe = new Dictionary<string, string> { ["file"] = full, ["read-only"] = "on" };
+        if (options.Writable)
+        {
+            try
+            {
+                CheckWritable(_top, options);
+                _top.OpenForWrite();
+            }
+            catch
+            {
+                _top.Dispose();
+                throw;
+            }
+        }
+        _recipe = new Dictionary<string, string> { ["file"] = full };
+        if (!options.Writable)
+        {
+            _recipe["read-only"] = "on";
+        }
         if (options.BackingFile is not null)
         {
             _recipe["backing"] = _top.Backing?.Path ?? System.IO.Path.GetFullPath(options.BackingFile);
@@ -51,12 +70,27 @@ public sealed class Qcow2Target : BlockTarget
 
     public override IReadOnlyDictionary<string, string> Recipe => _recipe;
 
-    public override bool IsReadOnly => true;
+    public override bool IsReadOnly => !_top.Writable;
 
-    // Nothing lives in the daemon's memory but caches: a rebuilt target reads the same image.
+    public override bool HasVolatileCache => _top.Writable;
+
+    public override bool CanDiscard => _top.Writable;
+
+    // Nothing lives in the daemon's memory but caches: a rebuilt target reads the same image. A
+    // write completes only after its data and every metadata change it needs were pwritten to the
+    // image in a safe order (refcounts and data before the entries that use them), so the page
+    // cache holds a consistent image at every completion: a daemon crash loses nothing completed,
+    // and at worst leaks the clusters of a write in flight.
     public override bool SurvivesRestart => true;
 
     public string Path => _top.Path;
+
+    /// <summary>Test hook: sees every write and sync made to the top image, in order.</summary>
+    internal IQcow2WriteLog? WriteLog
+    {
+        get => _top.WriteLog;
+        set => _top.WriteLog = value;
+    }
 
     public Qcow2Header Header => _top.Header;
 
@@ -103,6 +137,80 @@ public sealed class Qcow2Target : BlockTarget
         }
     }
 
+    public override int Write(ReadOnlySpan<byte> data, long offset)
+    {
+        if (!_top.Writable)
+        {
+            return -Errno.EROFS;
+        }
+        if (offset < 0 || offset > Size - data.Length)
+        {
+            return -Errno.EINVAL;
+        }
+        try
+        {
+            var r = _top.Write(data, offset);
+            return r < 0 ? r : data.Length;
+        }
+        catch (Exception e) when (e is IOException or InvalidDataException)
+        {
+            return -Errno.EIO;
+        }
+    }
+
+    public override int Flush() => _top.Writable ? _top.Flush() : 0;
+
+    public override int WriteZeroes(long offset, long length, bool mayUnmap) => Zero(offset, length);
+
+    // Discarded ranges read as zeros afterwards (the zero flag over a backing file, else deallocated).
+    public override int Discard(long offset, long length) => Zero(offset, length);
+
+    private int Zero(long offset, long length)
+    {
+        if (!_top.Writable)
+        {
+            return -Errno.EROFS;
+        }
+        if (offset < 0 || length < 0 || offset > Size - length)
+        {
+            return -Errno.EINVAL;
+        }
+        try
+        {
+            return _top.Zero(offset, length);
+        }
+        catch (Exception e) when (e is IOException or InvalidDataException)
+        {
+            return -Errno.EIO;
+        }
+    }
+
+    private static void CheckWritable(Qcow2Image image, Qcow2OpenOptions options)
+    {
+        var h = image.Header;
+        var path = image.Path;
+        if (options.Snapshot is not null)
+        {
+            throw new Qcow2FormatException($"{path}: an internal snapshot is served read-only; drop --snapshot to write the active image, or open read-only");
+        }
+        if ((h.IncompatibleFeatures & Qcow2Header.CorruptBit) != 0)
+        {
+            throw new Qcow2FormatException($"{path} is marked corrupt (incompatible feature bit 1): it can only be opened read-only; check it with qemu-img check");
+        }
+        if ((h.IncompatibleFeatures & Qcow2Header.DirtyBit) != 0)
+        {
+            throw new Qcow2FormatException($"{path} is dirty (its refcounts may be stale after a crash with lazy refcounts): repair it with `qemu-img check -r all {path}` before writing, or open it read-only");
+        }
+        if (h.ExtendedL2)
+        {
+            throw new Qcow2FormatException($"{path} has extended L2 entries (subclusters), which this version writes not: open it read-only");
+        }
+        if (h.SnapshotCount > 0)
+        {
+            throw new Qcow2FormatException($"{path} has {h.SnapshotCount} internal snapshot(s), whose shared clusters this version does not copy on write: open it read-only, or delete the snapshots (qemu-img snapshot -d)");
+        }
+    }
+
     public override long GetAllocation(long offset, long length, out AllocationFlags flags)
     {
         flags = AllocationFlags.None;
@@ -124,6 +232,10 @@ public sealed class Qcow2Target : BlockTarget
     {
         if (disposing)
         {
+            if (_top.Writable)
+            {
+                _top.Flush();
+            }
             _top.Dispose();
         }
         base.Dispose(disposing);
@@ -152,7 +264,7 @@ public sealed class Qcow2Target : BlockTarget
         {
             throw new FileNotFoundException($"{path}: no such {(top ? "image" : "backing file")}", path);
         }
-        var file = System.IO.File.OpenHandle(path, FileMode.Open, FileAccess.Read, FileShare.ReadWrite);
+        var file = System.IO.File.OpenHandle(path, FileMode.Open, top && options.Writable ? FileAccess.ReadWrite : FileAccess.Read, FileShare.ReadWrite);
         Qcow2Layer? layer = null;
         try
         {
