@@ -369,7 +369,7 @@ public class Qcow2WriteTests
 
     internal static void RandomWrites(Qcow2Target t, byte[] mirror, Random rng, int count, int maxLength)
     {
-        var sectors = (int)(t.Size / 512);
+        var sectors = (int)(Math.Min(t.Size, mirror.Length) / 512);
         var buf = new byte[maxLength];
         for (var i = 0; i < count; i++)
         {
@@ -435,5 +435,69 @@ public class Qcow2WriteTests
                 Ops.Add((0, null));
             }
         }
+    }
+}
+
+/// <summary><see cref="Qcow2Target.Create"/> and the factory's --create: images qemu-img checks clean and reads as written.</summary>
+public class Qcow2CreateTests
+{
+    [Theory]
+    [InlineData(64L << 20, 16)]
+    [InlineData((5L << 30) + 512, 16)]
+    [InlineData(3L << 20, 12)]
+    [InlineData(1L << 20, 9)]
+    public void MakesAnImageQemuAccepts(long size, int clusterBits)
+    {
+        using var dir = new ScratchDir();
+        var image = dir.File("new.qcow2");
+        Qcow2Target.Create(image, size, clusterBits: clusterBits);
+        var (code, _, output) = Qemu.Run(Qemu.Img, ["check", image]);
+        Assert.True(code == 0, $"qemu-img check exited {code}: {output}");
+        var info = Qemu.RunImg("info", "--output=json", image);
+        Assert.Contains($"\"virtual-size\": {size}", info, StringComparison.Ordinal);
+        Assert.Contains($"\"cluster-size\": {1 << clusterBits}", info, StringComparison.Ordinal);
+        Assert.Contains("\"compat\": \"1.1\"", info, StringComparison.Ordinal);
+        using (var t = new Qcow2Target(image, new Qcow2OpenOptions { Writable = true }))
+        {
+            var mirror = new byte[Math.Min(t.Size, 4 << 20)];
+            Qcow2WriteTests.RandomWrites(t, mirror, new Random(21), 40, 128 << 10);
+        }
+        (code, _, output) = Qemu.Run(Qemu.Img, ["check", image]);
+        Assert.True(code == 0, $"qemu-img check after writes exited {code}: {output}");
+        Assert.Throws<IOException>(() => Qcow2Target.Create(image, size));
+    }
+
+    [Fact]
+    public void TheFactoryCreatesOverABackingFile()
+    {
+        using var dir = new ScratchDir();
+        var baseImage = Qemu.Create(dir.File("base.qcow2"), "6M");
+        Qemu.RunIo(baseImage, "qcow2", "write -P 0x66 0 6M");
+        var rawBase = dir.RandomFile("base.raw", 2 << 20, 4);
+        var image = dir.File("top.qcow2");
+        using (var t = UblkSharp.Targets.TargetFactory.Create("qcow2", new Dictionary<string, string> { ["file"] = image, ["create"] = "on", ["backing"] = "base.qcow2" }))
+        {
+            Assert.Equal(6 << 20, t.Size);
+            Assert.Equal(new Dictionary<string, string> { ["file"] = image }, t.Recipe);
+            Assert.Equal(512, t.Write(new byte[512], 4096));
+        }
+        var mirror = Qemu.ReadRaw(baseImage);
+        mirror.AsSpan(4096, 512).Clear();
+        var (code, _, output) = Qemu.Run(Qemu.Img, ["check", image]);
+        Assert.True(code == 0, $"qemu-img check exited {code}: {output}");
+        Assert.Contains("\"backing-filename-format\": \"qcow2\"", Qemu.RunImg("info", "--output=json", image), StringComparison.Ordinal);
+        Qcow2Reads.AssertSame(mirror, Qemu.ReadRaw(image), "qemu-img convert of the new overlay");
+
+        var overRaw = dir.File("over-raw.qcow2");
+        UblkSharp.Targets.TargetFactory.Create("qcow2", new Dictionary<string, string> { ["file"] = overRaw, ["create"] = "on", ["backing"] = rawBase, ["size"] = "4M" }).Dispose();
+        Assert.Contains("\"backing-filename-format\": \"raw\"", Qemu.RunImg("info", "--output=json", overRaw), StringComparison.Ordinal);
+        var expected = new byte[4 << 20];
+        File.ReadAllBytes(rawBase).CopyTo(expected, 0);
+        Qcow2Reads.AssertSame(expected, Qemu.ReadRaw(overRaw), "qemu-img convert over a raw backing file");
+
+        var e = Assert.Throws<ArgumentException>(() => UblkSharp.Targets.TargetFactory.Create("qcow2", new Dictionary<string, string> { ["file"] = image, ["create"] = "on", ["size"] = "1M" }));
+        Assert.Contains("never overwrites", e.Message, StringComparison.Ordinal);
+        e = Assert.Throws<ArgumentException>(() => UblkSharp.Targets.TargetFactory.Create("qcow2", new Dictionary<string, string> { ["file"] = dir.File("n.qcow2"), ["create"] = "on" }));
+        Assert.Contains("needs --size", e.Message, StringComparison.Ordinal);
     }
 }

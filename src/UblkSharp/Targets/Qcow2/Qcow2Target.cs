@@ -242,6 +242,85 @@ public sealed class Qcow2Target : BlockTarget
     }
 
     /// <summary>
+    /// Makes a new, empty qcow2 version 3 image as `qemu-img create -f qcow2` lays it out: the
+    /// header (with the backing format extension and name when <paramref name="backing"/> is
+    /// given, written as given: a relative name is relative to the image's directory), one cluster
+    /// of refcount table, one refcount block (16-bit) and the L1 table, all counted. Refuses an
+    /// existing file. <paramref name="size"/>: the virtual size, a multiple of 512 bytes.
+    /// </summary>
+    public static void Create(string path, long size, string? backing = null, int clusterBits = 16)
+    {
+        ArgumentNullException.ThrowIfNull(path);
+        if (size <= 0 || size % 512 != 0)
+        {
+            throw new ArgumentOutOfRangeException(nameof(size), "the virtual size must be a positive multiple of 512 bytes");
+        }
+        if (clusterBits is < Qcow2Header.MinClusterBits or > Qcow2Header.MaxClusterBits)
+        {
+            throw new ArgumentOutOfRangeException(nameof(clusterBits), "cluster_bits must be 9 to 21");
+        }
+        var clusterSize = 1 << clusterBits;
+        var perL1 = (long)(clusterSize / 8) << clusterBits;
+        var l1Size = (size + perL1 - 1) / perL1;
+        var l1Clusters = ((l1Size * 8) + clusterSize - 1) / clusterSize;
+        var clusters = 3 + l1Clusters;
+        if (l1Size > Qcow2Header.MaxL1Entries || clusters > (long)clusterSize * 8 / 16)
+        {
+            throw new ArgumentOutOfRangeException(nameof(size), "too large a virtual size for this cluster size");
+        }
+        string? backingFormat = null;
+        if (backing is not null)
+        {
+            var full = System.IO.Path.IsPathRooted(backing) ? backing : System.IO.Path.Combine(System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(path))!, backing);
+            using var b = System.IO.File.OpenHandle(full, FileMode.Open, FileAccess.Read);
+            Span<byte> magic = stackalloc byte[4];
+            backingFormat = RandomAccess.Read(b, magic, 0) == 4 && Qcow2Header.HasMagic(magic) ? "qcow2" : "raw";
+        }
+        var image = new byte[clusters * clusterSize];
+        var h = image.AsSpan();
+        System.Buffers.Binary.BinaryPrimitives.WriteUInt32BigEndian(h, Qcow2Header.Magic);
+        System.Buffers.Binary.BinaryPrimitives.WriteUInt32BigEndian(h[4..], 3);
+        System.Buffers.Binary.BinaryPrimitives.WriteUInt32BigEndian(h[20..], (uint)clusterBits);
+        System.Buffers.Binary.BinaryPrimitives.WriteInt64BigEndian(h[24..], size);
+        System.Buffers.Binary.BinaryPrimitives.WriteUInt32BigEndian(h[36..], (uint)l1Size);
+        System.Buffers.Binary.BinaryPrimitives.WriteInt64BigEndian(h[40..], 3L * clusterSize);
+        System.Buffers.Binary.BinaryPrimitives.WriteInt64BigEndian(h[48..], 1L * clusterSize);
+        System.Buffers.Binary.BinaryPrimitives.WriteUInt32BigEndian(h[56..], 1);
+        System.Buffers.Binary.BinaryPrimitives.WriteUInt32BigEndian(h[96..], 4);
+        System.Buffers.Binary.BinaryPrimitives.WriteUInt32BigEndian(h[100..], 104);
+        var at = 104;
+        if (backing is not null)
+        {
+            var fmt = System.Text.Encoding.ASCII.GetBytes(backingFormat!);
+            System.Buffers.Binary.BinaryPrimitives.WriteUInt32BigEndian(h[at..], 0xe2792aca);
+            System.Buffers.Binary.BinaryPrimitives.WriteUInt32BigEndian(h[(at + 4)..], (uint)fmt.Length);
+            fmt.CopyTo(h[(at + 8)..]);
+            at += 8 + ((fmt.Length + 7) & ~7);
+        }
+        at += 8; // The end-of-extensions marker: type 0, length 0.
+        if (backing is not null)
+        {
+            var name = System.Text.Encoding.UTF8.GetBytes(backing);
+            if (name.Length > 1023 || at + name.Length > clusterSize)
+            {
+                throw new ArgumentException($"the backing file name '{backing}' is too long (at most 1023 bytes)", nameof(backing));
+            }
+            System.Buffers.Binary.BinaryPrimitives.WriteInt64BigEndian(h[8..], at);
+            System.Buffers.Binary.BinaryPrimitives.WriteUInt32BigEndian(h[16..], (uint)name.Length);
+            name.CopyTo(h[at..]);
+        }
+        // The refcount table's one block at cluster 2, counting clusters 0 .. 3 + L1.
+        System.Buffers.Binary.BinaryPrimitives.WriteInt64BigEndian(h[clusterSize..], 2L * clusterSize);
+        for (var c = 0; c < clusters; c++)
+        {
+            System.Buffers.Binary.BinaryPrimitives.WriteUInt16BigEndian(h[((2 * clusterSize) + (c * 2))..], 1);
+        }
+        using var file = System.IO.File.OpenHandle(path, FileMode.CreateNew, FileAccess.Write);
+        RandomAccess.Write(file, image, 0);
+        RandomAccess.FlushToDisk(file);
+    }
+
+    /// <summary>
     /// Opens <paramref name="path"/> as <paramref name="format"/> (null: probe by magic) and the
     /// chain below it. Relative backing names are relative to the directory of the image that
     /// names them, as qemu resolves them.
