@@ -57,6 +57,7 @@ internal sealed partial class Qcow2Image
     private long _next;
     private byte[]? _scratch;
     private byte[]? _zeroCluster;
+    private readonly List<(int Index, ulong Entry, ulong Old)> _pending = [];
 
     /// <summary>The test hook that sees every write and sync, or null.</summary>
     internal IQcow2WriteLog? WriteLog { get; set; }
@@ -145,10 +146,13 @@ internal sealed partial class Qcow2Image
             }
             else
             {
+                // Everything from here to the end of the request or of this L2 table's range, in one run.
+                var tableEnd = ((pos / Header.BytesPerL1Entry) + 1) * Header.BytesPerL1Entry;
+                n = (int)Math.Min(data.Length - done, tableEnd - pos);
                 int r;
                 lock (_write)
                 {
-                    r = _failed ? -Errno.EIO : TryWriteCluster(chunk, pos);
+                    r = _failed ? -Errno.EIO : TryWriteRun(data.Slice(done, n), pos);
                 }
                 if (r < 0)
                 {
@@ -217,11 +221,11 @@ internal sealed partial class Qcow2Image
         }
     }
 
-    private int TryWriteCluster(ReadOnlySpan<byte> chunk, long pos)
+    private int TryWriteRun(ReadOnlySpan<byte> chunk, long pos)
     {
         try
         {
-            WriteCluster(chunk, pos);
+            WriteRun(chunk, pos);
             return 0;
         }
         catch (Exception e) when (e is IOException or InvalidDataException)
@@ -286,40 +290,75 @@ internal sealed partial class Qcow2Image
         }
     }
 
-    // Under _write: one cluster's worth of a write that cannot go in place.
-    private void WriteCluster(ReadOnlySpan<byte> chunk, long pos)
+    // Under _write: guest bytes within one L2 table's range. Clusters that can be written in place
+    // are; the others get new clusters (refcount and data written), then one fdatasync, then their
+    // L2 entries, then (after another fdatasync) the clusters they replaced are freed.
+    private void WriteRun(ReadOnlySpan<byte> data, long offset)
     {
-        long host;
-        lock (_metadata)
+        var clusterSize = (int)(_clusterMask + 1);
+        var l1Index = (int)(offset / Header.BytesPerL1Entry);
+        long l2Offset = -1;
+        var pending = _pending;
+        pending.Clear();
+        var done = 0;
+        while (done < data.Length)
         {
-            host = InPlace(pos);
+            var pos = offset + done;
+            var n = (int)Math.Min(data.Length - done, clusterSize - (pos & _clusterMask));
+            var chunk = data.Slice(done, n);
+            long host;
+            lock (_metadata)
+            {
+                host = InPlace(pos);
+            }
+            if (host > 0)
+            {
+                WriteRaw(chunk, host + (pos & _clusterMask));
+                done += n;
+                continue;
+            }
+            var clusterStart = pos & ~_clusterMask;
+            var buffer = _scratch ??= new byte[clusterSize];
+            if (n < clusterSize)
+            {
+                // Copy on write: the rest of the cluster as it reads now (backing data, zeros, a compressed or shared cluster).
+                if (Read(buffer, clusterStart) < 0)
+                {
+                    throw new IOException($"{Path}: cannot read the cluster at {clusterStart} to copy it");
+                }
+            }
+            chunk.CopyTo(buffer.AsSpan((int)(pos - clusterStart)));
+            if (l2Offset < 0)
+            {
+                l2Offset = EnsureL2(l1Index);
+            }
+            var index = (int)((pos >> _clusterBits) & _l2Mask);
+            var old = L2Entry(l2Offset, index);
+            var cluster = Allocate();
+            WriteRaw(buffer, cluster << _clusterBits);
+            pending.Add((index, ((ulong)cluster << _clusterBits) | CopiedBit, old));
+            done += n;
         }
-        if (host > 0)
+        if (pending.Count == 0)
         {
-            WriteRaw(chunk, host + (pos & _clusterMask));
             return;
         }
-        var clusterSize = (int)(_clusterMask + 1);
-        var clusterStart = pos & ~_clusterMask;
-        var buffer = _scratch ??= new byte[clusterSize];
-        if (chunk.Length < clusterSize)
+        Sync();
+        var freeing = false;
+        foreach (var (index, entry, old) in pending)
         {
-            // Copy on write: the rest of the cluster as it reads now (backing data, zeros, a compressed or shared cluster).
-            if (Read(buffer, clusterStart) < 0)
+            SetL2Entry(l2Offset, index, entry);
+            freeing |= IsStored(old);
+        }
+        if (freeing)
+        {
+            Sync();
+            foreach (var (_, _, old) in pending)
             {
-                throw new IOException($"{Path}: cannot read the cluster at {clusterStart} to copy it");
+                Release(old);
             }
         }
-        chunk.CopyTo(buffer.AsSpan((int)(pos - clusterStart)));
-        var l1Index = (int)(pos / Header.BytesPerL1Entry);
-        var l2Offset = EnsureL2(l1Index);
-        var index = (int)((pos >> _clusterBits) & _l2Mask);
-        var old = L2Entry(l2Offset, index);
-        var cluster = Allocate();
-        WriteRaw(buffer, cluster << _clusterBits);
-        Sync();
-        SetL2Entry(l2Offset, index, ((ulong)cluster << _clusterBits) | CopiedBit);
-        Free(old);
+        pending.Clear();
     }
 
     // Under _write: whole clusters [from, to), all within one L2 table.
@@ -341,7 +380,7 @@ internal sealed partial class Qcow2Image
             _zeroCluster ??= new byte[_clusterMask + 1];
             for (var pos = from; pos < to; pos += _clusterMask + 1)
             {
-                WriteCluster(_zeroCluster.AsSpan(0, (int)Math.Min(_clusterMask + 1, to - pos)), pos);
+                WriteRun(_zeroCluster.AsSpan(0, (int)Math.Min(_clusterMask + 1, to - pos)), pos);
             }
             return;
         }
@@ -389,16 +428,6 @@ internal sealed partial class Qcow2Image
         lock (_metadata)
         {
             _cache.Patch(l2Offset, index, _entrySize, entry);
-        }
-    }
-
-    // After the entry that pointed to old was replaced: sync that, then drop old's references.
-    private void Free(ulong old)
-    {
-        if (IsStored(old))
-        {
-            Sync();
-            Release(old);
         }
     }
 
