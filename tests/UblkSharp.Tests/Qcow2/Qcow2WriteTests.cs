@@ -252,6 +252,12 @@ public class Qcow2WriteTests
             cuts.Add((writes[rng.Next(writes.Count)] + 1, true));
         }
         cuts.AddRange(writes.Where(i => log.Ops[i].Offset < 512).Select(i => (i + 1, true)));
+        // Table entries synced at once (a new refcount block linked): the block before it must have been synced too.
+        var linked = writes.Where(i => log.Ops[i].Data!.Length == 8 && i + 1 < log.Ops.Count && log.Ops[i + 1].Data is null).ToList();
+        for (var cut = 0; cut < 25 && linked.Count > 0; cut++)
+        {
+            cuts.Add((linked[rng.Next(linked.Count)] + 1, true));
+        }
         foreach (var (at, onlyLast) in cuts)
         {
             var lastSync = log.Ops.FindLastIndex(at == 0 ? 0 : at - 1, at, o => o.Data is null);

@@ -558,6 +558,7 @@ internal sealed partial class Qcow2Image
                 Span<byte> bytes = stackalloc byte[8];
                 BinaryPrimitives.WriteUInt64BigEndian(bytes, (ulong)offset);
                 WriteRaw(bytes, _refTableOffset + (tableIndex * 8));
+                // qemu's flush here; the sync before the next L2 entry would cover it too.
                 Sync();
                 return offset;
             }
