@@ -5,7 +5,7 @@ public sealed record Qcow2OpenOptions
 {
     /// <summary>
     /// Open the top image for writing (the backing chain stays read-only). Refused for images with
-    /// internal snapshots, extended L2 entries, the dirty or corrupt bit, or with <see cref="Snapshot"/>.
+    /// internal snapshots, extended L2 entries, persistent bitmaps, the dirty or corrupt bit, or with <see cref="Snapshot"/>.
     /// </summary>
     public bool Writable { get; init; }
 

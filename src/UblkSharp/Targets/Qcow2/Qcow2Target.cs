@@ -205,6 +205,10 @@ public sealed class Qcow2Target : BlockTarget
         {
             throw new Qcow2FormatException($"{path} has extended L2 entries (subclusters), which this version writes not: open it read-only");
         }
+        if ((h.AutoclearFeatures & 1) != 0)
+        {
+            throw new Qcow2FormatException($"{path} has persistent dirty bitmaps, which this version does not update (writing would invalidate them): open it read-only, or remove them first (qemu-img bitmap --remove)");
+        }
         if (h.SnapshotCount > 0)
         {
             throw new Qcow2FormatException($"{path} has {h.SnapshotCount} internal snapshot(s), whose shared clusters this version does not copy on write: open it read-only, or delete the snapshots (qemu-img snapshot -d)");
