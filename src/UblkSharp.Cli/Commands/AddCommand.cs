@@ -63,19 +63,27 @@ internal static class AddCommand
             var metricsAddress = metrics.Checked(r, "the device's");
             if (r.GetValue(target.Create))
             {
-                // The COW file is made once, here; the daemon, a supervisor's restarts and recovery reopen it.
-                if (kind != "cow")
+                // The COW file or qcow2 image is made once, here; the daemon, a supervisor's restarts and recovery reopen it.
+                if (kind is not ("cow" or "qcow2"))
                 {
-                    throw new ArgumentException("--create makes a COW file: it goes with -t cow");
+                    throw new ArgumentException("--create makes a COW file or a qcow2 image: it goes with -t cow or -t qcow2");
                 }
                 // Bad input first, then the driver, and only then a new file on disk.
-                if (supervised && !r.GetValue(target.ReadOnly))
+                if (kind == "cow" && supervised && !r.GetValue(target.ReadOnly))
                 {
                     throw SupervisionRefused("a writable cow target loses its latest state in a crash (the bitmap bits since the last write-back)", kind); // as its target would say
                 }
-                if (recipe.TryGetValue("file", out var overlay) && recipe.TryGetValue("backing", out var backingFile))
+                if (kind == "cow" && recipe.TryGetValue("file", out var overlay) && recipe.TryGetValue("backing", out var backingFile))
                 {
                     Targets.Cow.CowTarget.CheckCreate(overlay, backingFile);
+                    Preflight.RequireDriver();
+                }
+                if (kind == "qcow2" && recipe.TryGetValue("file", out var newImage))
+                {
+                    if (File.Exists(newImage))
+                    {
+                        throw new ArgumentException($"{newImage} exists: --create makes a new image and never overwrites one");
+                    }
                     Preflight.RequireDriver();
                 }
                 TargetFactory.Create(kind, new Dictionary<string, string>(recipe) { ["create"] = "on" }).Dispose();

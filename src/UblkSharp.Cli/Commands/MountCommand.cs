@@ -9,7 +9,7 @@ namespace UblkSharp.Cli.Commands;
 /// <summary>
 /// `ublksharp mount IMAGE DIR`, like `mount -o loop`: a loop device with autoclear, then mount.
 /// A plain `umount DIR` later deletes the device. A qcow2 image (by its magic) is served by the
-/// qcow2 target, which is read-only in this version, so it is mounted read-only.
+/// qcow2 target, and mounted read-only (the mount path was tested with read-only qcow2 only).
 /// </summary>
 internal static class MountCommand
 {

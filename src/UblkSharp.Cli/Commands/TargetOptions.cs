@@ -14,11 +14,11 @@ internal sealed class TargetOptions
 
     public Option<string?> File { get; } = new("--file", "-f") { Description = "loop: the backing file or block device; cow: the COW file; qcow2: the image" };
 
-    public Option<string?> Size { get; } = new("--size", "-s") { Description = "null, mem: the device size, e.g. 1G" };
+    public Option<string?> Size { get; } = new("--size", "-s") { Description = "null, mem: the device size, e.g. 1G; qcow2 --create: the virtual size (default: the backing file's)" };
 
     public Option<bool> DirectIo { get; } = new("--direct-io") { Description = "loop: open the backing file with O_DIRECT" };
 
-    public Option<bool> ReadOnly { get; } = new("--read-only") { Description = "loop, cow, rbd, qcow2 (required): a read-only device (serve: a read-only export)" };
+    public Option<bool> ReadOnly { get; } = new("--read-only") { Description = "loop, cow, rbd, qcow2: a read-only device (serve: a read-only export)" };
 
     public Option<string?> Base { get; } = new("--base") { Description = "fault: the target type to wrap (null, mem, loop)" };
 
@@ -36,7 +36,7 @@ internal sealed class TargetOptions
 
     public Option<string?> Backing { get; } = new("--backing") { Description = "cow: the backing image for --create (or instead of the one the COW header names); qcow2: instead of the backing file the image names" };
 
-    public Option<bool> Create { get; } = new("--create") { Description = "cow: make a new COW file -f OVERLAY over --backing BASE" };
+    public Option<bool> Create { get; } = new("--create") { Description = "cow: make a new COW file -f OVERLAY over --backing BASE; qcow2: make a new image -f IMAGE --size SIZE [--backing BASE]" };
 
     public Option<bool> IgnoreBackingMismatch { get; } = new("--ignore-backing-mismatch") { Description = "cow: open the overlay even if the backing file's size or mtime changed" };
 

@@ -246,32 +246,67 @@ public static class TargetFactory
     }
 
     /// <summary>
-    /// A qcow2 image, read-only in this version: "file" (the image), "read-only" (required),
-    /// "backing" (instead of the backing file the header names), "snapshot" (an internal
-    /// snapshot's id or name), "cache-size" (bytes of L2 tables per image).
+    /// A qcow2 image: "file" (the image), "read-only" (else the top image is written; refused for
+    /// images with internal snapshots, extended L2 entries, the dirty or corrupt bit), "backing"
+    /// (instead of the backing file the header names), "snapshot" (an internal snapshot's id or
+    /// name; read-only only), "cache-size" (bytes of L2 tables per image); "create" with "size"
+    /// (else the backing file's size) and optionally "backing" makes a new image first (the
+    /// recipe then has no "create": rebuilding it reopens the image).
     /// </summary>
     private static Qcow2.Qcow2Target CreateQcow2(IReadOnlyDictionary<string, string> o)
     {
         if (!o.TryGetValue("file", out var file) || string.IsNullOrEmpty(file))
         {
-            throw new ArgumentException("the qcow2 target needs its image: -f IMAGE --read-only");
-        }
-        if (!Flag(o, "read-only"))
-        {
-            throw new ArgumentException("the qcow2 target is read-only in this version: add --read-only");
+            throw new ArgumentException("the qcow2 target needs its image: -f IMAGE");
         }
         var cacheSize = Qcow2.Qcow2OpenOptions.DefaultCacheSize;
         if (o.TryGetValue("cache-size", out var c) && (!ByteSize.TryParse(c, out cacheSize) || cacheSize < 0))
         {
             throw new ArgumentException($"bad --cache-size '{c}': give the bytes of L2 tables to keep per image, e.g. 1M (at least one table is kept)");
         }
+        var backing = o.TryGetValue("backing", out var b) && !string.IsNullOrEmpty(b) ? b : null;
         try
         {
+            if (Flag(o, "create"))
+            {
+                if (Flag(o, "read-only"))
+                {
+                    throw new ArgumentException("--create makes a new image to write: drop --read-only");
+                }
+                long size;
+                if (o.ContainsKey("size") || backing is null)
+                {
+                    size = Size(o, "size", null, 512);
+                }
+                else
+                {
+                    var full = Path.IsPathRooted(backing) ? backing : Path.Combine(Path.GetDirectoryName(Path.GetFullPath(file))!, backing);
+                    using var probe = File.OpenHandle(full, FileMode.Open, FileAccess.Read);
+                    var magic = new byte[4];
+                    var isQcow2 = RandomAccess.Read(probe, magic, 0) == 4 && Qcow2.Qcow2Header.HasMagic(magic);
+                    if (isQcow2)
+                    {
+                        using var baseImage = new Qcow2.Qcow2Target(full);
+                        size = baseImage.Size;
+                    }
+                    else
+                    {
+                        size = RandomAccess.GetLength(probe) & ~511L;
+                    }
+                }
+                if (File.Exists(file))
+                {
+                    throw new ArgumentException($"{file} exists: --create makes a new image and never overwrites one");
+                }
+                Qcow2.Qcow2Target.Create(file, size, backing);
+                backing = null;
+            }
             return new Qcow2.Qcow2Target(file, new Qcow2.Qcow2OpenOptions
             {
-                BackingFile = o.TryGetValue("backing", out var b) && !string.IsNullOrEmpty(b) ? b : null,
+                BackingFile = backing,
                 Snapshot = o.TryGetValue("snapshot", out var snap) && !string.IsNullOrEmpty(snap) ? snap : null,
                 CacheSize = cacheSize,
+                Writable = !Flag(o, "read-only"),
             });
         }
         catch (IOException e)

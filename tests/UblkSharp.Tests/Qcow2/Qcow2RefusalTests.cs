@@ -176,12 +176,20 @@ public class Qcow2RefusalTests
     }
 
     [Fact]
-    public void TheFactoryNeedsReadOnlyAndSaysWhy()
+    public void TheFactoryOpensWritableUnlessReadOnlyAndSaysWhyNot()
     {
         using var dir = new ScratchDir();
         var image = Qemu.Create(dir.File("a.qcow2"), "1M");
-        var e = Assert.Throws<ArgumentException>(() => TargetFactory.Create("qcow2", new Dictionary<string, string> { ["file"] = image }));
-        Assert.Equal("the qcow2 target is read-only in this version: add --read-only", e.Message);
+        using (var w = TargetFactory.Create("qcow2", new Dictionary<string, string> { ["file"] = image }))
+        {
+            Assert.False(w.IsReadOnly);
+            Assert.True(w.HasVolatileCache);
+            Assert.Equal(new Dictionary<string, string> { ["file"] = image }, w.Recipe);
+        }
+        var snap = Qemu.Create(dir.File("s.qcow2"), "1M");
+        Qemu.RunImg("snapshot", "-c", "s1", snap);
+        var e = Assert.Throws<ArgumentException>(() => TargetFactory.Create("qcow2", new Dictionary<string, string> { ["file"] = snap }));
+        Assert.Contains("internal snapshot(s)", e.Message, StringComparison.Ordinal);
         e = Assert.Throws<ArgumentException>(() => TargetFactory.Create("qcow2", new Dictionary<string, string> { ["file"] = dir.File("nope.qcow2"), ["read-only"] = "on" }));
         Assert.Contains("no such image", e.Message, StringComparison.Ordinal);
         e = Assert.Throws<ArgumentException>(() => TargetFactory.Create("qcow2", new Dictionary<string, string> { ["file"] = dir.RandomFile("r.img", 4096, 1), ["read-only"] = "on" }));

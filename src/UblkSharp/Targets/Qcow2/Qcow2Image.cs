@@ -33,7 +33,7 @@ internal enum Qcow2RunKind
 /// lookups of other queues.
 /// </para>
 /// </summary>
-internal sealed class Qcow2Image : Qcow2Layer
+internal sealed partial class Qcow2Image : Qcow2Layer
 {
     private const ulong L1OffsetMask = 0x00ff_ffff_ffff_fe00;
     private const ulong L2OffsetMask = 0x00ff_ffff_ffff_fe00;

@@ -16,7 +16,7 @@ namespace UblkSharp.Targets.Qcow2;
 /// </summary>
 internal sealed class Qcow2L2Cache
 {
-    private readonly long _fileLength;
+    private long _fileLength;
     private readonly int _clusterSize;
     private readonly byte[][] _tables;
     private readonly long[] _keys;
@@ -45,6 +45,22 @@ internal sealed class Qcow2L2Cache
     }
 
     public int Slots => _tables.Length;
+
+    /// <summary>The image file's length, raised as a writer appends clusters.</summary>
+    public long FileLength
+    {
+        get => _fileLength;
+        set => _fileLength = value;
+    }
+
+    /// <summary>Patches one 8-byte entry of the table at <paramref name="offset"/> if it is cached (a writer's update).</summary>
+    public void Patch(long offset, int index, int entrySize, ulong entry)
+    {
+        if (_index.TryGetValue(offset, out var slot))
+        {
+            BinaryPrimitives.WriteUInt64BigEndian(_tables[slot].AsSpan(index * entrySize), entry);
+        }
+    }
 
     public long Hits { get; private set; }
 

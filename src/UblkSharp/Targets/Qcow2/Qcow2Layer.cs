@@ -31,7 +31,7 @@ internal abstract class Qcow2Layer : IDisposable
 
     protected SafeFileHandle File { get; }
 
-    protected long FileLength { get; }
+    protected long FileLength { get; set; }
 
     /// <summary>Fills <paramref name="buffer"/> from <paramref name="offset"/>; 0 or a negative errno (-EIO for a corrupt table).</summary>
     public abstract int Read(Span<byte> buffer, long offset);

@@ -1,8 +1,14 @@
 namespace UblkSharp.Targets.Qcow2;
 
-/// <summary>How a qcow2 image is opened (read-only in this version).</summary>
+/// <summary>How a qcow2 image is opened (read-only unless <see cref="Writable"/>).</summary>
 public sealed record Qcow2OpenOptions
 {
+    /// <summary>
+    /// Open the top image for writing (the backing chain stays read-only). Refused for images with
+    /// internal snapshots, extended L2 entries, persistent bitmaps, the dirty or corrupt bit, or with <see cref="Snapshot"/>.
+    /// </summary>
+    public bool Writable { get; init; }
+
     /// <summary>Use this backing file instead of the one the header names (its format probed by magic).</summary>
     public string? BackingFile { get; init; }
 
