@@ -9,7 +9,7 @@ namespace UblkSharp.Cli.Commands;
 /// <summary>
 /// `ublksharp mount IMAGE DIR`, like `mount -o loop`: a loop device with autoclear, then mount.
 /// A plain `umount DIR` later deletes the device. A qcow2 image (by its magic) is served by the
-/// qcow2 target, and mounted read-only (the mount path was tested with read-only qcow2 only).
+/// qcow2 target, writable unless -r, as a raw image is.
 /// </summary>
 internal static class MountCommand
 {
@@ -35,7 +35,7 @@ internal static class MountCommand
             }
             Preflight.RequireRootAndDriver();
             var qcow2 = IsQcow2(file);
-            var ro = r.GetValue(readOnly) || qcow2;
+            var ro = r.GetValue(readOnly);
             var add = new List<string> { "add", "-t", qcow2 ? "qcow2" : "loop", "-f", Path.GetFullPath(file), "--autoclear" };
             if (ro)
             {
