@@ -71,7 +71,7 @@ internal static class AddCommand
                 // Bad input first, then the driver, and only then a new file on disk.
                 if (kind == "cow" && supervised && !r.GetValue(target.ReadOnly))
                 {
-                    throw SupervisionRefused("a writable cow target loses its latest state in a crash (the bitmap bits since the last write-back)", kind); // as its target would say
+                    throw SupervisionRefused(Targets.Cow.CowTarget.WritableRecoveryRefusal, kind);
                 }
                 if (kind == "cow" && recipe.TryGetValue("file", out var overlay) && recipe.TryGetValue("backing", out var backingFile))
                 {

@@ -170,7 +170,10 @@ public sealed unsafe class CowTarget : BlockTarget
 
     public override bool SurvivesHandOver => true;
 
-    public override string RecoveryRefusal => "a writable cow target loses its latest state in a crash (the bitmap bits since the last write-back)";
+    /// <summary>Why a writable overlay cannot be recovered after a crash (for callers without a target yet).</summary>
+    public const string WritableRecoveryRefusal = "a writable cow target loses its latest state in a crash (the bitmap bits since the last write-back)";
+
+    public override string RecoveryRefusal => WritableRecoveryRefusal;
 
     public override bool HasVolatileCache => !_readOnly;
 
